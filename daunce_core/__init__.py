@@ -1,0 +1,31 @@
+"""daunce_core: the DAUNCE training-data-attribution method as a pure library.
+
+Start with `attribute` (in memory, a few lines) or `PerturbedCopies` (copies by index, for
+pipelines). Models are reached through a `Task`; `ClassificationTask` and `RegressionTask` are
+ready-made. Scores are oriented ``[n_train, m_query]``.
+"""
+
+from daunce_core.attribute import Attribution, attribute
+from daunce_core.config import DaunceConfig
+from daunce_core.errors import DaunceError, DaunceWarning, TaskError
+from daunce_core.objectives import Objective
+from daunce_core.runner import CopyLosses, PerturbedCopies
+from daunce_core.task import ClassificationTask, RegressionTask, Task
+from daunce_core.training import TrainConfig, fit
+
+__all__ = [
+    "Attribution",
+    "ClassificationTask",
+    "CopyLosses",
+    "DaunceConfig",
+    "DaunceError",
+    "DaunceWarning",
+    "Objective",
+    "PerturbedCopies",
+    "RegressionTask",
+    "Task",
+    "TaskError",
+    "TrainConfig",
+    "attribute",
+    "fit",
+]

@@ -1,0 +1,77 @@
+"""Random draws of each perturbed copy, deterministic from ``(seed, k)`` (Algorithm 1, lines 2–3).
+
+Copy ``k`` gets a subset ``D^k`` of ``round(r·n)`` training examples drawn uniformly without
+replacement, and one ``ξ_i^k ~ U(0, 1)`` for *every* training example (so ``σ = 2ξ − 1`` is
+zero-mean). The draws depend only on ``(seed, k)`` — never on how copies are grouped, ordered or
+spread over workers — so any copy can be recomputed alone, and adding copies ``K → K'`` keeps the
+first ``K`` unchanged.
+
+With ``antithetic=True`` copies come in pairs ``(2p, 2p+1)`` that share the subset and use ``ξ``
+and ``1 − ξ``: the perturbation flips sign within the pair, which cancels the even-order
+(nonlinear) part of the response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from daunce_core.errors import DaunceError
+
+_SUBSET, _XI, _ORDER = 0, 1, 2
+_XI_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class PerturbationDraw:
+    """The random draws of one perturbed copy.
+
+    Attributes:
+        k: copy index.
+        subset: sorted indices of ``D^k``, int64, shape ``[round(r·n)]``.
+        xi: ``ξ^k`` for every training example, float64, shape ``[n]``, in (0, 1).
+        source: the copy whose random streams these draws come from: ``k`` itself, or the even
+            partner of an antithetic pair (the pair also shares its visiting order).
+    """
+
+    k: int
+    subset: np.ndarray
+    xi: np.ndarray
+    source: int
+
+
+def _rng(seed: int, k: int, stream: int, *extra: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, k, stream, *extra])))
+
+
+def subset_size(n: int, subset_ratio: float) -> int:
+    """``round(r·n)``; raises `DaunceError` if the subset would be empty."""
+    size = round(subset_ratio * n)
+    if size < 1:
+        raise DaunceError(
+            f"subset_ratio={subset_ratio} of n={n} training examples gives an empty subset; "
+            f"raise subset_ratio to at least {1 / n:.3g} or add training examples."
+        )
+    return min(size, n)
+
+
+def draw_perturbation(
+    n: int, k: int, *, seed: int, subset_ratio: float, antithetic: bool = False
+) -> PerturbationDraw:
+    """Draw the subset and ``ξ`` of copy ``k`` out of ``n`` training examples."""
+    source = k - (k % 2) if antithetic else k
+    size = subset_size(n, subset_ratio)
+    if size == n:
+        subset = np.arange(n, dtype=np.int64)
+    else:
+        subset = np.sort(_rng(seed, source, _SUBSET).choice(n, size=size, replace=False))
+    xi = _rng(seed, source, _XI).random(n).clip(_XI_EPS, 1 - _XI_EPS)
+    if antithetic and k % 2:
+        xi = 1.0 - xi
+    return PerturbationDraw(k=k, subset=subset.astype(np.int64), xi=xi, source=source)
+
+
+def epoch_order(draw: PerturbationDraw, epoch: int, seed: int) -> np.ndarray:
+    """The order in which copy ``draw.k`` visits its subset in ``epoch`` (a permutation)."""
+    return _rng(seed, draw.source, _ORDER, epoch).permutation(draw.subset)

@@ -1,0 +1,198 @@
+"""The user protocol: how DAUNCE reaches a model, whatever the model is.
+
+DAUNCE touches a model in exactly four ways (paper §3.1, eq. (5) and Table 1):
+
+1. **outputs** ``g(θ, x)``: the logits (any shape ``[B, ...]``), from which everything else follows;
+2. **per-example loss** ``L_i = loss_from_outputs(g, batch)``: shape ``[B]``, never reduced over
+   the batch (the covariance needs one loss per example and per perturbed copy);
+3. **query measurement**: the loss by default, or the negated TRAK margin
+   ``−f = −log(p/(1−p))`` (negated so that lower is better for both, and a positive score always
+   means "training on this example helps the query");
+4. **trainable parameters**: the tensors the perturbed copies may move.
+
+A `Task` names these with two required methods (`outputs`, `loss_from_outputs`) and optional
+hooks with safe defaults: `margin_from_outputs` (needed by the ``trak`` variant and the margin
+measurement), `logit_noise` (needed by sampled-label perturbations) and `trainable_parameters`.
+
+How other kinds of model meet the same protocol:
+
+* **Hugging Face causal LM with LoRA** — ``outputs`` returns the answer-token logits
+  ``[B, T, V]``; ``loss_from_outputs`` the mean token NLL over the answer tokens (masked by the
+  batch's label mask), so it stays one value per example; ``trainable_parameters`` returns only
+  the LoRA adapter weights; ``logit_noise`` samples one token per answer position from the base
+  model's softmax. The logit-space first-order term then runs per answer token.
+* **Black-box models** (a hosted model that can only be fine-tuned and asked for losses) — only
+  ``per_example_loss`` (and ``margin`` for ``trak``) is ever called, and only in the black-box
+  objectives (Table 2), which need neither outputs nor gradients. A black-box adapter implements
+  the loss query through the provider's API and fine-tuning through its fine-tune endpoint; the
+  white-box variants refuse such a model because they need `outputs`.
+
+Every method must be a pure function of its arguments (no ``.item()``, no data-dependent Python
+control flow, no in-place updates of module state) so that many perturbed copies can run at once
+under ``torch.func.vmap``; models are put in ``eval()`` mode for perturbed training and loss
+evaluation (no dropout noise, frozen batch-norm statistics).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from daunce_core.data import ExampleSet
+from daunce_core.errors import TaskError
+
+Measurement = Literal["loss", "margin"]
+MEASUREMENTS = ("loss", "margin")
+
+
+class Task(ABC):
+    """How DAUNCE computes outputs, losses and measurements of a model on a batch."""
+
+    @abstractmethod
+    def outputs(self, model: nn.Module, batch: ExampleSet) -> torch.Tensor:
+        """Logits of ``model`` on ``batch``: shape ``[B, ...]`` with B the batch size."""
+
+    @abstractmethod
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: ExampleSet) -> torch.Tensor:
+        """Per-example negative log-likelihood from logits: shape ``[B]``, not reduced."""
+
+    def margin_from_outputs(self, outputs: torch.Tensor, batch: ExampleSet) -> torch.Tensor:
+        """TRAK margin ``f = log(p/(1−p))`` of the correct answer, shape ``[B]``.
+
+        Optional: needed by the ``trak`` variant and by ``measurement="margin"``.
+        """
+        raise TaskError(
+            f"{type(self).__name__} defines no margin_from_outputs; implement it to use the "
+            "'trak' variant or measurement='margin', or use variant='hessian'/'efim' with "
+            "measurement='loss'."
+        )
+
+    def logit_noise(
+        self, outputs: torch.Tensor, batch: ExampleSet, xi: torch.Tensor
+    ) -> torch.Tensor:
+        """Zero-mean noise in logit space drawn from the model's own predictive distribution.
+
+        Optional: needed by sampled-label (Gauss-Newton) perturbations, DESIGN §1. Returns the
+        loss gradient with respect to ``outputs`` at a label sampled from ``p(·|x)`` minus its
+        mean, shape like ``outputs``; its covariance is the output Hessian of the loss, so the
+        perturbed copies' spread follows the Gauss-Newton curvature. ``xi`` (shape ``[B]``,
+        uniform on (0, 1)) is the only randomness: use it (inverse CDF) so draws stay
+        deterministic and antithetic pairs (ξ, 1−ξ) give opposite samples.
+        """
+        raise TaskError(
+            f"{type(self).__name__} defines no logit_noise; implement it to use "
+            "labels='sampled', or use labels='observed'."
+        )
+
+    def trainable_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Parameters the perturbed copies train, keyed by ``model.named_parameters()`` name."""
+        return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    def per_example_loss(self, model: nn.Module, batch: ExampleSet) -> torch.Tensor:
+        """Per-example loss of ``model`` on ``batch``, shape ``[B]``."""
+        return self.loss_from_outputs(self.outputs(model, batch), batch)
+
+    def measure(
+        self, outputs: torch.Tensor, batch: ExampleSet, measurement: Measurement
+    ) -> torch.Tensor:
+        """Query measurement from logits: the loss, or the negated margin (lower is better)."""
+        if measurement == "loss":
+            return self.loss_from_outputs(outputs, batch)
+        if measurement == "margin":
+            return -self.margin_from_outputs(outputs, batch)
+        raise TaskError(f"measurement must be one of {MEASUREMENTS}; got {measurement!r}.")
+
+
+def check_per_example(values: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
+    """Raise a `TaskError` unless ``values`` holds one value per example (shape ``[B]``)."""
+    if values.dim() == 1 and values.shape[0] == batch_size:
+        return values
+    hint = (
+        " It looks reduced over the batch: compute it with reduction='none'."
+        if values.dim() == 0
+        else ""
+    )
+    raise TaskError(
+        f"{what} must return one value per example, shape [{batch_size}]; got shape "
+        f"{tuple(values.shape)}.{hint}"
+    )
+
+
+class ClassificationTask(Task):
+    """Softmax classifier: cross-entropy loss, TRAK margin, sampled labels from the softmax.
+
+    Args:
+        input_key: column holding the model input (default ``"x"``).
+        label_key: column holding integer class labels (default ``"y"``).
+    """
+
+    def __init__(self, input_key: str = "x", label_key: str = "y") -> None:
+        self.input_key = input_key
+        self.label_key = label_key
+
+    def outputs(self, model: nn.Module, batch: ExampleSet) -> torch.Tensor:
+        """Logits ``[B, C]``."""
+        return model(batch[self.input_key])
+
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: ExampleSet) -> torch.Tensor:
+        """Cross-entropy per example, ``[B]``."""
+        return F.cross_entropy(outputs, batch[self.label_key], reduction="none")
+
+    def margin_from_outputs(self, outputs: torch.Tensor, batch: ExampleSet) -> torch.Tensor:
+        """``g_y − logsumexp_{c≠y} g_c`` = ``log(p_y/(1−p_y))``, ``[B]``."""
+        label = batch[self.label_key].unsqueeze(-1)
+        correct = outputs.gather(-1, label).squeeze(-1)
+        others = outputs.scatter(-1, label, float("-inf"))
+        return correct - torch.logsumexp(others, dim=-1)
+
+    def logit_noise(
+        self, outputs: torch.Tensor, batch: ExampleSet, xi: torch.Tensor
+    ) -> torch.Tensor:
+        """``p − e_ŷ`` with ``ŷ`` drawn from ``softmax(outputs)`` by inverse CDF at ``ξ``."""
+        probs = outputs.softmax(dim=-1)
+        sampled = (probs.cumsum(dim=-1) < xi.unsqueeze(-1)).sum(dim=-1)
+        sampled = sampled.clamp(max=outputs.shape[-1] - 1)
+        classes = torch.arange(outputs.shape[-1], device=outputs.device)
+        return probs - (classes == sampled.unsqueeze(-1)).to(probs.dtype)
+
+
+class RegressionTask(Task):
+    """Least squares: loss ``½‖g − y‖²`` (Gaussian NLL with unit variance, up to a constant).
+
+    There is no margin. Sampled-label noise is standard normal (the output Hessian is 1).
+
+    Args:
+        input_key: column holding the model input (default ``"x"``).
+        target_key: column holding the real-valued targets, shape ``[n]`` or ``[n, d]``.
+    """
+
+    def __init__(self, input_key: str = "x", target_key: str = "y") -> None:
+        self.input_key = input_key
+        self.target_key = target_key
+
+    def outputs(self, model: nn.Module, batch: ExampleSet) -> torch.Tensor:
+        """Predictions, reshaped like the targets."""
+        target = batch[self.target_key]
+        return model(batch[self.input_key]).reshape(target.shape)
+
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: ExampleSet) -> torch.Tensor:
+        """``½‖g − y‖²`` per example, ``[B]``."""
+        residual = (outputs - batch[self.target_key]).reshape(outputs.shape[0], -1)
+        return 0.5 * residual.pow(2).sum(dim=-1)
+
+    def logit_noise(
+        self, outputs: torch.Tensor, batch: ExampleSet, xi: torch.Tensor
+    ) -> torch.Tensor:
+        """Standard normal noise by inverse CDF at ``ξ``; scalar targets only."""
+        if outputs[0].numel() != 1:
+            raise TaskError(
+                "RegressionTask.logit_noise covers scalar targets only (one uniform per example); "
+                "for vector targets subclass it and draw one normal per output dimension."
+            )
+        z = math.sqrt(2.0) * torch.erfinv(2.0 * xi.to(outputs.dtype) - 1.0)
+        return z.reshape(outputs.shape)
