@@ -139,7 +139,8 @@ class PerturbedCopies:
         if result.diverged.any():
             bad = result.ks[result.diverged].tolist()
             warnings.warn(
-                f"perturbed copies {bad} diverged (non-finite objective); their losses are NaN "
+                f"perturbed copies {bad} diverged (non-finite objective, parameters or losses); "
+                "their losses are NaN "
                 "and the scores leave them out. Lower the learning rate or rho if this recurs.",
                 DaunceWarning,
                 stacklevel=2,
@@ -164,8 +165,10 @@ class PerturbedCopies:
         )
         train = self._evaluate(trained.params, self.train, "loss")
         query = self._evaluate(trained.params, self.queries, c.measurement)
-        train[trained.diverged], query[trained.diverged] = np.nan, np.nan
-        return CopyLosses(np.asarray(ks), train, query, trained.diverged)
+        finite = np.isfinite(train).all(axis=1) & np.isfinite(query).all(axis=1)
+        diverged = trained.diverged | ~finite
+        train[diverged], query[diverged] = np.nan, np.nan
+        return CopyLosses(np.asarray(ks), train, query, diverged)
 
     def _evaluate(self, params, data, measurement) -> np.ndarray:
         values = evaluate_copies(

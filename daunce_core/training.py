@@ -209,6 +209,7 @@ def train_copies(
         if schedule is not None:
             schedule.step()
         last = values.detach().double()
+    diverged |= ~_finite_copies(params)
     return TrainedCopies(
         params={k: v.detach() for k, v in params.items()},
         diverged=diverged.numpy(),
@@ -224,6 +225,12 @@ def _copy_objective_fn(model: nn.Module, task, objective: ExampleObjective) -> C
         return objective(outputs_of(params, batch), batch, side).mean()
 
     return copy_objective
+
+
+def _finite_copies(params: Stacked) -> torch.Tensor:
+    """``[G]`` True where every parameter of the copy is finite."""
+    flags = [torch.isfinite(p.detach().reshape(p.shape[0], -1)).all(dim=1) for p in params.values()]
+    return torch.stack(flags).all(dim=0)
 
 
 def _freeze(params: Stacked, diverged: torch.Tensor) -> None:
