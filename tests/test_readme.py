@@ -1,0 +1,19 @@
+"""The README's Python example runs as written and finds sensible proponents."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_example_runs(capsys):
+    text = README.read_text()
+    block = re.search(r"## DAUNCE in Python\n\n```python\n(.*?)```", text, re.S).group(1)
+    assert len(block.strip().splitlines()) <= 15
+    namespace = {}
+    exec(compile(block, str(README), "exec"), namespace)
+    output = capsys.readouterr().out
+    assert "proponents (index, score)" in output
+    result, train, queries = namespace["result"], namespace["train"], namespace["queries"]
+    proponents = [i for i, _ in result.top_proponents(0, k=5)]
+    assert (train["y"][proponents] == queries["y"][0]).float().mean() >= 0.8
