@@ -33,6 +33,8 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import timed
+
 from daunce_core.scores import collect_statistics, write_scores
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -40,15 +42,6 @@ FULL = {"matmul": 4096, "throughput": (200, 200_000, 1_000), "peak": (200, 1_000
 QUICK = {"matmul": 1024, "throughput": (50, 20_000, 200), "peak": (50, 100_000, 200)}
 PEAK_ROW_CHUNK = 16384  # train rows per tile = out chunk rows = losses_train chunk columns
 PEAK_COL_CHUNK = 250  # queries per tile = out chunk columns
-
-
-def timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def matmul_rates(size: int) -> dict:

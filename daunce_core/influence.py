@@ -23,9 +23,15 @@ trak       observed     ``Φ + λ``         ``Φ / 3``
 trak       sampled      ``Φ + λ``         ``GN``
 =========  ===========  ================  ===============
 
-(``1/3`` is the variance of ``σ = 2ξ − 1``.) With ``GN = H`` — a generalised linear model with
-its canonical loss and no L2 — the sampled-label ``hessian`` limit is the influence function
-itself; the paper's observed-label limit is the sandwich ``H⁻¹ F H⁻¹``.
+(``1/3`` is the variance of ``σ = 2ξ − 1``.) The limits hold in the linear-response regime:
+small ``ρ/γ`` and copies trained to their perturbed optimum. ``efim`` with sampled labels needs
+the smallest ``ρ``: its curvature weighs examples by their residuals while the sampled noise does
+not, so the quartic terms of ``½(L − L0)²`` show up sooner (on least squares: slope 0.7 at
+``ρ = 0.1``, 1.0 at ``ρ = 0.01``; ``bench/bench_convergence.py``).
+
+With ``GN = H`` — a generalised linear model with its canonical loss and no L2 — the
+sampled-label ``hessian`` limit is the influence function itself; the paper's observed-label
+limit is the sandwich ``H⁻¹ F H⁻¹``.
 """
 
 from __future__ import annotations

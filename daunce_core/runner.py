@@ -26,7 +26,7 @@ from daunce_core.objectives import per_example_objective
 from daunce_core.perturbation import draw_perturbation
 from daunce_core.signals import compute_base_signals
 from daunce_core.task import Task, check_per_example
-from daunce_core.training import train_copies
+from daunce_core.training import TrainedCopies, train_copies
 
 
 @dataclass
@@ -148,8 +148,12 @@ class PerturbedCopies:
         return result
 
     def _run_group(self, ks: list[int]) -> CopyLosses:
+        return self.evaluate(ks, self.train_group(ks))
+
+    def train_group(self, ks: Sequence[int]) -> TrainedCopies:
+        """Train copies ``ks`` together (one group: ``vmap`` over all of them) from ``θ0``."""
         c = self.config
-        trained = train_copies(
+        return train_copies(
             self.model,
             self.task,
             self.train,
@@ -163,14 +167,17 @@ class PerturbedCopies:
             seed=c.seed,
             vectorize=c.vectorize,
         )
-        train = self._evaluate(trained.params, self.train, "loss")
-        query = self._evaluate(trained.params, self.queries, c.measurement)
+
+    def evaluate(self, ks: Sequence[int], trained: TrainedCopies) -> CopyLosses:
+        """Loss rows of trained copies ``ks``; non-finite rows are marked diverged and NaN."""
+        train = self._measure(trained.params, self.train, "loss")
+        query = self._measure(trained.params, self.queries, self.config.measurement)
         finite = np.isfinite(train).all(axis=1) & np.isfinite(query).all(axis=1)
         diverged = trained.diverged | ~finite
         train[diverged], query[diverged] = np.nan, np.nan
         return CopyLosses(np.asarray(ks), train, query, diverged)
 
-    def _evaluate(self, params, data, measurement) -> np.ndarray:
+    def _measure(self, params, data, measurement) -> np.ndarray:
         values = evaluate_copies(
             self.model,
             self.task,

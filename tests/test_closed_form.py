@@ -83,6 +83,17 @@ def test_covariance_matches_exact_sandwich(name, variant, labels):
     assert 0.8 < self_slope < 1.2
 
 
+def test_efim_with_sampled_labels_on_least_squares_needs_a_smaller_rho():
+    # The sampled noise is not scaled by the residuals that weigh efim's curvature, so at ρ = 0.1
+    # the quartic terms of ½(L − L0)² matter (slope ≈ 0.7); at ρ = 0.01 the response is linear.
+    prob = problem("linear")
+    result = run(prob, Objective(variant="efim", labels="sampled", rho=0.01))
+    exact = targets(prob, "efim", "sampled", 0.01**2 / len(prob.train["y"]))
+    corr, slope = agreement(result.scores, exact.target)
+    assert corr > 0.95
+    assert 0.85 < slope < 1.15
+
+
 def test_sampled_labels_reach_the_influence_function_on_least_squares():
     # Gauss-Newton = Hessian for squared loss: the sampled-label limit is H⁻¹(H−λ)H⁻¹ ≈ H⁻¹.
     prob = problem("linear")
