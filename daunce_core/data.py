@@ -55,6 +55,25 @@ def _check_finite(column: torch.Tensor, label: str) -> None:
         )
 
 
+def check_compatible(train: ExampleSet, queries: ExampleSet) -> None:
+    """Raise `DaunceError` unless ``queries`` has every column of ``train`` with the same row shape.
+
+    Extra query columns are allowed (the model ignores what the task does not read).
+    """
+    for key, column in train.items():
+        if key not in queries:
+            raise DaunceError(
+                f"queries lack the column {key!r} that train has; give both the same columns "
+                f"(train: {sorted(train)}, queries: {sorted(queries)})."
+            )
+        mine, theirs = tuple(column.shape[1:]), tuple(queries[key].shape[1:])
+        if mine != theirs or column.dtype != queries[key].dtype:
+            raise DaunceError(
+                f"queries[{key!r}] rows have shape {theirs} and dtype {queries[key].dtype}, but "
+                f"train[{key!r}] rows have {mine} and {column.dtype}; encode both the same way."
+            )
+
+
 def num_examples(data: ExampleSet) -> int:
     """Number of examples (rows) in an example set."""
     return int(next(iter(data.values())).shape[0])

@@ -19,8 +19,8 @@ from torch import nn
 
 from daunce_core.config import DaunceConfig
 from daunce_core.copies import trainable_names
-from daunce_core.data import as_example_set, cast_floating, num_examples, take
-from daunce_core.errors import DaunceWarning
+from daunce_core.data import as_example_set, cast_floating, check_compatible, num_examples, take
+from daunce_core.errors import DaunceWarning, TaskError
 from daunce_core.evaluation import evaluate_copies
 from daunce_core.objectives import per_example_objective
 from daunce_core.perturbation import draw_perturbation
@@ -85,14 +85,19 @@ class PerturbedCopies:
         self.l2 = config.objective.gamma * lam
 
     def _probe(self) -> None:
-        """Fail early, with the fix, if the task reduces losses over the batch."""
+        """Fail early, with the fix, if the model cannot run on the data or reduces losses."""
+        check_compatible(self.train, self.queries)
         probe = take(self.train, slice(0, 2))
-        with torch.no_grad():
-            check_per_example(
-                self.task.per_example_loss(self.model, probe),
-                num_examples(probe),
-                "Task.loss_from_outputs",
-            )
+        try:
+            with torch.no_grad():
+                losses = self.task.per_example_loss(self.model, probe)
+        except (RuntimeError, KeyError, IndexError, TypeError) as error:
+            raise TaskError(
+                f"the model could not compute losses on the first training examples "
+                f"({type(error).__name__}: {error}); check that the model's input matches the "
+                f"data columns {sorted(self.train)} and that the Task reads the right keys."
+            ) from error
+        check_per_example(losses, num_examples(probe), "Task.loss_from_outputs")
 
     @property
     def num_train(self) -> int:

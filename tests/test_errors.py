@@ -58,9 +58,23 @@ def test_empty_data_is_refused():
         PerturbedCopies(torch.nn.Linear(4, 3), ClassificationTask(), data(), empty, small_config())
 
 
-def test_mismatched_input_shape_surfaces_from_the_model():
-    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+def test_model_that_does_not_fit_the_data_is_refused_with_the_fix():
+    with pytest.raises(TaskError, match=r"could not compute losses.*model's input matches"):
         attribute(torch.nn.Linear(5, 3), ClassificationTask(), data(), data(5), small_config())
+
+
+def test_queries_shaped_unlike_train_are_refused():
+    queries = data(5, d=6)
+    with pytest.raises(DaunceError, match=r"queries\['x'\] rows have shape \(6,\)"):
+        attribute(torch.nn.Linear(4, 3), ClassificationTask(), data(), queries, small_config())
+    with pytest.raises(DaunceError, match="queries lack the column 'y'"):
+        attribute(
+            torch.nn.Linear(4, 3),
+            ClassificationTask(),
+            data(),
+            {"x": data(5)["x"]},
+            small_config(),
+        )
 
 
 @pytest.mark.parametrize("k", [0, 1])
