@@ -24,7 +24,7 @@ from daunce_core.errors import DaunceWarning, TaskError
 from daunce_core.evaluation import evaluate_copies
 from daunce_core.objectives import per_example_objective
 from daunce_core.perturbation import draw_perturbation
-from daunce_core.signals import compute_base_signals
+from daunce_core.signals import BaseSignals, compute_base_signals
 from daunce_core.task import Task, check_per_example
 from daunce_core.training import TrainedCopies, train_copies
 
@@ -56,6 +56,8 @@ class PerturbedCopies:
         queries: query examples (``m`` rows), same columns.
         config: the run's configuration.
         base_l2: the base model's own L2 strength; the default proximal λ.
+        signals: base signals computed earlier (`daunce_core.signals.compute_base_signals` of
+            the same model, data and objective); computed here when None.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class PerturbedCopies:
         queries,
         config: DaunceConfig,
         base_l2: float = 0.0,
+        signals: BaseSignals | None = None,
     ) -> None:
         dtype = config.torch_dtype
         self.config, self.task = config, task
@@ -76,9 +79,10 @@ class PerturbedCopies:
         self._probe()
         self.signals = None
         if config.objective.needs_base_signals:
-            self.signals = compute_base_signals(
+            self.signals = signals or compute_base_signals(
                 self.model, task, self.train, config.objective, config.eval_batch_size
             )
+            self.signals = {k: v.to(dtype) for k, v in self.signals.items()}
         params = dict(self.model.named_parameters())
         self.anchor = {name: params[name].detach() for name in self.names}
         lam = base_l2 if config.prox is None else config.prox

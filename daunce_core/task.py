@@ -196,3 +196,24 @@ class RegressionTask(Task):
             )
         z = math.sqrt(2.0) * torch.erfinv(2.0 * xi.to(outputs.dtype) - 1.0)
         return z.reshape(outputs.shape)
+
+
+def task_from_spec(spec: dict) -> Task:
+    """Build a `Task` from a config mapping.
+
+    ``{"kind": "classification", "input": "x", "label": "y"}``,
+    ``{"kind": "regression", "input": "x", "target": "y"}``, or
+    ``{"kind": "factory", "factory": "package.module:function", "kwargs": {...}}``.
+    """
+    spec = dict(spec)
+    kind = spec.pop("kind", "classification")
+    if kind == "classification":
+        return ClassificationTask(spec.pop("input", "x"), spec.pop("label", "y"), **spec)
+    if kind == "regression":
+        return RegressionTask(spec.pop("input", "x"), spec.pop("target", "y"), **spec)
+    if kind == "factory":
+        import importlib
+
+        module_name, _, function = spec["factory"].partition(":")
+        return getattr(importlib.import_module(module_name), function)(**spec.get("kwargs", {}))
+    raise TaskError(f"task kind must be 'classification', 'regression' or 'factory'; got {kind!r}.")

@@ -1,16 +1,58 @@
-"""The ``daunce`` command line."""
+"""The ``daunce`` command line: run the pipeline, follow runs, query the results with SQL.
+
+Prefect runs in the embedded mode unless ``PREFECT_API_URL`` points at a server; its home,
+results and cache keys live in the workspace (``.prefect/``), so reruns from a new process are
+served from cache.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from daunce_core.errors import DaunceError
+
+DEFAULT_WORKSPACE = os.environ.get("DAUNCE_WORKSPACE", "daunce-runs")
+
+
+def prefect_environment(workspace: str | Path) -> None:
+    """Point Prefect's home, result storage and logging at ``workspace`` (before importing it)."""
+    root = Path(workspace).resolve() / ".prefect"
+    (root / "home").mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(root / "home"))
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(root / "results"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="daunce", description="DAUNCE data attribution.")
     commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the attribute flow of a YAML configuration")
+    run.add_argument("config", help="path of the run configuration (YAML)")
+    run.add_argument("--overwrite", action="store_true", help="replace a different run's folder")
+    run.add_argument("--workspace", help="override the configuration's workspace folder")
+    extend = commands.add_parser("extend", help="add perturbed copies to a run (K -> K')")
+    extend.add_argument("config")
+    extend.add_argument("--num-models", type=int, required=True, help="the new, larger K")
+    extend.add_argument("--workspace")
+    for name, text in (("runs", "list runs"), ("status", "state of a run (default: latest)")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--workspace", default=DEFAULT_WORKSPACE)
+        if name == "status":
+            sub.add_argument("--run", help="run id (default: the latest run)")
+    top = commands.add_parser("top", help="top proponents (or opponents) of a query")
+    top.add_argument("--query", type=int, required=True, help="query id")
+    top.add_argument("-k", type=int, default=10, help="how many (10)")
+    top.add_argument("--opponents", action="store_true", help="most negative scores instead")
+    top.add_argument("--run", help="run id (default: the latest completed run)")
+    top.add_argument("--workspace", default=DEFAULT_WORKSPACE)
+    sql = commands.add_parser("sql", help="read-only SQL over the lineage and exports")
+    sql.add_argument("query")
+    sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    sql.add_argument("--workspace", default=DEFAULT_WORKSPACE)
     demo = commands.add_parser("demo", help="attribute a small MLP on the embedded digits data")
     demo.add_argument("--num-models", type=int, default=128, help="K perturbed copies (128)")
     demo.add_argument("--queries", type=int, default=3, help="queries to print (3)")
@@ -22,14 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``daunce`` console script."""
     args = _parser().parse_args(argv)
     try:
-        if args.command == "demo":
-            from flows.demo import run_demo
+        from flows import commands
 
-            run_demo(num_models=args.num_models, queries_shown=args.queries, seed=args.seed)
+        return getattr(commands, args.command.replace("-", "_"))(args) or 0
     except DaunceError as error:
         print(f"daunce: error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

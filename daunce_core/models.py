@@ -1,0 +1,87 @@
+"""Models from recipes, and their parameters on disk (safetensors).
+
+A recipe is a small dict, so a configuration file can name the model:
+``{"kind": "mlp", "inputs": 64, "hidden": [64], "outputs": 10}``, ``{"kind": "linear",
+"inputs": 64, "outputs": 10}``, or ``{"kind": "factory", "factory": "package.module:function",
+"kwargs": {...}}`` for any model the user's code builds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from daunce_core.errors import DaunceError
+
+KINDS = ("mlp", "linear", "factory")
+
+
+def build_model(recipe: dict, seed: int = 0) -> nn.Module:
+    """Build the model a recipe describes, its initial weights drawn from ``seed``."""
+    kind = recipe.get("kind")
+    if kind not in KINDS:
+        raise DaunceError(f"model kind must be one of {KINDS}; got {kind!r}.")
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return _BUILDERS[kind](recipe)
+    except (KeyError, TypeError) as error:
+        raise DaunceError(f"model recipe {recipe} is incomplete or wrong: {error}.") from error
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def _mlp(recipe: dict) -> nn.Module:
+    sizes = [recipe["inputs"], *recipe.get("hidden", [64]), recipe["outputs"]]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _linear(recipe: dict) -> nn.Module:
+    return nn.Linear(recipe["inputs"], recipe["outputs"])
+
+
+def _factory(recipe: dict) -> nn.Module:
+    module_name, _, function = recipe["factory"].partition(":")
+    try:
+        builder = getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as error:
+        raise DaunceError(
+            f"cannot import the model factory {recipe['factory']!r} ({error}); give it as "
+            "'package.module:function' importable from the current environment."
+        ) from error
+    return builder(**recipe.get("kwargs", {}))
+
+
+_BUILDERS = {"mlp": _mlp, "linear": _linear, "factory": _factory}
+
+
+def save_parameters(model: nn.Module, path: str | Path) -> None:
+    """Write the model's state (parameters and buffers) to a safetensors file."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+
+
+def load_parameters(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a safetensors (or ``torch.save`` state dict) file into ``model``; strict."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise DaunceError(
+            f"the checkpoint {str(path)!r} does not fit the model recipe: {error}"
+        ) from error
+    return model

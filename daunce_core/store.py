@@ -1,0 +1,145 @@
+"""The Zarr arrays of one run: loss matrices, per-copy completion marks, scores.
+
+Layout under the store's folder (float32 losses and scores, NaN fill so unwritten rows show):
+
+==================  =============  ===========================================================
+array               shape          chunks / meaning
+==================  =============  ===========================================================
+``losses_train``    ``(K, n)``     ``(1, 65536)``: row k = copy k's loss on every train example
+``losses_query``    ``(K, m)``     ``(1, 65536)``: row k = copy k's measurement on every query
+``copy_status``     ``(K,)``       ``(1,)``: 0 pending, 1 done, 2 diverged (written after rows)
+``queries_done``    ``(K,)``       ``(1,)``: how many leading query columns row k holds
+``scores``          ``(n, m)``     ``scores[i, j]`` = influence of train i on query j
+``self_influence``  ``(n,)``       variance of each training loss over the valid copies
+==================  =============  ===========================================================
+
+Each copy owns the chunks of its own row and its own status chunk, so copies written by
+different workers never share a chunk; the status is written last, so a copy killed mid-write is
+simply still pending. Zarr writes each chunk to a temporary file and renames it into place; a
+killed writer can leave an orphan ``*.partial`` file, which `RunStore.remove_partials` clears.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from daunce_core.errors import DaunceError
+
+PENDING, DONE, DIVERGED = 0, 1, 2
+ROW_CHUNK = 65536
+
+
+class RunStore:
+    """Zarr arrays of one run, under ``root`` (a local path; created on first use)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def _path(self, name: str) -> str:
+        return str(self.root / name)
+
+    def exists(self, name: str) -> bool:
+        """Whether array ``name`` has been created."""
+        return (self.root / name / "zarr.json").exists()
+
+    def open(self, name: str, mode: str = "r") -> zarr.Array:
+        """Open array ``name`` (``mode`` ``"r"`` or ``"r+"``)."""
+        if not self.exists(name):
+            raise DaunceError(f"the run store {self.root} has no array {name!r} yet.")
+        return zarr.open_array(store=self._path(name), mode=mode)
+
+    def _create(self, name: str, shape: tuple, chunks: tuple, dtype: str, fill) -> zarr.Array:
+        return zarr.create_array(
+            store=self._path(name),
+            shape=shape,
+            chunks=chunks,
+            dtype=dtype,
+            fill_value=fill,
+            overwrite=True,
+        )
+
+    def ensure(self, num_models: int, n: int, m: int) -> None:
+        """Create the loss arrays for ``num_models`` copies, or grow them (more copies or queries).
+
+        Raises:
+            DaunceError: the number of training examples differs from the stored arrays', or
+                the request would shrink them.
+        """
+        if not self.exists("losses_train"):
+            self._create("losses_train", (num_models, n), (1, min(n, ROW_CHUNK)), "float32", np.nan)
+            self._create("losses_query", (num_models, m), (1, min(m, ROW_CHUNK)), "float32", np.nan)
+            self._create("copy_status", (num_models,), (1,), "int8", PENDING)
+            self._create("queries_done", (num_models,), (1,), "int64", 0)
+            return
+        shape = self.open("losses_train").shape
+        stored_m = self.open("losses_query").shape[1]
+        if shape[1] != n or num_models < shape[0] or m < stored_m:
+            raise DaunceError(
+                f"the run store holds {shape[0]} copies × {shape[1]} train examples × {stored_m} "
+                f"queries; it can grow (more copies, more queries) but got K={num_models}, "
+                f"n={n}, m={m}. Use a new run for different training data."
+            )
+        self._grow(num_models, n, m)
+
+    def _grow(self, num_models: int, n: int, m: int) -> None:
+        for name, shape in (
+            ("losses_train", (num_models, n)),
+            ("losses_query", (num_models, m)),
+            ("copy_status", (num_models,)),
+            ("queries_done", (num_models,)),
+        ):
+            array = self.open(name, "r+")
+            if array.shape != shape:
+                array.resize(shape)
+
+    def status(self) -> np.ndarray:
+        """``[K]`` int8: 0 pending, 1 done, 2 diverged."""
+        return np.asarray(self.open("copy_status")[:])
+
+    def queries_done(self) -> np.ndarray:
+        """``[K]`` int64: the number of leading query columns each row holds."""
+        return np.asarray(self.open("queries_done")[:])
+
+    def pending(self) -> list[int]:
+        """Copies whose rows have not been written yet."""
+        return np.flatnonzero(self.status() == PENDING).tolist()
+
+    def write_rows(self, ks, train: np.ndarray, query: np.ndarray, diverged: np.ndarray) -> None:
+        """Write rows ``ks`` of both loss arrays, then mark them done (or diverged)."""
+        a, b = self.open("losses_train", "r+"), self.open("losses_query", "r+")
+        status, counts = self.open("copy_status", "r+"), self.open("queries_done", "r+")
+        for row, k in enumerate(ks):
+            a[k] = train[row].astype(np.float32)
+            b[k, : query.shape[1]] = query[row].astype(np.float32)
+            counts[k] = query.shape[1]
+            status[k] = DIVERGED if diverged[row] else DONE
+
+    def write_query_columns(self, k: int, start: int, values: np.ndarray) -> None:
+        """Write query columns ``start:`` of row ``k`` (new queries), then record the count."""
+        self.open("losses_query", "r+")[k, start : start + len(values)] = values.astype(np.float32)
+        self.open("queries_done", "r+")[k] = start + len(values)
+
+    def create_scores(self, n: int, m: int, row_chunk: int, col_chunk: int) -> zarr.Array:
+        """A fresh ``scores`` array ``(n, m)`` whose chunks are the scoring tiles."""
+        return self._create(
+            "scores", (n, m), (min(row_chunk, n), min(col_chunk, m)), "float32", np.nan
+        )
+
+    def write_self_influence(self, values: np.ndarray) -> None:
+        """Store the ``[n]`` self-influence vector."""
+        array = self._create(
+            "self_influence", values.shape, (min(len(values), ROW_CHUNK),), "float32", np.nan
+        )
+        array[:] = values.astype(np.float32)
+
+    def remove_partials(self) -> list[str]:
+        """Delete orphan ``*.partial`` chunk files left by a killed writer; return their paths."""
+        if not self.root.exists():
+            return []
+        orphans = [str(p) for p in self.root.rglob("*.partial")]
+        for path in orphans:
+            Path(path).unlink(missing_ok=True)
+        return orphans

@@ -1,0 +1,222 @@
+"""The ``attribute`` flow: from a run configuration to scores, exports and lineage.
+
+prepare data (train, queries) → base model → base signals → K copies, in groups, mapped over the
+task runner (each group: draw → train → evaluate → rows of the Zarr loss arrays) → scores →
+Parquet exports → lineage in DuckDB. Every step is a cached task keyed by content digests, so a
+rerun computes nothing, a killed run redoes only unfinished copies, and a larger K trains only
+the new copies.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from prefect import flow, unmapped
+from prefect.futures import as_completed
+
+from daunce_core.config import from_dict, to_dict
+from daunce_core.digest import digest_json
+from daunce_core.errors import DaunceError
+from daunce_core.lineage import Lineage
+from daunce_core.store import RunStore
+from flows.config import RunConfig
+from tasks.common import CACHE_POLICY, RunLayout
+from tasks.copies import train_copies
+from tasks.data import prepare_data, source_digest
+from tasks.model import base_model, base_signals
+from tasks.scoring import compute_scores, export_tables
+
+
+def code_version() -> str:
+    """The git commit of the code, or ``unknown``."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+            check=False,
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def claim_run_dir(run_dir: Path, config: RunConfig, overwrite: bool) -> None:
+    """Refuse to reuse ``run_dir`` for a different configuration unless ``overwrite``."""
+    marker = run_dir / "run.json"
+    identity = config.identity()
+    if marker.exists() and json.loads(marker.read_text())["identity"] != identity:
+        if not overwrite:
+            raise DaunceError(
+                f"the run folder {run_dir} holds a run with a different configuration; "
+                "use another name or workspace, or pass --overwrite to replace it."
+            )
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"identity": identity, "digest": config.digest()}, indent=1))
+
+
+def _key_storage(workspace: Path):
+    return CACHE_POLICY.configure(key_storage=str(workspace / ".prefect" / "cache-keys"))
+
+
+def _task_runner(config: RunConfig):
+    execution = config.execution
+    if execution.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if execution.dask_address:
+            return DaskTaskRunner(address=execution.dask_address)
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": execution.workers,
+                "threads_per_worker": 1,
+                "processes": True,
+            }
+        )
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=execution.workers)
+
+
+def _inputs(config: RunConfig, layout: RunLayout, policy) -> dict:
+    """Prepare the data, the base model and its signals; return their records."""
+    cfg = to_dict(config)
+    prepared = {
+        split: prepare_data.with_options(cache_policy=policy)(
+            cfg["data"][split],
+            split,
+            str(layout.split(split)),
+            source_digest(cfg["data"][split]["path"]),
+        )
+        for split in ("train", "queries")
+    }
+    checkpoint = config.model.checkpoint
+    model = base_model.with_options(cache_policy=policy)(
+        cfg["model"],
+        config.task,
+        prepared["train"],
+        str(layout.base_model),
+        source_digest(checkpoint) if checkpoint else None,
+    )
+    records = {**prepared, "model": model}
+    if config.daunce.objective.needs_base_signals:
+        records["signals"] = base_signals.with_options(cache_policy=policy)(
+            cfg["model"],
+            config.task,
+            cfg["daunce"],
+            model,
+            prepared["train"],
+            str(layout.signals),
+        )
+    return records
+
+
+def _copy_spec(config: RunConfig, records: dict) -> dict:
+    daunce = to_dict(config.daunce)
+    daunce.pop("num_models")
+    return {
+        "daunce": daunce,
+        "recipe": config.model.recipe,
+        "task": config.task,
+        "l2": config.model.l2,
+        "train_digest": records["train"]["digest"],
+        "queries_digest": records["queries"]["digest"],
+        "model_digest": records["model"]["digest"],
+        "signals_digest": records.get("signals", {}).get("digest"),
+    }
+
+
+def _run_copies(config: RunConfig, run_dir: Path, spec: dict, policy) -> list[dict]:
+    """Train the pending copies in groups, mapped over the task runner, reporting progress."""
+    size, total = config.daunce.group_size, config.daunce.num_models
+    groups = [list(range(i, min(i + size, total))) for i in range(0, total, size)]
+    task = train_copies.with_options(cache_policy=policy, retries=config.execution.retries)
+    futures = task.map(groups, run_dir=unmapped(str(run_dir)), spec=unmapped(spec))
+    results, done = [], 0
+    for future in as_completed(futures):
+        result = future.result()
+        done += len(result["ks"])
+        print(f"copies {result['ks'][0]}-{result['ks'][-1]} ready ({done}/{total})")
+        if future.state.name == "Cached":
+            result = result | {"trained": []}
+        results.append(result | {"state": future.state.name})
+    return results
+
+
+@flow(name="attribute", log_prints=True)
+def attribute_flow(config: dict, overwrite: bool = False) -> dict:
+    """Attribute the queries of ``config`` (a `RunConfig` as a dict) to its training data."""
+    run = from_dict(RunConfig, config, "")
+    workspace = Path(run.workspace)
+    run_dir = workspace / "runs" / run.run_id()
+    claim_run_dir(run_dir, run, overwrite)
+    lineage = Lineage(workspace / "lineage.duckdb")
+    lineage.start_run(
+        run.run_id(),
+        run.name,
+        to_dict(run),
+        run.digest(),
+        code_version=code_version(),
+        num_models=run.daunce.num_models,
+        run_dir=str(run_dir),
+    )
+    started = time.perf_counter()
+    try:
+        summary = _attribute(run, run_dir, workspace, lineage)
+    except BaseException as error:
+        lineage.finish_run(run.run_id(), "failed", time.perf_counter() - started, repr(error))
+        raise
+    lineage.finish_run(run.run_id(), "completed", time.perf_counter() - started)
+    lineage.create_views(workspace / "runs")
+    return summary | {"seconds": time.perf_counter() - started}
+
+
+def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage) -> dict:
+    layout, policy = RunLayout(run_dir), _key_storage(workspace)
+    store = RunStore(layout.store)
+    orphans = store.remove_partials()
+    records = _inputs(run, layout, policy)
+    n, m = records["train"]["count"], records["queries"]["count"]
+    store.ensure(run.daunce.num_models, n, m)
+    spec = _copy_spec(run, records)
+    copies = _run_copies(run, run_dir, spec, policy)
+    rows_digest = digest_json({"status": store.status().tolist(), "spec": spec})
+    scores = compute_scores.with_options(cache_policy=policy)(
+        str(run_dir), run.daunce.score, rows_digest
+    )
+    exports = export_tables.with_options(cache_policy=policy)(
+        str(run_dir), run.run_id(), scores, run.exports.top_k
+    )
+    artifacts = [*records.values(), scores, *exports]
+    tasks = [
+        {
+            "task": f"train-copies-{c['ks'][0]}-{c['ks'][-1]}",
+            "status": c["state"],
+            "seconds": c["seconds"],
+        }
+        for c in copies
+    ]
+    lineage.record(run.run_id(), artifacts, tasks)
+    return {
+        "run_id": run.run_id(),
+        "run_dir": str(run_dir),
+        "num_train": n,
+        "num_queries": m,
+        "excluded": scores["excluded"],
+        "orphans_removed": len(orphans),
+        "trained_now": sum(len(c["trained"]) for c in copies),
+    }
+
+
+def run_attribute(config: RunConfig, overwrite: bool = False) -> dict:
+    """Run `attribute_flow` for ``config`` on the task runner its execution settings name."""
+    flow_with_runner = attribute_flow.with_options(task_runner=_task_runner(config))
+    return flow_with_runner(to_dict(config), overwrite=overwrite)

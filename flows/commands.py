@@ -1,0 +1,165 @@
+"""What each ``daunce`` sub-command does (argument parsing is in `flows.cli`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from daunce_core.errors import DaunceError
+from daunce_core.lineage import Lineage, query_frame
+from flows.cli import prefect_environment
+
+
+def _load(args, **overrides):
+    from flows.config import load_config
+
+    return load_config(args.config, workspace=getattr(args, "workspace", None), **overrides)
+
+
+def run(args) -> int:
+    """``daunce run CONFIG``: the attribute flow; prints where the results are."""
+    config = _load(args)
+    prefect_environment(config.workspace)
+    from flows.attribute import run_attribute
+
+    summary = run_attribute(config, overwrite=args.overwrite)
+    _print_summary(summary)
+    return 0
+
+
+def extend(args) -> int:
+    """``daunce extend CONFIG --num-models K'``: train only the new copies, rescore."""
+    import dataclasses
+
+    config = _load(args)
+    if args.num_models < config.daunce.num_models:
+        raise DaunceError(
+            f"--num-models {args.num_models} is below the configured {config.daunce.num_models};"
+            " extend only grows K."
+        )
+    daunce = dataclasses.replace(config.daunce, num_models=args.num_models)
+    config = dataclasses.replace(config, daunce=daunce)
+    prefect_environment(config.workspace)
+    from flows.attribute import run_attribute
+
+    _print_summary(run_attribute(config))
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    print(
+        f"run {summary['run_id']}: {summary['num_train']} train × {summary['num_queries']} "
+        f"queries, {summary['trained_now']} copies trained now, {summary['seconds']:.1f}s"
+    )
+    if summary["excluded"]:
+        print(f"copies left out (diverged): {summary['excluded']}")
+    print(f"results: {summary['run_dir']}")
+
+
+def _lineage(workspace: str, must_exist: bool = True) -> Lineage:
+    path = Path(workspace) / "lineage.duckdb"
+    if must_exist and not path.exists():
+        raise DaunceError(
+            f"no runs in workspace {workspace!r} (no {path}); run `daunce run CONFIG` first or "
+            "pass --workspace."
+        )
+    return Lineage(path)
+
+
+def _latest_run(lineage: Lineage, completed: bool) -> str:
+    where = "WHERE status = 'completed'" if completed else ""
+    with lineage.connect(read_only=True) as con:
+        row = con.execute(f"SELECT run_id FROM runs {where} ORDER BY started_at DESC").fetchone()
+    if row is None:
+        raise DaunceError("no completed run in this workspace yet.")
+    return row[0]
+
+
+def runs(args) -> int:
+    """``daunce runs``: one line per run."""
+    return _print_query(
+        _lineage(args.workspace),
+        "SELECT run_id, status, num_models, started_at, round(seconds, 1) AS seconds "
+        "FROM runs ORDER BY started_at DESC",
+        "table",
+    )
+
+
+def status(args) -> int:
+    """``daunce status``: a run's state, its copies done / diverged / pending, its artefacts."""
+    from daunce_core.store import DIVERGED, DONE, RunStore
+
+    lineage = _lineage(args.workspace)
+    run_id = args.run or _latest_run(lineage, completed=False)
+    with lineage.connect(read_only=True) as con:
+        row = con.execute(
+            "SELECT status, run_dir, num_models, seconds, message FROM runs WHERE run_id = ?",
+            [run_id],
+        ).fetchone()
+    if row is None:
+        raise DaunceError(f"no run {run_id!r} in this workspace; see `daunce runs`.")
+    state, run_dir, _, seconds, message = row
+    print(f"run {run_id}: {state}" + (f" in {seconds:.1f}s" if seconds else ""))
+    store = RunStore(Path(run_dir) / "store")
+    if store.exists("copy_status"):
+        codes = store.status()
+        print(
+            f"copies: {(codes == DONE).sum()} done, {(codes == DIVERGED).sum()} diverged, "
+            f"{len(codes) - (codes == DONE).sum() - (codes == DIVERGED).sum()} pending "
+            f"of {len(codes)}"
+        )
+    if message:
+        print(f"message: {message}")
+    return 0
+
+
+def top(args) -> int:
+    """``daunce top --query ID``: the best (or worst) training examples for one query."""
+    lineage = _lineage(args.workspace)
+    run_id = args.run or _latest_run(lineage, completed=True)
+    table = "top_opponents" if args.opponents else "top_proponents"
+    query = (
+        f"SELECT t.rank, t.train_id, round(t.score, 4) AS score, e.* EXCLUDE (run_id, split, "
+        f"example_id, digest) FROM {table} t LEFT JOIN examples e ON e.run_id = t.run_id AND "
+        f"e.split = 'train' AND e.example_id = t.train_id WHERE t.run_id = ? AND t.query_id = ? "
+        f"AND t.rank <= ? ORDER BY t.rank"
+    )
+    with lineage.connect(read_only=True) as con:
+        frame = query_frame(con, query, [run_id, args.query, args.k])
+    if frame.height == 0:
+        raise DaunceError(f"query id {args.query} has no scores in run {run_id}.")
+    print(f"{'opponents' if args.opponents else 'proponents'} of query {args.query} ({run_id})")
+    print(frame)
+    return 0
+
+
+def sql(args) -> int:
+    """``daunce sql "SELECT ..."``: a read-only query; table, CSV or JSON out."""
+    return _print_query(_lineage(args.workspace), args.query, args.format)
+
+
+def _print_query(lineage: Lineage, query: str, fmt: str) -> int:
+    import duckdb
+    import polars as pl
+
+    try:
+        with lineage.connect(read_only=True) as con:
+            frame = query_frame(con, query)
+    except duckdb.Error as error:
+        raise DaunceError(f"the query failed: {error}") from error
+    if fmt == "csv":
+        sys.stdout.write(frame.write_csv())
+    elif fmt == "json":
+        sys.stdout.write(frame.write_json() + "\n")
+    else:
+        with pl.Config(tbl_rows=50, tbl_cols=20):
+            print(frame)
+    return 0
+
+
+def demo(args) -> int:
+    """``daunce demo``: the in-memory demo of the core library."""
+    from flows.demo import run_demo
+
+    run_demo(num_models=args.num_models, queries_shown=args.queries, seed=args.seed)
+    return 0

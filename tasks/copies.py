@@ -1,0 +1,65 @@
+"""Perturbed copies: train a group, evaluate its losses into rows of the Zarr loss arrays."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from prefect import task
+from safetensors.torch import save_file
+
+from daunce_core.store import DIVERGED, PENDING, RunStore
+from tasks.common import CACHE_POLICY, RunLayout, copies_context
+
+
+def _save_copies(layout: RunLayout, ks: list[int], params: dict) -> None:
+    layout.copy(ks[0]).parent.mkdir(parents=True, exist_ok=True)
+    for g, k in enumerate(ks):
+        save_file({name: p[g].contiguous() for name, p in params.items()}, str(layout.copy(k)))
+
+
+def _run_name() -> str:
+    from prefect.runtime import task_run
+
+    ks = task_run.parameters["ks"]
+    return f"train-copies-{ks[0]}-{ks[-1]}"
+
+
+@task(
+    name="train-copies",
+    task_run_name=_run_name,
+    cache_policy=CACHE_POLICY,
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+)
+def train_copies(ks: list[int], run_dir: str, spec: dict) -> dict:
+    """Train copies ``ks`` together and write their loss rows; copies already done are skipped.
+
+    Idempotent: rows are written before the copies are marked done, so a copy killed mid-way is
+    still pending and is redone, from its seed, on the next run. ``spec`` holds the digests of
+    everything the copies depend on (data, base model, signals, configuration).
+    """
+    started = time.perf_counter()
+    layout = RunLayout(run_dir)
+    store = RunStore(layout.store)
+    status = store.status()
+    todo = [k for k in ks if status[k] == PENDING]
+    if todo:
+        # The whole group is retrained (vectorised copies are computed exactly as in an
+        # uninterrupted run); only its pending rows are written.
+        copies = copies_context(run_dir, json.dumps(spec, sort_keys=True))
+        trained = copies.train_group(ks)
+        rows = copies.evaluate(ks, trained)
+        keep = [g for g, k in enumerate(ks) if k in todo]
+        params = {name: p[keep] for name, p in trained.params.items()}
+        _save_copies(layout, todo, params)
+        store.write_rows(todo, rows.train[keep], rows.query[keep], rows.diverged[keep])
+        status = store.status()
+    diverged = [k for k in ks if status[k] == DIVERGED]
+    return {
+        "ks": list(ks),
+        "trained": todo,
+        "diverged": diverged,
+        "seconds": time.perf_counter() - started,
+    }

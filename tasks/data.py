@@ -1,0 +1,48 @@
+"""Prepare data: a user's split read from its source and written in canonical form."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from daunce_core.digest import digest_file
+from daunce_core.sources import DataSource, read_source, write_canonical
+from tasks.common import CACHE_POLICY, artifact
+
+
+def source_digest(path: str) -> str:
+    """Digest of a source file, or of every file of a saved dataset folder."""
+    path = Path(path)
+    if path.is_file():
+        return digest_file(path)
+    from daunce_core.digest import digest_json
+
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return digest_json({str(p.relative_to(path)): digest_file(p) for p in files})
+
+
+@task(
+    name="prepare-data",
+    task_run_name="prepare-data-{split}",
+    cache_policy=CACHE_POLICY,
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=[1, 5],
+)
+def prepare_data(source: dict, split: str, folder: str, content_digest: str) -> dict:
+    """Read one split (``train`` or ``queries``) and write it in canonical form to ``folder``.
+
+    ``content_digest`` (of the source file) is part of the cache key: new content, new work.
+    """
+    columns, ids = read_source(DataSource(**source))
+    meta = write_canonical(columns, ids, folder)
+    record = artifact(
+        folder,
+        f"data/{split}",
+        meta["digest"],
+        "prepare-data",
+        inputs=[source["path"]],
+        shape=[meta["count"]],
+    )
+    return record | {"count": meta["count"], "shapes": meta["shapes"], "split": split}

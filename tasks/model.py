@@ -1,0 +1,72 @@
+"""The base model (trained from its recipe, or the user's checkpoint) and its base signals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from safetensors.torch import save_file
+
+from daunce_core.config import DaunceConfig, from_dict
+from daunce_core.digest import digest_arrays, digest_model
+from daunce_core.models import build_model, load_parameters, save_parameters
+from daunce_core.signals import compute_base_signals
+from daunce_core.task import task_from_spec
+from daunce_core.training import TrainConfig, fit
+from tasks.common import CACHE_POLICY, artifact, load_base_model, load_split
+
+
+@task(
+    name="base-model",
+    cache_policy=CACHE_POLICY,
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=[1, 5],
+)
+def base_model(
+    model_spec: dict, task_spec: dict, train: dict, path: str, checkpoint_digest: str | None
+) -> dict:
+    """Train the base model from its recipe, or load the user's checkpoint; save to ``path``."""
+    model = build_model(model_spec["recipe"], seed=model_spec["seed"])
+    if model_spec.get("checkpoint"):
+        load_parameters(model, model_spec["checkpoint"])
+    else:
+        data = load_split(train["uri"], train["digest"])
+        recipe = from_dict(TrainConfig, model_spec["train"], "model.train")
+        fit(
+            model,
+            task_from_spec(task_spec),
+            data,
+            recipe,
+            l2=model_spec["l2"],
+            seed=model_spec["seed"],
+        )
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_parameters(model, path)
+    inputs = [train["uri"]] + ([model_spec["checkpoint"]] if model_spec.get("checkpoint") else [])
+    return artifact(path, "model/base", digest_model(model), "base-model", inputs=inputs)
+
+
+@task(name="base-signals", cache_policy=CACHE_POLICY, persist_result=True)
+def base_signals(
+    model_spec: dict, task_spec: dict, daunce: dict, model: dict, train: dict, path: str
+) -> dict:
+    """Base logits, values and logit-gradients of every training example (white-box runs)."""
+    config = from_dict(DaunceConfig, daunce, "daunce")
+    network = load_base_model(model_spec["recipe"], model["uri"]).to(config.torch_dtype)
+    data = {
+        k: v.to(config.torch_dtype) if v.is_floating_point() else v
+        for k, v in load_split(train["uri"], train["digest"]).items()
+    }
+    signals = compute_base_signals(
+        network, task_from_spec(task_spec), data, config.objective, config.eval_batch_size
+    )
+    save_file({k: v.contiguous() for k, v in signals.items()}, path)
+    return artifact(
+        path,
+        "model/signals",
+        digest_arrays(signals),
+        "base-signals",
+        inputs=[model["uri"], train["uri"]],
+        shape=list(signals["grad"].shape),
+    )

@@ -1,0 +1,86 @@
+"""Scores out of core into Zarr, and the Parquet exports users query."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import polars as pl
+from prefect import task
+
+from daunce_core.digest import digest_json
+from daunce_core.errors import DaunceWarning
+from daunce_core.exports import example_influence_table, top_table, write_parquet
+from daunce_core.scores import collect_statistics, self_influence, write_scores
+from daunce_core.sources import read_canonical
+from daunce_core.store import RunStore
+from tasks.common import CACHE_POLICY, RunLayout, artifact
+
+ROW_CHUNK, COL_CHUNK = 8192, 1024
+
+
+@task(name="scores", cache_policy=CACHE_POLICY, persist_result=True)
+def compute_scores(run_dir: str, kind: str, rows_digest: str) -> dict:
+    """Scores ``[n_train, m_query]`` from the valid loss rows; self-influence ``[n_train]``.
+
+    ``rows_digest`` (of which copies are done) keys the cache: new rows, new scores.
+    """
+    store = RunStore(RunLayout(run_dir).store)
+    a, b = store.open("losses_train"), store.open("losses_query")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DaunceWarning)
+        stats = collect_statistics(a, b)
+    n, m = a.shape[1], b.shape[1]
+    out = store.create_scores(n, m, ROW_CHUNK, COL_CHUNK)
+    write_scores(a, b, stats, out, kind=kind, row_chunk=ROW_CHUNK, col_chunk=COL_CHUNK)
+    store.write_self_influence(self_influence(stats))
+    digest = digest_json({"rows": rows_digest, "kind": kind})
+    record = artifact(
+        store.root / "scores",
+        "scores",
+        digest,
+        "scores",
+        inputs=[store.root / "losses_train", store.root / "losses_query"],
+        shape=[n, m],
+    )
+    return record | {
+        "valid": len(stats.valid_rows),
+        "excluded": stats.excluded_rows.tolist(),
+        "warnings": [str(w.message) for w in caught],
+    }
+
+
+@task(name="exports", cache_policy=CACHE_POLICY, persist_result=True)
+def export_tables(run_dir: str, run_id: str, scores: dict, top_k: int) -> list[dict]:
+    """Top-k proponents and opponents per query, and per-example aggregates, as Parquet."""
+    layout = RunLayout(run_dir)
+    store = RunStore(layout.store)
+    matrix = store.open("scores")
+    _, train_ids = read_canonical(layout.split("train"))
+    _, query_ids = read_canonical(layout.split("queries"))
+    examples = pl.concat(
+        [
+            pl.read_parquet(layout.split(split) / "index.parquet").with_columns(split=pl.lit(split))
+            for split in ("train", "queries")
+        ],
+        how="diagonal_relaxed",
+    ).with_columns(run_id=pl.lit(run_id))
+    tables = {
+        "examples": examples,
+        "top_proponents": top_table(matrix, run_id, train_ids, query_ids, top_k, largest=True),
+        "top_opponents": top_table(matrix, run_id, train_ids, query_ids, top_k, largest=False),
+        "example_influence": example_influence_table(
+            matrix, np.asarray(store.open("self_influence")[:]), run_id, train_ids
+        ),
+    }
+    return [
+        artifact(
+            write_parquet(frame, layout.export(name)),
+            f"export/{name}",
+            digest_json({"scores": scores["digest"], "name": name, "k": top_k}),
+            "exports",
+            inputs=[scores["uri"]],
+            shape=[frame.height],
+        )
+        for name, frame in tables.items()
+    ]
