@@ -23,7 +23,7 @@ from daunce_core.errors import DaunceError
 from daunce_core.lineage import Lineage
 from daunce_core.store import RunStore
 from flows.config import RunConfig
-from tasks.common import CACHE_POLICY, RunLayout
+from tasks.common import CACHE_POLICY, Layout
 from tasks.copies import train_copies
 from tasks.data import prepare_data, source_digest
 from tasks.model import base_model, base_signals
@@ -86,51 +86,113 @@ def _task_runner(config: RunConfig):
     return ThreadPoolTaskRunner(max_workers=execution.workers)
 
 
-def _inputs(config: RunConfig, layout: RunLayout, policy) -> dict:
-    """Prepare the data, the base model and its signals; return their records."""
-    cfg = to_dict(config)
-    prepared = {
-        split: prepare_data.with_options(cache_policy=policy)(
-            cfg["data"][split],
+def _call(records: dict, states: list, name: str, task, *args) -> dict:
+    """Run ``task``, keep its result under ``name`` and its state for the lineage."""
+    started = time.perf_counter()
+    state = task(*args, return_state=True)
+    records[name] = state.result()
+    states.append(
+        {
+            "task": task.name,
+            "status": state.name,
+            "key": name,
+            "cache_key": _cache_key(task.name, args),
+            "seconds": time.perf_counter() - started,
+        }
+    )
+    return records[name]
+
+
+def _cache_key(name: str, inputs) -> str:
+    """Digest of a task's name and inputs: what its INPUTS cache policy hashes (for lineage)."""
+    return digest_json({"task": name, "inputs": inputs})
+
+
+def _inputs(config: RunConfig, layout: Layout, policy, states: list) -> dict:
+    """Prepare the data, the base model and its signals (content-addressed); return records."""
+    cfg, records = to_dict(config), {}
+    for split in ("train", "queries"):
+        source = cfg["data"][split]
+        content = source_digest(source["path"])
+        folder = layout.shared("data", digest_json({"source": source, "content": content}))
+        _call(
+            records,
+            states,
             split,
-            str(layout.split(split)),
-            source_digest(cfg["data"][split]["path"]),
+            prepare_data.with_options(cache_policy=policy),
+            source,
+            split,
+            str(folder),
+            content,
         )
-        for split in ("train", "queries")
-    }
     checkpoint = config.model.checkpoint
-    model = base_model.with_options(cache_policy=policy)(
+    checkpoint_digest = source_digest(checkpoint) if checkpoint else None
+    model_key = digest_json(
+        {
+            "model": cfg["model"],
+            "task": config.task,
+            "train": records["train"]["digest"],
+            "checkpoint": checkpoint_digest,
+        }
+    )
+    _call(
+        records,
+        states,
+        "model",
+        base_model.with_options(cache_policy=policy),
         cfg["model"],
         config.task,
-        prepared["train"],
-        str(layout.base_model),
-        source_digest(checkpoint) if checkpoint else None,
+        records["train"],
+        str(layout.shared("models", model_key) / "base.safetensors"),
+        checkpoint_digest,
     )
-    records = {**prepared, "model": model}
-    if config.daunce.objective.needs_base_signals:
-        records["signals"] = base_signals.with_options(cache_policy=policy)(
+    objective = config.daunce.objective
+    if objective.needs_base_signals:
+        signals_key = digest_json(
+            {
+                "model": records["model"]["digest"],
+                "task": config.task,
+                "train": records["train"]["digest"],
+                "margin": objective.uses_margin,
+                "dtype": config.daunce.dtype,
+            }
+        )
+        _call(
+            records,
+            states,
+            "signals",
+            base_signals.with_options(cache_policy=policy),
             cfg["model"],
             config.task,
-            cfg["daunce"],
-            model,
-            prepared["train"],
-            str(layout.signals),
+            {
+                "variant": objective.variant,
+                "dtype": config.daunce.dtype,
+                "batch_size": config.daunce.eval_batch_size,
+            },
+            records["model"],
+            records["train"],
+            str(layout.shared("signals", signals_key) / "signals.safetensors"),
         )
     return records
 
 
 def _copy_spec(config: RunConfig, records: dict) -> dict:
+    """Everything the copies depend on (paths and digests), minus K."""
     daunce = to_dict(config.daunce)
     daunce.pop("num_models")
+
+    def pick(record: dict) -> dict:
+        return {"uri": record["uri"], "digest": record["digest"]}
+
     return {
         "daunce": daunce,
         "recipe": config.model.recipe,
         "task": config.task,
         "l2": config.model.l2,
-        "train_digest": records["train"]["digest"],
-        "queries_digest": records["queries"]["digest"],
-        "model_digest": records["model"]["digest"],
-        "signals_digest": records.get("signals", {}).get("digest"),
+        "train": pick(records["train"]),
+        "queries": pick(records["queries"]),
+        "model": pick(records["model"]),
+        "signals": pick(records["signals"]) if "signals" in records else None,
     }
 
 
@@ -147,7 +209,8 @@ def _run_copies(config: RunConfig, run_dir: Path, spec: dict, policy) -> list[di
         print(f"copies {result['ks'][0]}-{result['ks'][-1]} ready ({done}/{total})")
         if future.state.name == "Cached":
             result = result | {"trained": []}
-        results.append(result | {"state": future.state.name})
+        key = _cache_key("train-copies", [result["ks"], str(run_dir), spec])
+        results.append(result | {"state": future.state.name, "cache_key": key})
     return results
 
 
@@ -180,31 +243,61 @@ def attribute_flow(config: dict, overwrite: bool = False) -> dict:
 
 
 def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage) -> dict:
-    layout, policy = RunLayout(run_dir), _key_storage(workspace)
+    layout, policy, states = Layout(workspace, run.run_id()), _key_storage(workspace), []
     store = RunStore(layout.store)
     orphans = store.remove_partials()
-    records = _inputs(run, layout, policy)
+    records = _inputs(run, layout, policy, states)
     n, m = records["train"]["count"], records["queries"]["count"]
     store.ensure(run.daunce.num_models, n, m)
     spec = _copy_spec(run, records)
     copies = _run_copies(run, run_dir, spec, policy)
-    rows_digest = digest_json({"status": store.status().tolist(), "spec": spec})
-    scores = compute_scores.with_options(cache_policy=policy)(
-        str(run_dir), run.daunce.score, rows_digest
-    )
-    exports = export_tables.with_options(cache_policy=policy)(
-        str(run_dir), run.run_id(), scores, run.exports.top_k
-    )
-    artifacts = [*records.values(), scores, *exports]
-    tasks = [
+    states += [
         {
-            "task": f"train-copies-{c['ks'][0]}-{c['ks'][-1]}",
+            "task": "train-copies",
+            "key": f"{c['ks'][0]}-{c['ks'][-1]}",
             "status": c["state"],
+            "cache_key": c["cache_key"],
             "seconds": c["seconds"],
         }
         for c in copies
     ]
-    lineage.record(run.run_id(), artifacts, tasks)
+    rows_digest = digest_json({"status": store.status().tolist(), "spec": spec})
+    scores = _call(
+        records,
+        states,
+        "scores",
+        compute_scores.with_options(cache_policy=policy),
+        str(run_dir),
+        run.daunce.score,
+        rows_digest,
+    )
+    exports = _call(
+        records,
+        states,
+        "exports",
+        export_tables.with_options(cache_policy=policy),
+        str(run_dir),
+        run.run_id(),
+        scores,
+        {"train": records["train"], "queries": records["queries"]},
+        run.exports.top_k,
+    )
+    artifacts = [
+        records[k] for k in ("train", "queries", "model", "signals", "scores") if k in records
+    ] + exports
+    lineage.record(
+        run.run_id(),
+        artifacts,
+        [
+            {
+                "task": f"{s['task']}[{s['key']}]",
+                "status": s["status"],
+                "cache_key": s.get("cache_key"),
+                "seconds": s["seconds"],
+            }
+            for s in states
+        ],
+    )
     return {
         "run_id": run.run_id(),
         "run_dir": str(run_dir),
@@ -213,6 +306,7 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
         "excluded": scores["excluded"],
         "orphans_removed": len(orphans),
         "trained_now": sum(len(c["trained"]) for c in copies),
+        "states": {f"{s['task']}[{s['key']}]": s["status"] for s in states},
     }
 
 

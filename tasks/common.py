@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,29 +28,32 @@ CACHE_POLICY = INPUTS + TASK_SOURCE
 """Cache on the task's inputs (paths and content digests) and its code."""
 
 
-class RunLayout:
-    """Where a run keeps each artefact, under ``run_dir``."""
+class Layout:
+    """Where artefacts live in a workspace.
 
-    def __init__(self, run_dir: str | Path) -> None:
-        self.root = Path(run_dir)
+    Artefacts that several runs can share — canonical data, base models, base signals — are
+    content-addressed (``<workspace>/<kind>/<digest of what they depend on>/``), so a run that
+    changes only DAUNCE's settings reuses the base model and the data preparation of another;
+    a run's own artefacts (loss store, copies, exports) live in ``<workspace>/runs/<run_id>/``.
+    """
 
-    def split(self, name: str) -> Path:
-        """Canonical data of split ``name`` (``train`` or ``queries``)."""
-        return self.root / "data" / name
+    def __init__(self, workspace: str | Path, run_id: str) -> None:
+        self.workspace = Path(workspace)
+        self.root = self.workspace / "runs" / run_id
 
-    @property
-    def base_model(self) -> Path:
-        """The base model's parameters."""
-        return self.root / "model" / "base.safetensors"
+    @classmethod
+    def of_run(cls, run_dir: str | Path) -> Layout:
+        """The layout of the run whose folder is ``run_dir`` (``<workspace>/runs/<run_id>``)."""
+        run_dir = Path(run_dir)
+        return cls(run_dir.parent.parent, run_dir.name)
 
-    @property
-    def signals(self) -> Path:
-        """The base signals (logits, values, logit-gradients of the training set)."""
-        return self.root / "model" / "signals.safetensors"
+    def shared(self, kind: str, key: str) -> Path:
+        """Folder of a shared artefact of ``kind`` whose inputs digest to ``key``."""
+        return self.workspace / kind / key[:16]
 
     @property
     def store(self) -> Path:
-        """The Zarr arrays (losses, completion marks, scores)."""
+        """The run's Zarr arrays (losses, completion marks, scores)."""
         return self.root / "store"
 
     def copy(self, k: int) -> Path:
@@ -90,16 +94,23 @@ def load_base_model(recipe: dict, path: str, seed: int = 0) -> torch.nn.Module:
     return load_parameters(build_model(recipe, seed=seed), path).eval()
 
 
-@functools.lru_cache(maxsize=4)
-def copies_context(run_dir: str, spec_json: str) -> PerturbedCopies:
-    """`PerturbedCopies` of a run, built once per process for its (JSON) spec."""
+def copies_context(spec_json: str) -> PerturbedCopies:
+    """`PerturbedCopies` for a (JSON) copy spec, built once per process and thread.
+
+    One per thread: ``functional_call`` swaps a module's parameters while it runs, so two
+    threads must never train through the same module at once.
+    """
+    return _copies_context(spec_json, threading.get_ident())
+
+
+@functools.lru_cache(maxsize=8)
+def _copies_context(spec_json: str, thread: int) -> PerturbedCopies:
     spec = json.loads(spec_json)
-    layout = RunLayout(run_dir)
     config = from_dict(DaunceConfig, spec["daunce"], "daunce")
-    model = load_base_model(spec["recipe"], str(layout.base_model))
-    train = load_split(str(layout.split("train")), spec["train_digest"])
-    queries = load_split(str(layout.split("queries")), spec["queries_digest"])
-    signals = load_file(str(layout.signals)) if layout.signals.exists() else None
+    model = load_base_model(spec["recipe"], spec["model"]["uri"])
+    train = load_split(spec["train"]["uri"], spec["train"]["digest"])
+    queries = load_split(spec["queries"]["uri"], spec["queries"]["digest"])
+    signals = load_file(spec["signals"]["uri"]) if spec.get("signals") else None
     return PerturbedCopies(
         model,
         task_from_spec(spec["task"]),

@@ -9,10 +9,10 @@ from prefect import task
 from safetensors.torch import save_file
 
 from daunce_core.store import DIVERGED, PENDING, RunStore
-from tasks.common import CACHE_POLICY, RunLayout, copies_context
+from tasks.common import CACHE_POLICY, Layout, copies_context
 
 
-def _save_copies(layout: RunLayout, ks: list[int], params: dict) -> None:
+def _save_copies(layout: Layout, ks: list[int], params: dict) -> None:
     layout.copy(ks[0]).parent.mkdir(parents=True, exist_ok=True)
     for g, k in enumerate(ks):
         save_file({name: p[g].contiguous() for name, p in params.items()}, str(layout.copy(k)))
@@ -41,14 +41,14 @@ def train_copies(ks: list[int], run_dir: str, spec: dict) -> dict:
     everything the copies depend on (data, base model, signals, configuration).
     """
     started = time.perf_counter()
-    layout = RunLayout(run_dir)
+    layout = Layout.of_run(run_dir)
     store = RunStore(layout.store)
     status = store.status()
     todo = [k for k in ks if status[k] == PENDING]
     if todo:
         # The whole group is retrained (vectorised copies are computed exactly as in an
         # uninterrupted run); only its pending rows are written.
-        copies = copies_context(run_dir, json.dumps(spec, sort_keys=True))
+        copies = copies_context(json.dumps(spec, sort_keys=True))
         trained = copies.train_group(ks)
         rows = copies.evaluate(ks, trained)
         keep = [g for g, k in enumerate(ks) if k in todo]

@@ -7,9 +7,10 @@ from pathlib import Path
 from prefect import task
 from safetensors.torch import save_file
 
-from daunce_core.config import DaunceConfig, from_dict
+from daunce_core.config import DTYPES, from_dict
 from daunce_core.digest import digest_arrays, digest_model
 from daunce_core.models import build_model, load_parameters, save_parameters
+from daunce_core.objectives import Objective
 from daunce_core.signals import compute_base_signals
 from daunce_core.task import task_from_spec
 from daunce_core.training import TrainConfig, fit
@@ -49,18 +50,24 @@ def base_model(
 
 @task(name="base-signals", cache_policy=CACHE_POLICY, persist_result=True)
 def base_signals(
-    model_spec: dict, task_spec: dict, daunce: dict, model: dict, train: dict, path: str
+    model_spec: dict, task_spec: dict, signal_spec: dict, model: dict, train: dict, path: str
 ) -> dict:
-    """Base logits, values and logit-gradients of every training example (white-box runs)."""
-    config = from_dict(DaunceConfig, daunce, "daunce")
-    network = load_base_model(model_spec["recipe"], model["uri"]).to(config.torch_dtype)
+    """Base logits, values and logit-gradients of every training example (white-box runs).
+
+    ``signal_spec`` holds only what the signals depend on: the objective ``variant`` (loss or
+    margin), the ``dtype`` and the ``batch_size`` of the forward passes.
+    """
+    dtype = DTYPES[signal_spec["dtype"]]
+    network = load_base_model(model_spec["recipe"], model["uri"]).to(dtype)
     data = {
-        k: v.to(config.torch_dtype) if v.is_floating_point() else v
+        k: v.to(dtype) if v.is_floating_point() else v
         for k, v in load_split(train["uri"], train["digest"]).items()
     }
+    objective = Objective(variant=signal_spec["variant"])
     signals = compute_base_signals(
-        network, task_from_spec(task_spec), data, config.objective, config.eval_batch_size
+        network, task_from_spec(task_spec), data, objective, signal_spec["batch_size"]
     )
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in signals.items()}, path)
     return artifact(
         path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -14,7 +15,7 @@ from daunce_core.exports import example_influence_table, top_table, write_parque
 from daunce_core.scores import collect_statistics, self_influence, write_scores
 from daunce_core.sources import read_canonical
 from daunce_core.store import RunStore
-from tasks.common import CACHE_POLICY, RunLayout, artifact
+from tasks.common import CACHE_POLICY, Layout, artifact
 
 ROW_CHUNK, COL_CHUNK = 8192, 1024
 
@@ -25,7 +26,7 @@ def compute_scores(run_dir: str, kind: str, rows_digest: str) -> dict:
 
     ``rows_digest`` (of which copies are done) keys the cache: new rows, new scores.
     """
-    store = RunStore(RunLayout(run_dir).store)
+    store = RunStore(Layout.of_run(run_dir).store)
     a, b = store.open("losses_train"), store.open("losses_query")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DaunceWarning)
@@ -51,16 +52,21 @@ def compute_scores(run_dir: str, kind: str, rows_digest: str) -> dict:
 
 
 @task(name="exports", cache_policy=CACHE_POLICY, persist_result=True)
-def export_tables(run_dir: str, run_id: str, scores: dict, top_k: int) -> list[dict]:
-    """Top-k proponents and opponents per query, and per-example aggregates, as Parquet."""
-    layout = RunLayout(run_dir)
+def export_tables(run_dir: str, run_id: str, scores: dict, splits: dict, top_k: int) -> list[dict]:
+    """Top-k proponents and opponents per query, per-example aggregates, the example index.
+
+    ``splits`` maps ``train`` and ``queries`` to their canonical data records.
+    """
+    layout = Layout.of_run(run_dir)
     store = RunStore(layout.store)
     matrix = store.open("scores")
-    _, train_ids = read_canonical(layout.split("train"))
-    _, query_ids = read_canonical(layout.split("queries"))
+    _, train_ids = read_canonical(splits["train"]["uri"])
+    _, query_ids = read_canonical(splits["queries"]["uri"])
     examples = pl.concat(
         [
-            pl.read_parquet(layout.split(split) / "index.parquet").with_columns(split=pl.lit(split))
+            pl.read_parquet(Path(splits[split]["uri"]) / "index.parquet").with_columns(
+                split=pl.lit(split)
+            )
             for split in ("train", "queries")
         ],
         how="diagonal_relaxed",

@@ -1,0 +1,188 @@
+"""The attribute flow on real Prefect (test harness), real Zarr stores and real DuckDB files."""
+
+import dataclasses
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from pipeline_helpers import losses_of, scores_of, write_config, write_data
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+
+from daunce_core import ClassificationTask, PerturbedCopies
+from daunce_core.digest import digest_rows
+from daunce_core.errors import DaunceError
+from daunce_core.lineage import Lineage, query_frame
+from daunce_core.models import build_model, save_parameters
+from daunce_core.perturbation import draw_perturbation
+from flows.attribute import claim_run_dir, run_attribute
+from flows.cli import main
+from flows.config import load_config
+from tasks.common import load_base_model, load_split
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness():
+        yield
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("data"))
+
+
+def run(config, **kwargs):
+    results = config.workspace + "/.prefect/results"
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}):
+        return run_attribute(config, **kwargs)
+
+
+def test_end_to_end_then_served_from_cache(harness, data, tmp_path):
+    config = load_config(write_config(tmp_path / "run.yaml", tmp_path / "ws", data))
+    first = run(config)
+    assert first["trained_now"] == 8
+    scores = scores_of(first["run_dir"])
+    assert scores.shape == (240, 30)
+    assert np.isfinite(scores).all()
+    # The stored loss rows are exactly the library's copies of the same base model.
+    spec_model = load_base_model(config.model.recipe, _artifact(config, "model/base"))
+    train = load_split(_artifact(config, "data/train"), _digest(config, "data/train"))
+    queries = load_split(_artifact(config, "data/queries"), _digest(config, "data/queries"))
+    rows = PerturbedCopies(
+        spec_model, ClassificationTask(), train, queries, config.daunce, base_l2=config.model.l2
+    ).run(range(8))
+    stored_train, stored_query = losses_of(first["run_dir"])
+    np.testing.assert_allclose(stored_train, rows.train, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(stored_query, rows.query, rtol=1e-5, atol=1e-7)
+    # A rerun computes nothing: every task is served from the cache.
+    second = run(config)
+    assert second["trained_now"] == 0
+    assert set(second["states"].values()) == {"Cached"}
+    np.testing.assert_array_equal(scores_of(second["run_dir"]), scores)
+    # SQL over the exports and the lineage.
+    with Lineage(tmp_path / "ws" / "lineage.duckdb").connect(read_only=True) as con:
+        top = query_frame(con, "SELECT * FROM top_proponents WHERE query_id = 17 ORDER BY rank")
+        run_row = query_frame(con, "SELECT status, num_models FROM runs")
+        edges = query_frame(con, "SELECT * FROM edges")
+    assert top["rank"].to_list() == [1, 2, 3, 4, 5]
+    best = int(np.argmax(scores[:, 17]))
+    assert top["train_id"][0] == best
+    assert run_row.row(0) == ("completed", 8)
+    assert edges.height >= 5
+
+
+def _artifact(config, kind):
+    with Lineage(config.workspace + "/lineage.duckdb").connect(read_only=True) as con:
+        row = con.execute(
+            "SELECT uri FROM artifacts WHERE kind = ? ORDER BY created_at DESC", [kind]
+        ).fetchone()
+    return row[0]
+
+
+def _digest(config, kind):
+    with Lineage(config.workspace + "/lineage.duckdb").connect(read_only=True) as con:
+        return con.execute(
+            "SELECT digest FROM artifacts WHERE kind = ? ORDER BY created_at DESC", [kind]
+        ).fetchone()[0]
+
+
+def test_changing_a_daunce_setting_recomputes_only_what_depends_on_it(harness, data, tmp_path):
+    config = load_config(write_config(tmp_path / "a.yaml", tmp_path / "ws", data))
+    run(config)
+    changed = load_config(
+        write_config(tmp_path / "b.yaml", tmp_path / "ws", data, train={"lr": 0.02, "epochs": 1})
+    )
+    result = run(changed)
+    states = result["states"]
+    assert states["prepare-data[train]"] == "Cached"
+    assert states["base-model[model]"] == "Cached"
+    assert states["base-signals[signals]"] == "Cached"
+    assert {v for k, v in states.items() if k.startswith("train-copies")} == {"Completed"}
+    assert result["trained_now"] == 8
+
+
+def test_extending_k_trains_only_new_copies_and_equals_a_fresh_run(harness, data, tmp_path):
+    small = load_config(write_config(tmp_path / "a.yaml", tmp_path / "ws", data))
+    run(small)
+    bigger = dataclasses.replace(small, daunce=dataclasses.replace(small.daunce, num_models=16))
+    extended = run(bigger)
+    assert extended["trained_now"] == 8
+    assert extended["run_id"] == small.run_id()
+    fresh = run(dataclasses.replace(bigger, workspace=str(tmp_path / "fresh")))
+    np.testing.assert_array_equal(scores_of(extended["run_dir"]), scores_of(fresh["run_dir"]))
+
+
+def test_diverged_copies_are_left_out_and_reported(harness, tmp_path):
+    # Least squares where example 5's only feature is orthogonal to the others and huge: the
+    # copies that train on it overflow, the others never move along it (see test_training).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 7, generator=g)
+    x[:, 6] = 0
+    y = x[:, 0] + 0.1 * torch.randn(60, generator=g)
+    x[5] = 0
+    x[5, 6] = 1e4
+    pl.DataFrame({"x": x.numpy(), "y": y.numpy()}).write_parquet(tmp_path / "train.parquet")
+    recipe = {"kind": "linear", "inputs": 7, "outputs": 1}
+    save_parameters(build_model(recipe), tmp_path / "base.safetensors")
+    path = write_config(
+        tmp_path / "a.yaml",
+        tmp_path / "ws",
+        {"train": tmp_path / "train.parquet", "queries": tmp_path / "train.parquet"},
+        subset_ratio=0.3,
+        group_size=8,
+        train={"lr": 0.1, "epochs": 3, "batch_size": 6},
+    )
+    config = load_config(path)
+    model = dataclasses.replace(
+        config.model, recipe=recipe, checkpoint=str(tmp_path / "base.safetensors")
+    )
+    config = dataclasses.replace(config, model=model, task={"kind": "regression"})
+    poisoned = [
+        k for k in range(8) if 5 in draw_perturbation(60, k, seed=0, subset_ratio=0.3).subset
+    ]
+    assert 0 < len(poisoned) < 8
+    result = run(config)
+    assert result["excluded"] == poisoned
+    scores = scores_of(result["run_dir"])
+    assert np.isfinite(scores).all()
+    _, stored_query = losses_of(result["run_dir"])
+    assert np.isnan(stored_query[poisoned]).all()
+
+
+def test_a_run_folder_is_not_reused_for_another_configuration(data, tmp_path):
+    first = load_config(write_config(tmp_path / "a.yaml", tmp_path / "ws", data))
+    other = load_config(write_config(tmp_path / "b.yaml", tmp_path / "ws", data, seed=5))
+    folder = tmp_path / "ws" / "runs" / "pinned"
+    claim_run_dir(folder, first, overwrite=False)
+    (folder / "keep.txt").write_text("computed")
+    with pytest.raises(DaunceError, match=r"different configuration.*--overwrite"):
+        claim_run_dir(folder, other, overwrite=False)
+    assert (folder / "keep.txt").exists()  # nothing lost
+    claim_run_dir(folder, other, overwrite=True)
+    assert json.loads((folder / "run.json").read_text())["digest"] == other.digest()
+
+
+def test_bad_configuration_names_the_field(data, tmp_path, capsys):
+    path = write_config(tmp_path / "a.yaml", tmp_path / "ws", data, num_modles=3)
+    assert main(["run", str(path)]) == 2
+    assert "daunce.num_modles" in capsys.readouterr().err
+    path = write_config(tmp_path / "b.yaml", tmp_path / "ws", data, subset_ratio=2.0)
+    assert main(["run", str(path)]) == 2
+    assert "config field daunce: subset_ratio must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_prepared_data_keeps_ids_and_content_digests(harness, data, tmp_path):
+    config = load_config(write_config(tmp_path / "a.yaml", tmp_path / "ws", data))
+    run(config)
+    with Lineage(tmp_path / "ws" / "lineage.duckdb").connect(read_only=True) as con:
+        examples = query_frame(
+            con, "SELECT * FROM examples WHERE split = 'train' ORDER BY example_id"
+        )
+    assert examples["example_id"].to_list() == list(range(240))
+    source = pl.read_parquet(data["train"])
+    columns = {"x": np.stack(source["x"].to_numpy()), "y": source["y"].to_numpy()}
+    assert examples["digest"].to_list() == digest_rows(columns)
+    assert examples["y"].to_list() == source["y"].to_list()

@@ -1,0 +1,87 @@
+"""Kill the pipeline with SIGKILL at several points; the rerun finishes with the same scores."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+from pipeline_helpers import scores_of, write_config, write_data
+
+K = 16
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return env | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _daunce(*args) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", *args]
+
+
+def _done(workspace: Path) -> int:
+    stores = list(workspace.glob("runs/*/store/copy_status"))
+    if not stores:
+        return 0
+    return int((np.asarray(zarr.open_array(store=str(stores[0]), mode="r")[:]) > 0).sum())
+
+
+def _kill_when(config: Path, workspace: Path, ready, timeout: float = 120) -> int:
+    """Start a run, SIGKILL it once ``ready(done)`` holds; return copies done by then."""
+    proc = subprocess.Popen(
+        _daunce("run", str(config)),
+        env=_env(),
+        cwd=Path(__file__).parent.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    started = time.monotonic()
+    while proc.poll() is None and time.monotonic() - started < timeout:
+        if ready(_done(workspace), time.monotonic() - started):
+            proc.kill()
+            break
+        time.sleep(0.02)
+    proc.wait()
+    return _done(workspace)
+
+
+def test_sigkill_at_several_points_then_resume(tmp_path):
+    data = write_data(tmp_path / "data")
+    workspace = tmp_path / "ws"
+    slow = {"num_models": K, "group_size": 2, "train": {"lr": 0.01, "epochs": 40}}
+    config = write_config(tmp_path / "run.yaml", workspace, data, **slow)
+    assert _kill_when(config, workspace, lambda done, t: t > 4.0) < K  # during start-up
+    first = _kill_when(config, workspace, lambda done, t: done >= 2)  # after the first copies
+    assert 2 <= first < K
+    second = _kill_when(config, workspace, lambda done, t: done >= K // 2)  # midway
+    assert first <= second < K
+    finished = subprocess.run(
+        _daunce("run", str(config)),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+        timeout=300,
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    trained = int(re.search(r"(\d+) copies trained now", finished.stdout).group(1))
+    assert trained == K - second  # only unfinished copies were redone
+    assert not list(workspace.rglob("*.partial"))
+    reference_ws = tmp_path / "reference"
+    reference = write_config(tmp_path / "ref.yaml", reference_ws, data, **slow)
+    clean = subprocess.run(
+        _daunce("run", str(reference)),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+        timeout=300,
+    )
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    resumed_dir = next(workspace.glob("runs/*"))
+    clean_dir = next(reference_ws.glob("runs/*"))
+    np.testing.assert_array_equal(scores_of(str(resumed_dir)), scores_of(str(clean_dir)))
