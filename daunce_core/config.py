@@ -133,6 +133,11 @@ def _join(where: str, name: str) -> str:
 
 
 def _convert(hint: Any, value: Any, where: str) -> Any:
+    if isinstance(value, list):
+        for arg in typing.get_args(hint):
+            inner = typing.get_args(arg)
+            if typing.get_origin(arg) is list and inner and dataclasses.is_dataclass(inner[0]):
+                return [from_dict(inner[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
     for cls in (hint, *typing.get_args(hint)):
         if isinstance(cls, type) and dataclasses.is_dataclass(cls):
             return value if value is None else from_dict(cls, value, where)

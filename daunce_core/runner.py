@@ -186,6 +186,14 @@ class PerturbedCopies:
         train[diverged], query[diverged] = np.nan, np.nan
         return CopyLosses(np.asarray(ks), train, query, diverged)
 
+    def measure_queries(self, params, start: int) -> np.ndarray:
+        """Measurements of copies with ``params`` on queries ``start:`` only, ``[G, m − start]``.
+
+        For queries added after the copies were trained: only loss evaluation, no training.
+        """
+        queries = take(self.queries, slice(start, self.num_queries))
+        return self._measure(params, queries, self.config.measurement)
+
     def _measure(self, params, data, measurement) -> np.ndarray:
         values = evaluate_copies(
             self.model,

@@ -96,6 +96,34 @@ def read_source(source: DataSource) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return {name: np.asarray(table[column]) for name, column in wanted.items()}, ids
 
 
+def read_sources(sources: list[DataSource]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Read several sources of one split and concatenate them in order.
+
+    A source without an id column numbers its rows after the largest id read so far, so that
+    appending a source (new queries) keeps every earlier id.
+
+    Raises:
+        DaunceError: sources with different columns, or ids repeated across sources.
+    """
+    parts, ids, next_id = [], [], 0
+    for source in sources:
+        columns, own = read_source(source)
+        own = own + next_id if source.id_column is None else own
+        next_id = int(own.max()) + 1 if len(own) else next_id
+        parts.append(columns)
+        ids.append(own)
+    if any(set(p) != set(parts[0]) for p in parts):
+        raise DaunceError(
+            "the sources of one split must have the same columns; got "
+            f"{[sorted(p) for p in parts]}."
+        )
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    all_ids = np.concatenate(ids)
+    if len(np.unique(all_ids)) != len(all_ids):
+        raise DaunceError("example ids repeat across the sources of one split; make them unique.")
+    return merged, all_ids
+
+
 def _example_ids(table: dict[str, np.ndarray], source: DataSource) -> np.ndarray:
     count = len(next(iter(table.values())))
     if source.id_column is None:

@@ -111,16 +111,17 @@ def _cache_key(name: str, inputs) -> str:
 def _inputs(config: RunConfig, layout: Layout, policy, states: list) -> dict:
     """Prepare the data, the base model and its signals (content-addressed); return records."""
     cfg, records = to_dict(config), {}
-    for split in ("train", "queries"):
-        source = cfg["data"][split]
-        content = source_digest(source["path"])
-        folder = layout.shared("data", digest_json({"source": source, "content": content}))
+    splits = {"train": [config.data.train], "queries": config.data.query_sources()}
+    for split, sources in splits.items():
+        sources = [to_dict(source) for source in sources]
+        content = digest_json([source_digest(source["path"]) for source in sources])
+        folder = layout.shared("data", digest_json({"sources": sources, "content": content}))
         _call(
             records,
             states,
             split,
             prepare_data.with_options(cache_policy=policy),
-            source,
+            sources,
             split,
             str(folder),
             content,

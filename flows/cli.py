@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     extend.add_argument("config")
     extend.add_argument("--num-models", type=int, required=True, help="the new, larger K")
     extend.add_argument("--workspace")
+    add = commands.add_parser("add-queries", help="add queries to a run (no retraining)")
+    add.add_argument("config")
+    add.add_argument("--queries", required=True, help="a Parquet/JSONL/NPZ file or dataset folder")
+    add.add_argument("--workspace")
     for name, text in (("runs", "list runs"), ("status", "state of a run (default: latest)")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--workspace", default=DEFAULT_WORKSPACE)
@@ -53,10 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     sql.add_argument("query")
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
     sql.add_argument("--workspace", default=DEFAULT_WORKSPACE)
-    demo = commands.add_parser("demo", help="attribute a small MLP on the embedded digits data")
-    demo.add_argument("--num-models", type=int, default=128, help="K perturbed copies (128)")
+    demo = commands.add_parser("demo", help="run the attribute flow on the embedded digits data")
     demo.add_argument("--queries", type=int, default=3, help="queries to print (3)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of data split and copies (0)")
+    demo.add_argument("--workspace", help="override the demo's workspace (./daunce-runs)")
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -43,6 +44,26 @@ def extend(args) -> int:
     from flows.attribute import run_attribute
 
     _print_summary(run_attribute(config))
+    return 0
+
+
+def add_queries(args) -> int:
+    """``daunce add-queries CONFIG --queries PATH``: evaluate the stored copies on new queries."""
+    import dataclasses
+
+    from daunce_core.sources import DataSource
+
+    config = _load(args)
+    sources = [*config.data.query_sources(), DataSource(path=str(Path(args.queries).resolve()))]
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, queries=sources))
+    prefect_environment(config.workspace)
+    from flows.attribute import run_attribute
+
+    _print_summary(run_attribute(config))
+    print(
+        f"to keep these queries in later runs, list {args.queries} under data.queries in "
+        f"{args.config}."
+    )
     return 0
 
 
@@ -157,9 +178,31 @@ def _print_query(lineage: Lineage, query: str, fmt: str) -> int:
     return 0
 
 
-def demo(args) -> int:
-    """``daunce demo``: the in-memory demo of the core library."""
-    from flows.demo import run_demo
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "data" / "digits.yaml"
+DEMO_SQL = (
+    "SELECT t.rank, t.train_id, round(t.score, 3) AS score, e.y AS train_label "
+    "FROM top_proponents t JOIN examples e ON e.run_id = t.run_id AND e.split = 'train' "
+    "AND e.example_id = t.train_id WHERE t.query_id = 17 ORDER BY t.rank LIMIT 5"
+)
 
-    run_demo(num_models=args.num_models, queries_shown=args.queries, seed=args.seed)
+
+def demo(args) -> int:
+    """``daunce demo``: the attribute flow on the embedded digits data, then a few answers."""
+    from flows.config import load_config
+
+    config = load_config(DEMO_CONFIG, workspace=args.workspace)
+    prefect_environment(config.workspace)
+    from flows.attribute import run_attribute
+
+    summary = run_attribute(config)
+    _print_summary(summary)
+    for query in range(args.queries):
+        print()
+        top(
+            argparse.Namespace(
+                query=query, k=5, opponents=False, run=summary["run_id"], workspace=config.workspace
+            )
+        )
+    print(f'\n$ daunce sql "{DEMO_SQL}"')
+    _print_query(_lineage(config.workspace), DEMO_SQL, "table")
     return 0

@@ -42,10 +42,18 @@ from daunce_core.training import TrainConfig
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The training and query sets."""
+    """The training set, and the query set: one source, or a list concatenated in order.
+
+    ``daunce add-queries`` appends a source to the list; ids of sources without an id column
+    continue after the previous source's.
+    """
 
     train: DataSource
-    queries: DataSource
+    queries: DataSource | list[DataSource]
+
+    def query_sources(self) -> list[DataSource]:
+        """The query sources, as a list."""
+        return self.queries if isinstance(self.queries, list) else [self.queries]
 
 
 @dataclass(frozen=True)
@@ -139,9 +147,10 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
         return str((base / value).resolve()) if not Path(value).is_absolute() else value
 
     for split in ("train", "queries"):
-        source = raw.get("data", {}).get(split)
-        if isinstance(source, dict) and "path" in source:
-            source["path"] = absolute(source["path"])
+        sources = raw.get("data", {}).get(split)
+        for source in sources if isinstance(sources, list) else [sources]:
+            if isinstance(source, dict) and "path" in source:
+                source["path"] = absolute(source["path"])
     if raw.get("model", {}).get("checkpoint"):
         raw["model"]["checkpoint"] = absolute(raw["model"]["checkpoint"])
     if "workspace" in raw:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import time
 
+import torch
 from prefect import task
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from daunce_core.store import DIVERGED, PENDING, RunStore
+from daunce_core.store import DIVERGED, DONE, PENDING, RunStore
 from tasks.common import CACHE_POLICY, Layout, copies_context
 
 
@@ -23,6 +24,20 @@ def _run_name() -> str:
 
     ks = task_run.parameters["ks"]
     return f"train-copies-{ks[0]}-{ks[-1]}"
+
+
+def _add_new_queries(store: RunStore, layout: Layout, ks, status, context: str) -> list[int]:
+    """Evaluate finished copies on queries added since they were trained; return their ids."""
+    counts, total = store.queries_done(), store.open("losses_query").shape[1]
+    behind = [k for k in ks if status[k] == DONE and counts[k] < total]
+    for start in sorted({int(counts[k]) for k in behind}):
+        group = [k for k in behind if counts[k] == start]
+        files = [load_file(str(layout.copy(k))) for k in group]
+        params = {name: torch.stack([f[name] for f in files]) for name in files[0]}
+        values = copies_context(context).measure_queries(params, start)
+        for row, k in enumerate(group):
+            store.write_query_columns(k, start, values[row])
+    return behind
 
 
 @task(
@@ -45,10 +60,11 @@ def train_copies(ks: list[int], run_dir: str, spec: dict) -> dict:
     store = RunStore(layout.store)
     status = store.status()
     todo = [k for k in ks if status[k] == PENDING]
+    context = json.dumps(spec, sort_keys=True)
     if todo:
         # The whole group is retrained (vectorised copies are computed exactly as in an
         # uninterrupted run); only its pending rows are written.
-        copies = copies_context(json.dumps(spec, sort_keys=True))
+        copies = copies_context(context)
         trained = copies.train_group(ks)
         rows = copies.evaluate(ks, trained)
         keep = [g for g, k in enumerate(ks) if k in todo]
@@ -56,10 +72,12 @@ def train_copies(ks: list[int], run_dir: str, spec: dict) -> dict:
         _save_copies(layout, todo, params)
         store.write_rows(todo, rows.train[keep], rows.query[keep], rows.diverged[keep])
         status = store.status()
+    behind = _add_new_queries(store, layout, ks, status, context)
     diverged = [k for k in ks if status[k] == DIVERGED]
     return {
         "ks": list(ks),
         "trained": todo,
+        "queries_added_to": behind,
         "diverged": diverged,
         "seconds": time.perf_counter() - started,
     }

@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import task
 
 from daunce_core.digest import digest_file
-from daunce_core.sources import DataSource, read_source, write_canonical
+from daunce_core.sources import DataSource, read_sources, write_canonical
 from tasks.common import CACHE_POLICY, artifact
 
 
@@ -30,19 +30,19 @@ def source_digest(path: str) -> str:
     retries=2,
     retry_delay_seconds=[1, 5],
 )
-def prepare_data(source: dict, split: str, folder: str, content_digest: str) -> dict:
-    """Read one split (``train`` or ``queries``) and write it in canonical form to ``folder``.
+def prepare_data(sources: list[dict], split: str, folder: str, content_digest: str) -> dict:
+    """Read one split (``train`` or ``queries``) from its sources; write it in canonical form.
 
-    ``content_digest`` (of the source file) is part of the cache key: new content, new work.
+    ``content_digest`` (of the source files) is part of the cache key: new content, new work.
     """
-    columns, ids = read_source(DataSource(**source))
+    columns, ids = read_sources([DataSource(**source) for source in sources])
     meta = write_canonical(columns, ids, folder)
     record = artifact(
         folder,
         f"data/{split}",
         meta["digest"],
         "prepare-data",
-        inputs=[source["path"]],
+        inputs=[source["path"] for source in sources],
         shape=[meta["count"]],
     )
     return record | {"count": meta["count"], "shapes": meta["shapes"], "split": split}

@@ -17,6 +17,7 @@ from daunce_core.errors import DaunceError
 from daunce_core.lineage import Lineage, query_frame
 from daunce_core.models import build_model, save_parameters
 from daunce_core.perturbation import draw_perturbation
+from daunce_core.sources import DataSource
 from flows.attribute import claim_run_dir, run_attribute
 from flows.cli import main
 from flows.config import load_config
@@ -113,6 +114,28 @@ def test_extending_k_trains_only_new_copies_and_equals_a_fresh_run(harness, data
     assert extended["run_id"] == small.run_id()
     fresh = run(dataclasses.replace(bigger, workspace=str(tmp_path / "fresh")))
     np.testing.assert_array_equal(scores_of(extended["run_dir"]), scores_of(fresh["run_dir"]))
+
+
+def test_adding_queries_only_evaluates_and_equals_a_fresh_run(harness, data, tmp_path):
+    extra = write_data(tmp_path / "extra", n=10, m=12)["queries"]
+    config = load_config(write_config(tmp_path / "a.yaml", tmp_path / "ws", data))
+    run(config)
+    sources = [config.data.queries, DataSource(path=str(extra))]
+    more = dataclasses.replace(config, data=dataclasses.replace(config.data, queries=sources))
+    added = run(more)
+    assert added["trained_now"] == 0
+    assert added["num_queries"] == 42
+    fresh = run(dataclasses.replace(more, workspace=str(tmp_path / "fresh")))
+    np.testing.assert_allclose(
+        scores_of(added["run_dir"]), scores_of(fresh["run_dir"]), rtol=1e-5, atol=1e-6
+    )
+    with Lineage(tmp_path / "ws" / "lineage.duckdb").connect(read_only=True) as con:
+        ids = query_frame(
+            con,
+            "SELECT example_id FROM examples WHERE split = 'queries' AND run_id = ? ORDER BY 1",
+            [config.run_id()],
+        )
+    assert ids["example_id"].to_list() == list(range(42))
 
 
 def test_diverged_copies_are_left_out_and_reported(harness, tmp_path):
