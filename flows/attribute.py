@@ -312,6 +312,22 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
 
 
 def run_attribute(config: RunConfig, overwrite: bool = False) -> dict:
-    """Run `attribute_flow` for ``config`` on the task runner its execution settings name."""
+    """Run `attribute_flow` for ``config`` on the task runner its execution settings name.
+
+    Prefect's results are stored in the workspace (``.prefect/results``), next to the cache
+    keys, so that a rerun from any process — CLI, worker, test — is served from cache.
+    """
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    results = Path(config.workspace).resolve() / ".prefect" / "results"
     flow_with_runner = attribute_flow.with_options(task_runner=_task_runner(config))
-    return flow_with_runner(to_dict(config), overwrite=overwrite)
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(results)}):
+        return flow_with_runner(to_dict(config), overwrite=overwrite)
+
+
+@flow(name="attribute-from-file", log_prints=True)
+def attribute_from_file(config_path: str, overwrite: bool = False) -> dict:
+    """The attribute flow for a YAML configuration file (the form deployments use)."""
+    from flows.config import load_config
+
+    return run_attribute(load_config(config_path), overwrite=overwrite)

@@ -8,7 +8,6 @@ import polars as pl
 import pytest
 import torch
 from pipeline_helpers import losses_of, scores_of, write_config, write_data
-from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
 from daunce_core import ClassificationTask, PerturbedCopies
@@ -36,9 +35,7 @@ def data(tmp_path_factory):
 
 
 def run(config, **kwargs):
-    results = config.workspace + "/.prefect/results"
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}):
-        return run_attribute(config, **kwargs)
+    return run_attribute(config, **kwargs)
 
 
 def test_end_to_end_then_served_from_cache(harness, data, tmp_path):

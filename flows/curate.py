@@ -1,0 +1,63 @@
+"""The ``curate`` flow: a scheduled data-curation run.
+
+Attributes the configuration's (newest) data — only what changed is recomputed — then flags the
+training examples with the highest self-influence (the variance of their loss across the
+perturbed copies: mislabelled, duplicated-with-conflict and atypical examples stand out) and
+writes a report: ``<run>/reports/curation.md`` and ``curation.parquet``, plus a lineage record.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+from prefect import flow
+
+from daunce_core.exports import write_parquet
+from daunce_core.lineage import Lineage
+from flows.attribute import run_attribute
+from flows.config import load_config
+
+
+def _report(flagged: pl.DataFrame, run_id: str, total: int) -> str:
+    lines = [
+        f"# Curation report — {run_id}",
+        "",
+        f"{flagged.height} of {total} training examples with the highest self-influence "
+        "(review these first: likely mislabelled, conflicting or atypical).",
+        "",
+        "| rank | example_id | self_influence | total_positive | total_negative |",
+        "|---|---|---|---|---|",
+    ]
+    for rank, row in enumerate(flagged.iter_rows(named=True), start=1):
+        lines.append(
+            f"| {rank} | {row['train_id']} | {row['self_influence']:.4g} | "
+            f"{row['total_positive']:.4g} | {row['total_negative']:.4g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="curate", log_prints=True)
+def curate_flow(config_path: str, flag_top: int = 20) -> dict:
+    """Attribute the data of ``config_path``; flag the ``flag_top`` most self-influential."""
+    config = load_config(config_path)
+    summary = run_attribute(config)
+    run_dir = Path(summary["run_dir"])
+    aggregates = pl.read_parquet(run_dir / "exports" / "example_influence.parquet")
+    flagged = aggregates.sort("self_influence", descending=True).head(flag_top)
+    reports = run_dir / "reports"
+    reports.mkdir(exist_ok=True)
+    write_parquet(flagged, reports / "curation.parquet")
+    (reports / "curation.md").write_text(_report(flagged, summary["run_id"], aggregates.height))
+    Lineage(Path(config.workspace) / "lineage.duckdb").record_evaluation(
+        summary["run_id"],
+        "curation.flagged",
+        float(flagged.height),
+        {"report": str(reports / "curation.md"), "ids": flagged["train_id"].to_list()},
+    )
+    print(f"flagged {flagged.height} examples; report: {reports / 'curation.md'}")
+    return {
+        "run_id": summary["run_id"],
+        "flagged": flagged["train_id"].to_list(),
+        "report": str(reports / "curation.md"),
+    }
