@@ -10,6 +10,7 @@ the new copies.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -240,7 +241,9 @@ def attribute_flow(config: dict, overwrite: bool = False) -> dict:
         raise
     lineage.finish_run(run.run_id(), "completed", time.perf_counter() - started)
     lineage.create_views(workspace / "runs")
-    return summary | {"seconds": time.perf_counter() - started}
+    summary = summary | {"seconds": time.perf_counter() - started}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage) -> dict:
@@ -307,6 +310,8 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
         "excluded": scores["excluded"],
         "orphans_removed": len(orphans),
         "trained_now": sum(len(c["trained"]) for c in copies),
+        "flow_process": os.getpid(),
+        "copy_processes": sorted({c["process"] for c in copies if c["trained"]}),
         "states": {f"{s['task']}[{s['key']}]": s["status"] for s in states},
     }
 

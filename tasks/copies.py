@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import torch
@@ -77,6 +78,7 @@ def train_copies(ks: list[int], run_dir: str, spec: dict) -> dict:
     return {
         "ks": list(ks),
         "trained": todo,
+        "process": os.getpid(),
         "queries_added_to": behind,
         "diverged": diverged,
         "seconds": time.perf_counter() - started,

@@ -1,5 +1,12 @@
-"""Small configurations of the attribute flow for the pipeline tests."""
+"""Small configurations of the attribute flow, and a real Prefect server, for the tests."""
 
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +29,9 @@ def write_data(folder: Path, n: int = 240, m: int = 30) -> dict:
     return paths
 
 
-def write_config(path: Path, workspace: Path, data: dict, **daunce) -> Path:
+def write_config(
+    path: Path, workspace: Path, data: dict, task_runner: str = "threads", **daunce
+) -> Path:
     """A run configuration with a small MLP and ``daunce`` overrides."""
     config = {
         "name": "t",
@@ -36,7 +45,7 @@ def write_config(path: Path, workspace: Path, data: dict, **daunce) -> Path:
         },
         "daunce": {"num_models": 8, "group_size": 4, "train": {"lr": 0.01, "epochs": 1}} | daunce,
         "exports": {"top_k": 5},
-        "execution": {"workers": 2, "retries": 0},
+        "execution": {"workers": 2, "retries": 0, "task_runner": task_runner},
     }
     path.write_text(yaml.safe_dump(config))
     return path
@@ -54,3 +63,59 @@ def losses_of(run_dir: str) -> tuple[np.ndarray, np.ndarray]:
         np.asarray(zarr.open_array(store=str(store / name), mode="r")[:])
         for name in ("losses_train", "losses_query")
     )
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError("the Prefect server did not become healthy")
+
+
+@contextmanager
+def prefect_server(tmp_path: Path):
+    """A real ``prefect server start`` on 127.0.0.1; yields (api url, env for its clients)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+    }
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_healthy(url)
+        yield url, env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
