@@ -136,10 +136,23 @@ class RunStore:
         array[:] = values.astype(np.float32)
 
     def remove_partials(self) -> list[str]:
-        """Delete orphan ``*.partial`` chunk files left by a killed writer; return their paths."""
-        if not self.root.exists():
-            return []
-        orphans = [str(p) for p in self.root.rglob("*.partial")]
-        for path in orphans:
-            Path(path).unlink(missing_ok=True)
-        return orphans
+        """Delete orphan temporary files left by a killed writer; return their paths."""
+        return remove_partials(self.root)
+
+
+TEMPORARY = ("*.partial", "*.partial.*", ".tmp*")
+"""Names of temporary files: zarr chunks and our Parquet/NPZ writes (``*.partial``),
+safetensors saves (``.tmp*``). Each is renamed into place when complete."""
+
+
+def remove_partials(folder: str | Path) -> list[str]:
+    """Delete orphan temporary files (`TEMPORARY`) below ``folder``; return their paths."""
+    folder = Path(folder)
+    if not folder.exists():
+        return []
+    orphans = sorted(
+        {str(p) for pattern in TEMPORARY for p in folder.rglob(pattern) if p.is_file()}
+    )
+    for path in orphans:
+        Path(path).unlink(missing_ok=True)
+    return orphans

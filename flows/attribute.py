@@ -22,7 +22,7 @@ from daunce_core.config import from_dict, to_dict
 from daunce_core.digest import digest_json
 from daunce_core.errors import DaunceError
 from daunce_core.lineage import Lineage
-from daunce_core.store import RunStore
+from daunce_core.store import RunStore, remove_partials
 from flows.config import RunConfig
 from tasks.common import CACHE_POLICY, Layout
 from tasks.copies import train_copies
@@ -249,7 +249,11 @@ def attribute_flow(config: dict, overwrite: bool = False) -> dict:
 def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage) -> dict:
     layout, policy, states = Layout(workspace, run.run_id()), _key_storage(workspace), []
     store = RunStore(layout.store)
-    orphans = store.remove_partials()
+    orphans = [
+        path
+        for folder in (run_dir, *(workspace / k for k in ("data", "models", "signals")))
+        for path in remove_partials(folder)
+    ]
     records = _inputs(run, layout, policy, states)
     n, m = records["train"]["count"], records["queries"]["count"]
     store.ensure(run.daunce.num_models, n, m)

@@ -24,6 +24,8 @@ def prefect_environment(workspace: str | Path) -> None:
     os.environ.setdefault("PREFECT_HOME", str(root / "home"))
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(root / "results"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The embedded server gets 20 s to start by default; on a busy 2-core machine it needs more.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 

@@ -206,3 +206,28 @@ def test_prepared_data_keeps_ids_and_content_digests(harness, data, tmp_path):
     columns = {"x": np.stack(source["x"].to_numpy()), "y": source["y"].to_numpy()}
     assert examples["digest"].to_list() == digest_rows(columns)
     assert examples["y"].to_list() == source["y"].to_list()
+
+
+def test_cli_answers_queries_on_a_finished_run(harness, data, tmp_path, capsys):
+    config = load_config(write_config(tmp_path / "a.yaml", tmp_path / "ws", data))
+    result = run(config)
+    capsys.readouterr()
+    ws = ["--workspace", str(tmp_path / "ws")]
+    assert main(["top", "--query", "3", "-k", "4", *ws]) == 0
+    assert "proponents of query 3" in capsys.readouterr().out
+    assert main(["top", "--query", "3", "--opponents", *ws]) == 0
+    assert "opponents of query 3" in capsys.readouterr().out
+    sql = "SELECT query_id, rank, train_id FROM top_proponents WHERE query_id = 17 ORDER BY rank"
+    assert main(["sql", sql, "--format", "json", *ws]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+    assert main(["sql", sql, "--format", "csv", *ws]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "query_id,rank,train_id"
+    assert main(["runs", *ws]) == 0
+    assert result["run_id"] in capsys.readouterr().out
+    assert main(["status", *ws]) == 0
+    assert "copies: 8 done, 0 diverged, 0 pending of 8" in capsys.readouterr().out
+    assert main(["top", "--query", "999", *ws]) == 2
+    assert "no scores" in capsys.readouterr().err
+    assert main(["sql", "SELECT * FROM nowhere", *ws]) == 2
+    assert main(["runs", "--workspace", str(tmp_path / "empty")]) == 2

@@ -11,6 +11,8 @@ import numpy as np
 import zarr
 from pipeline_helpers import scores_of, write_config, write_data
 
+from daunce_core.store import TEMPORARY
+
 K = 16
 
 
@@ -30,22 +32,29 @@ def _done(workspace: Path) -> int:
     return int((np.asarray(zarr.open_array(store=str(stores[0]), mode="r")[:]) > 0).sum())
 
 
-def _kill_when(config: Path, workspace: Path, ready, timeout: float = 120) -> int:
-    """Start a run, SIGKILL it once ``ready(done)`` holds; return copies done by then."""
-    proc = subprocess.Popen(
-        _daunce("run", str(config)),
-        env=_env(),
-        cwd=Path(__file__).parent.parent,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    started = time.monotonic()
+def _kill_when(config: Path, workspace: Path, ready, timeout: float = 180) -> int:
+    """Start a run, SIGKILL it once ``ready(done, seconds)`` holds; return copies done by then.
+
+    Fails, with the run's stderr, if the run ended on its own: no kill point is skipped.
+    """
+    log = workspace.parent / f"kill-{time.monotonic_ns()}.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            _daunce("run", str(config)),
+            env=_env(),
+            cwd=Path(__file__).parent.parent,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    started, killed = time.monotonic(), False
     while proc.poll() is None and time.monotonic() - started < timeout:
         if ready(_done(workspace), time.monotonic() - started):
             proc.kill()
+            killed = True
             break
         time.sleep(0.02)
     proc.wait()
+    assert killed, f"the run ended before the kill point: {log.read_text()[-3000:]}"
     return _done(workspace)
 
 
@@ -70,7 +79,7 @@ def test_sigkill_at_several_points_then_resume(tmp_path):
     assert finished.returncode == 0, finished.stderr[-2000:]
     trained = int(re.search(r"(\d+) copies trained now", finished.stdout).group(1))
     assert trained == K - second  # only unfinished copies were redone
-    assert not list(workspace.rglob("*.partial"))
+    assert not [p for pattern in TEMPORARY for p in workspace.rglob(pattern)]
     reference_ws = tmp_path / "reference"
     reference = write_config(tmp_path / "ref.yaml", reference_ws, data, **slow)
     clean = subprocess.run(
