@@ -109,72 +109,84 @@ def _cache_key(name: str, inputs) -> str:
     return digest_json({"task": name, "inputs": inputs})
 
 
-def _inputs(config: RunConfig, layout: Layout, policy, states: list) -> dict:
-    """Prepare the data, the base model and its signals (content-addressed); return records."""
-    cfg, records = to_dict(config), {}
+def _prepare(config: RunConfig, layout: Layout, policy, records: dict, states: list) -> None:
+    """Both splits in canonical form, in folders named by their sources and content."""
     splits = {"train": [config.data.train], "queries": config.data.query_sources()}
     for split, sources in splits.items():
         sources = [to_dict(source) for source in sources]
         content = digest_json([source_digest(source["path"]) for source in sources])
         folder = layout.shared("data", digest_json({"sources": sources, "content": content}))
-        _call(
-            records,
-            states,
-            split,
-            prepare_data.with_options(cache_policy=policy),
-            sources,
-            split,
-            str(folder),
-            content,
-        )
+        task = prepare_data.with_options(cache_policy=policy)
+        _call(records, states, split, task, sources, split, str(folder), content)
+
+
+def _model(config: RunConfig, layout: Layout, policy, records: dict, states: list) -> None:
+    """The base model, in a folder named by its recipe, its training data and checkpoint."""
     checkpoint = config.model.checkpoint
     checkpoint_digest = source_digest(checkpoint) if checkpoint else None
-    model_key = digest_json(
+    key = digest_json(
         {
-            "model": cfg["model"],
+            "model": to_dict(config.model),
             "task": config.task,
             "train": records["train"]["digest"],
             "checkpoint": checkpoint_digest,
         }
     )
+    path = layout.shared("models", key) / "base.safetensors"
+    task = base_model.with_options(cache_policy=policy)
     _call(
         records,
         states,
         "model",
-        base_model.with_options(cache_policy=policy),
-        cfg["model"],
+        task,
+        to_dict(config.model),
         config.task,
         records["train"],
-        str(layout.shared("models", model_key) / "base.safetensors"),
+        str(path),
         checkpoint_digest,
     )
+
+
+def _signals(config: RunConfig, layout: Layout, policy, records: dict, states: list) -> None:
+    """The base signals, keyed by only what they depend on (not the copies' settings)."""
     objective = config.daunce.objective
-    if objective.needs_base_signals:
-        signals_key = digest_json(
-            {
-                "model": records["model"]["digest"],
-                "task": config.task,
-                "train": records["train"]["digest"],
-                "margin": objective.uses_margin,
-                "dtype": config.daunce.dtype,
-            }
-        )
-        _call(
-            records,
-            states,
-            "signals",
-            base_signals.with_options(cache_policy=policy),
-            cfg["model"],
-            config.task,
-            {
-                "variant": objective.variant,
-                "dtype": config.daunce.dtype,
-                "batch_size": config.daunce.eval_batch_size,
-            },
-            records["model"],
-            records["train"],
-            str(layout.shared("signals", signals_key) / "signals.safetensors"),
-        )
+    spec = {
+        "variant": objective.variant,
+        "dtype": config.daunce.dtype,
+        "batch_size": config.daunce.eval_batch_size,
+    }
+    key = digest_json(
+        {
+            "model": records["model"]["digest"],
+            "task": config.task,
+            "train": records["train"]["digest"],
+            "margin": objective.uses_margin,
+            "dtype": config.daunce.dtype,
+        }
+    )
+    path = layout.shared("signals", key) / "signals.safetensors"
+    task = base_signals.with_options(cache_policy=policy)
+    _call(
+        records,
+        states,
+        "signals",
+        task,
+        to_dict(config.model),
+        config.task,
+        spec,
+        records["model"],
+        records["train"],
+        str(path),
+    )
+
+
+def _inputs(config: RunConfig, layout: Layout, policy, states: list) -> dict:
+    """Prepare the data, the base model and its signals (content-addressed); return records."""
+    records: dict = {}
+    _prepare(config, layout, policy, records, states)
+    _model(config, layout, policy, records, states)
+    if config.daunce.objective.needs_base_signals:
+        _signals(config, layout, policy, records, states)
     return records
 
 
@@ -246,20 +258,14 @@ def attribute_flow(config: dict, overwrite: bool = False) -> dict:
     return summary
 
 
-def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage) -> dict:
-    layout, policy, states = Layout(workspace, run.run_id()), _key_storage(workspace), []
-    store = RunStore(layout.store)
-    orphans = [
-        path
-        for folder in (run_dir, *(workspace / k for k in ("data", "models", "signals")))
-        for path in remove_partials(folder)
-    ]
-    records = _inputs(run, layout, policy, states)
-    n, m = records["train"]["count"], records["queries"]["count"]
-    store.ensure(run.daunce.num_models, n, m)
-    spec = _copy_spec(run, records)
-    copies = _run_copies(run, run_dir, spec, policy)
-    states += [
+def _remove_orphans(run_dir: Path, workspace: Path) -> list[str]:
+    """Temporary files a killed process left in the run folder or the shared artefacts."""
+    folders = (run_dir, *(workspace / kind for kind in ("data", "models", "signals")))
+    return [path for folder in folders for path in remove_partials(folder)]
+
+
+def _copy_states(copies: list[dict]) -> list[dict]:
+    return [
         {
             "task": "train-copies",
             "key": f"{c['ks'][0]}-{c['ks'][-1]}",
@@ -269,7 +275,10 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
         }
         for c in copies
     ]
-    rows_digest = digest_json({"status": store.status().tolist(), "spec": spec})
+
+
+def _outputs(run: RunConfig, run_dir: Path, records: dict, states: list, policy, rows: str):
+    """Scores, then the Parquet exports; return the exports' records."""
     scores = _call(
         records,
         states,
@@ -277,9 +286,10 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
         compute_scores.with_options(cache_policy=policy),
         str(run_dir),
         run.daunce.score,
-        rows_digest,
+        rows,
     )
-    exports = _call(
+    splits = {"train": records["train"], "queries": records["queries"]}
+    return _call(
         records,
         states,
         "exports",
@@ -287,31 +297,45 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
         str(run_dir),
         run.run_id(),
         scores,
-        {"train": records["train"], "queries": records["queries"]},
+        splits,
         run.exports.top_k,
     )
-    artifacts = [
-        records[k] for k in ("train", "queries", "model", "signals", "scores") if k in records
-    ] + exports
-    lineage.record(
-        run.run_id(),
-        artifacts,
-        [
-            {
-                "task": f"{s['task']}[{s['key']}]",
-                "status": s["status"],
-                "cache_key": s.get("cache_key"),
-                "seconds": s["seconds"],
-            }
-            for s in states
-        ],
-    )
+
+
+def _record(lineage: Lineage, run_id: str, records: dict, exports: list, states: list) -> None:
+    kinds = ("train", "queries", "model", "signals", "scores")
+    artifacts = [records[k] for k in kinds if k in records] + exports
+    tasks = [
+        {
+            "task": f"{s['task']}[{s['key']}]",
+            "status": s["status"],
+            "cache_key": s.get("cache_key"),
+            "seconds": s["seconds"],
+        }
+        for s in states
+    ]
+    lineage.record(run_id, artifacts, tasks)
+
+
+def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage) -> dict:
+    layout, policy, states = Layout(workspace, run.run_id()), _key_storage(workspace), []
+    orphans = _remove_orphans(run_dir, workspace)
+    records = _inputs(run, layout, policy, states)
+    n, m = records["train"]["count"], records["queries"]["count"]
+    store = RunStore(layout.store)
+    store.ensure(run.daunce.num_models, n, m)
+    spec = _copy_spec(run, records)
+    copies = _run_copies(run, run_dir, spec, policy)
+    states += _copy_states(copies)
+    rows = digest_json({"status": store.status().tolist(), "spec": spec})
+    exports = _outputs(run, run_dir, records, states, policy, rows)
+    _record(lineage, run.run_id(), records, exports, states)
     return {
         "run_id": run.run_id(),
         "run_dir": str(run_dir),
         "num_train": n,
         "num_queries": m,
-        "excluded": scores["excluded"],
+        "excluded": records["scores"]["excluded"],
         "orphans_removed": len(orphans),
         "trained_now": sum(len(c["trained"]) for c in copies),
         "flow_process": os.getpid(),

@@ -11,10 +11,27 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import torch
 import yaml
 import zarr
 
 from daunce_core.datasets import digits
+
+
+def exploding_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares where some perturbed copies diverge, and which ones is known.
+
+    Example 5's only feature is orthogonal to all others and huge: a copy that trains on it
+    takes a step with lr·x² ≫ 2 along that direction and overflows; the others never move along
+    it, so their losses (example 5's included) stay finite.
+    """
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 7, generator=g)
+    x[:, 6] = 0
+    y = x[:, 0] + 0.1 * torch.randn(60, generator=g)
+    x[5] = 0
+    x[5, 6] = 1e4
+    return x, y
 
 
 def write_data(folder: Path, n: int = 240, m: int = 30) -> dict:

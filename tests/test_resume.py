@@ -58,6 +58,19 @@ def _kill_when(config: Path, workspace: Path, ready, timeout: float = 180) -> in
     return _done(workspace)
 
 
+def _run_to_end(config: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        _daunce("run", str(config)),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
 def test_sigkill_at_several_points_then_resume(tmp_path):
     data = write_data(tmp_path / "data")
     workspace = tmp_path / "ws"
@@ -68,29 +81,13 @@ def test_sigkill_at_several_points_then_resume(tmp_path):
     assert 2 <= first < K
     second = _kill_when(config, workspace, lambda done, t: done >= K // 2)  # midway
     assert first <= second < K
-    finished = subprocess.run(
-        _daunce("run", str(config)),
-        env=_env(),
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).parent.parent,
-        timeout=300,
-    )
-    assert finished.returncode == 0, finished.stderr[-2000:]
+    finished = _run_to_end(config)
     trained = int(re.search(r"(\d+) copies trained now", finished.stdout).group(1))
     assert trained == K - second  # only unfinished copies were redone
     assert not [p for pattern in TEMPORARY for p in workspace.rglob(pattern)]
     reference_ws = tmp_path / "reference"
     reference = write_config(tmp_path / "ref.yaml", reference_ws, data, **slow)
-    clean = subprocess.run(
-        _daunce("run", str(reference)),
-        env=_env(),
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).parent.parent,
-        timeout=300,
-    )
-    assert clean.returncode == 0, clean.stderr[-2000:]
+    _run_to_end(reference)
     resumed_dir = next(workspace.glob("runs/*"))
     clean_dir = next(reference_ws.glob("runs/*"))
     np.testing.assert_array_equal(scores_of(str(resumed_dir)), scores_of(str(clean_dir)))

@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from pipeline_helpers import exploding_data
 
 from daunce_core import (
     ClassificationTask,
@@ -79,21 +80,9 @@ def test_evaluation_does_not_depend_on_batch_size():
     np.testing.assert_allclose(small.train, large.train, rtol=1e-12)
 
 
-def exploding_problem():
-    # Example 5's only feature is orthogonal to all others and huge: any copy that trains on it
-    # takes a step with lr·x² ≫ 2 along that direction and overflows; the others never move
-    # along it, so their losses (example 5's included) stay finite.
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(60, 7, generator=g)
-    x[:, 6] = 0
-    y = x[:, 0] + 0.1 * torch.randn(60, generator=g)
-    x[5] = 0
-    x[5, 6] = 1e4
-    return torch.nn.Linear(7, 1), {"x": x, "y": y}, {"x": x[:10], "y": y[:10]}
-
-
 def test_diverged_copies_are_reported_by_index_and_left_out_of_the_scores():
-    model, train, queries = exploding_problem()
+    x, y = exploding_data()
+    model, train, queries = torch.nn.Linear(7, 1), {"x": x, "y": y}, {"x": x[:10], "y": y[:10]}
     config = DaunceConfig(
         num_models=8, subset_ratio=0.3, train=TrainConfig(lr=0.1, epochs=3, batch_size=6)
     )
