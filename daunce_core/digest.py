@@ -6,6 +6,7 @@ recognises what it has already computed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -57,9 +58,24 @@ def digest_model(model: nn.Module) -> str:
 
 
 def digest_file(path: str | Path, block: int = 1 << 20) -> str:
-    """Digest of a file's bytes, read in blocks."""
+    """Digest of a file's bytes, read in blocks (memoised per path, size and modification)."""
+    stat = Path(path).stat()
+    return _digest_file(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, block)
+
+
+@functools.lru_cache(maxsize=256)
+def _digest_file(path: str, size: int, mtime_ns: int, block: int) -> str:
     hasher = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(block):
             hasher.update(chunk)
     return hasher.hexdigest()
+
+
+def digest_path(path: str | Path) -> str:
+    """Digest of a file's bytes, or of every file (relative name and bytes) below a folder."""
+    path = Path(path)
+    if path.is_file():
+        return digest_file(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return digest_json({str(p.relative_to(path)): digest_file(p) for p in files})

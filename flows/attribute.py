@@ -19,14 +19,14 @@ from prefect import flow, unmapped
 from prefect.futures import as_completed
 
 from daunce_core.config import from_dict, to_dict
-from daunce_core.digest import digest_json
+from daunce_core.digest import digest_json, digest_path
 from daunce_core.errors import DaunceError
 from daunce_core.lineage import Lineage
 from daunce_core.store import RunStore, remove_partials
 from flows.config import RunConfig
 from tasks.common import CACHE_POLICY, Layout
 from tasks.copies import train_copies
-from tasks.data import prepare_data, source_digest
+from tasks.data import prepare_data
 from tasks.model import base_model, base_signals
 from tasks.scoring import compute_scores, export_tables
 
@@ -114,7 +114,7 @@ def _prepare(config: RunConfig, layout: Layout, policy, records: dict, states: l
     splits = {"train": [config.data.train], "queries": config.data.query_sources()}
     for split, sources in splits.items():
         sources = [to_dict(source) for source in sources]
-        content = digest_json([source_digest(source["path"]) for source in sources])
+        content = digest_json([digest_path(source["path"]) for source in sources])
         folder = layout.shared("data", digest_json({"sources": sources, "content": content}))
         task = prepare_data.with_options(cache_policy=policy)
         _call(records, states, split, task, sources, split, str(folder), content)
@@ -123,7 +123,7 @@ def _prepare(config: RunConfig, layout: Layout, policy, records: dict, states: l
 def _model(config: RunConfig, layout: Layout, policy, records: dict, states: list) -> None:
     """The base model, in a folder named by its recipe, its training data and checkpoint."""
     checkpoint = config.model.checkpoint
-    checkpoint_digest = source_digest(checkpoint) if checkpoint else None
+    checkpoint_digest = digest_path(checkpoint) if checkpoint else None
     key = digest_json(
         {
             "model": to_dict(config.model),

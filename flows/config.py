@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from daunce_core.config import DaunceConfig, from_dict, to_dict
-from daunce_core.digest import digest_json
+from daunce_core.digest import digest_json, digest_path
 from daunce_core.errors import DaunceError
 from daunce_core.sources import DataSource
 from daunce_core.training import TrainConfig
@@ -108,10 +108,19 @@ class RunConfig:
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
     def identity(self) -> dict:
-        """What names the run: everything but K, the queries and how it is executed."""
+        """What names the run: everything but K, the queries and how it is executed.
+
+        Files enter by content, not location: the training data and the checkpoint are
+        replaced by their digests, so moving them (or the checkout) keeps the run's name.
+        """
         plain = to_dict(self)
         plain["daunce"].pop("num_models")
         plain["data"].pop("queries")
+        train = plain["data"]["train"]
+        train["path"] = digest_path(train["path"]) if Path(train["path"]).exists() else None
+        checkpoint = plain["model"]["checkpoint"]
+        if checkpoint:
+            plain["model"]["checkpoint"] = digest_path(checkpoint)
         for key in ("name", "workspace", "exports", "execution"):
             plain.pop(key)
         return plain

@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import task
 
-from daunce_core.digest import digest_file
 from daunce_core.sources import DataSource, read_sources, write_canonical
 from tasks.common import CACHE_POLICY, artifact
-
-
-def source_digest(path: str) -> str:
-    """Digest of a source file, or of every file of a saved dataset folder."""
-    path = Path(path)
-    if path.is_file():
-        return digest_file(path)
-    from daunce_core.digest import digest_json
-
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    return digest_json({str(p.relative_to(path)): digest_file(p) for p in files})
 
 
 @task(

@@ -225,3 +225,18 @@ def test_cli_answers_queries_on_a_finished_run(harness, data, tmp_path, capsys):
     assert "no scores" in capsys.readouterr().err
     assert main(["sql", "SELECT * FROM nowhere", *ws]) == 2
     assert main(["runs", "--workspace", str(tmp_path / "empty")]) == 2
+
+
+def test_run_id_follows_the_data_content_not_its_location(data, tmp_path):
+    first = load_config(write_config(tmp_path / "a.yaml", tmp_path / "ws", data))
+    moved = {}
+    for split, path in data.items():
+        moved[split] = tmp_path / "elsewhere" / path.name
+        moved[split].parent.mkdir(exist_ok=True)
+        moved[split].write_bytes(path.read_bytes())
+    second = load_config(write_config(tmp_path / "b.yaml", tmp_path / "other-ws", moved))
+    assert second.run_id() == first.run_id()
+    frame = pl.read_parquet(moved["train"])
+    frame.with_columns(pl.col("y").reverse()).write_parquet(moved["train"])
+    third = load_config(write_config(tmp_path / "c.yaml", tmp_path / "ws", moved))
+    assert third.run_id() != first.run_id()
