@@ -95,13 +95,23 @@ class RunStore:
             if array.shape != shape:
                 array.resize(shape)
 
-    def status(self) -> np.ndarray:
-        """``[K]`` int8: 0 pending, 1 done, 2 diverged."""
-        return np.asarray(self.open("copy_status")[:])
+    def status(self, ks=None) -> np.ndarray:
+        """Status of copies ``ks`` (default all), int8: 0 pending, 1 done, 2 diverged.
 
-    def queries_done(self) -> np.ndarray:
-        """``[K]`` int64: the number of leading query columns each row holds."""
-        return np.asarray(self.open("queries_done")[:])
+        Each copy's status is its own chunk (so writers never share one): reading all of them
+        costs one read per copy, so pass ``ks`` when only some are needed.
+        """
+        return self._read("copy_status", ks)
+
+    def queries_done(self, ks=None) -> np.ndarray:
+        """How many leading query columns the rows of copies ``ks`` (default all) hold."""
+        return self._read("queries_done", ks)
+
+    def _read(self, name: str, ks) -> np.ndarray:
+        array = self.open(name)
+        if ks is None:
+            return np.asarray(array[:])
+        return np.asarray(array.get_orthogonal_selection(np.asarray(ks, dtype=np.int64)))
 
     def pending(self) -> list[int]:
         """Copies whose rows have not been written yet."""

@@ -29,7 +29,8 @@ def _run_name() -> str:
 
 def _add_new_queries(store: RunStore, layout: Layout, ks, status, context: str) -> list[int]:
     """Evaluate finished copies on queries added since they were trained; return their ids."""
-    counts, total = store.queries_done(), store.open("losses_query").shape[1]
+    counts = dict(zip(ks, store.queries_done(ks), strict=True))
+    total = store.open("losses_query").shape[1]
     behind = [k for k in ks if status[k] == DONE and counts[k] < total]
     for start in sorted({int(counts[k]) for k in behind}):
         group = [k for k in behind if counts[k] == start]
@@ -59,7 +60,7 @@ def train_copies(ks: list[int], run_dir: str, spec: dict) -> dict:
     started = time.perf_counter()
     layout = Layout.of_run(run_dir)
     store = RunStore(layout.store)
-    status = store.status()
+    status = dict(zip(ks, store.status(ks), strict=True))
     todo = [k for k in ks if status[k] == PENDING]
     context = json.dumps(spec, sort_keys=True)
     if todo:
@@ -72,7 +73,7 @@ def train_copies(ks: list[int], run_dir: str, spec: dict) -> dict:
         params = {name: p[keep] for name, p in trained.params.items()}
         _save_copies(layout, todo, params)
         store.write_rows(todo, rows.train[keep], rows.query[keep], rows.diverged[keep])
-        status = store.status()
+        status = dict(zip(ks, store.status(ks), strict=True))
     behind = _add_new_queries(store, layout, ks, status, context)
     diverged = [k for k in ks if status[k] == DIVERGED]
     return {
