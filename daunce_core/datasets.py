@@ -30,14 +30,3 @@ def digits(num_queries: int = 200, seed: int = 0) -> tuple[ExampleSet, ExampleSe
     y = torch.tensor(labels[order], dtype=torch.long)
     split = len(labels) - num_queries
     return {"x": x[:split], "y": y[:split]}, {"x": x[split:], "y": y[split:]}
-
-
-def mlp(inputs: int = 64, hidden: int = 64, classes: int = 10, seed: int = 0) -> torch.nn.Module:
-    """A one-hidden-layer ReLU classifier, initialised from ``seed``."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(inputs, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, classes)
-    )
-    torch.random.set_rng_state(generator_state)
-    return model

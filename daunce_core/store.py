@@ -113,10 +113,6 @@ class RunStore:
             return np.asarray(array[:])
         return np.asarray(array.get_orthogonal_selection(np.asarray(ks, dtype=np.int64)))
 
-    def pending(self) -> list[int]:
-        """Copies whose rows have not been written yet."""
-        return np.flatnonzero(self.status() == PENDING).tolist()
-
     def write_rows(self, ks, train: np.ndarray, query: np.ndarray, diverged: np.ndarray) -> None:
         """Write rows ``ks`` of both loss arrays, then mark them done (or diverged)."""
         a, b = self.open("losses_train", "r+"), self.open("losses_query", "r+")
