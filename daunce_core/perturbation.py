@@ -41,7 +41,8 @@ class PerturbationDraw:
     source: int
 
 
-def _rng(seed: int, k: int, stream: int, *extra: int) -> np.random.Generator:
+def stream_rng(seed: int, k: int, stream: int, *extra: int) -> np.random.Generator:
+    """The random generator of stream ``stream`` of copy (or job) ``k`` under ``seed``."""
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, k, stream, *extra])))
 
 
@@ -65,8 +66,8 @@ def draw_perturbation(
     if size == n:
         subset = np.arange(n, dtype=np.int64)
     else:
-        subset = np.sort(_rng(seed, source, _SUBSET).choice(n, size=size, replace=False))
-    xi = _rng(seed, source, _XI).random(n).clip(_XI_EPS, 1 - _XI_EPS)
+        subset = np.sort(stream_rng(seed, source, _SUBSET).choice(n, size=size, replace=False))
+    xi = stream_rng(seed, source, _XI).random(n).clip(_XI_EPS, 1 - _XI_EPS)
     if antithetic and k % 2:
         xi = 1.0 - xi
     return PerturbationDraw(k=k, subset=subset.astype(np.int64), xi=xi, source=source)
@@ -74,4 +75,4 @@ def draw_perturbation(
 
 def epoch_order(draw: PerturbationDraw, epoch: int, seed: int) -> np.ndarray:
     """The order in which copy ``draw.k`` visits its subset in ``epoch`` (a permutation)."""
-    return _rng(seed, draw.source, _ORDER, epoch).permutation(draw.subset)
+    return stream_rng(seed, draw.source, _ORDER, epoch).permutation(draw.subset)

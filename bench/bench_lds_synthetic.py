@@ -1,0 +1,119 @@
+"""LDS of DAUNCE variants against the exact influence function on a synthetic problem.
+
+Softmax regression (``daunce_core.problems.logistic_regression``: n = 80 train, m = 15 queries,
+4 features, 3 classes, L2 1e-2, float64). Ground truth: M subsets of half the training set,
+each retrained to convergence (full batch, 300 steps; one seed — the optimum is unique). Scores:
+the exact influence function, and DAUNCE with K copies in the paper's form (observed labels,
+r = 0.3, γ = ρ = 1; correlation and covariance) and in the forms DESIGN §1 proposes (r = 1,
+ρ = 0.1, observed or sampled labels, covariance). A first look ahead of the full benchmark of
+the evaluation issue (sklearn digits, baselines, many more settings).
+
+Usage: ``.venv/bin/python bench/bench_lds_synthetic.py [--quick]``; writes
+``bench/results/lds_synthetic.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import format_table, machine_info, write_results
+
+from daunce_core import DaunceConfig, Objective, TrainConfig, attribute
+from daunce_core.influence import exact_targets
+from daunce_core.lds import lds_subsets, linear_datamodeling_score, retrain_on_subsets
+from daunce_core.problems import logistic_regression
+
+VARIANTS = {
+    "paper: observed, r=0.3, correlation": (Objective(), 0.3, "correlation"),
+    "paper: observed, r=0.3, covariance": (Objective(), 0.3, "covariance"),
+    "observed, r=1, rho=0.1, covariance": (Objective(rho=0.1), 1.0, "covariance"),
+    "sampled, r=1, rho=0.1, covariance": (Objective(labels="sampled", rho=0.1), 1.0, "covariance"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    subsets_count, k = (30, 100) if args.quick else (100, 400)
+    prob = logistic_regression(n=80, m=15, l2=1e-2)
+    subsets = lds_subsets(80, subsets_count, seed=0)
+
+    def fresh(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return torch.nn.Linear(4, 3).double()
+
+    recipe = TrainConfig(lr=0.5, steps=300, batch_size=40, schedule="constant")
+    outcomes = retrain_on_subsets(
+        fresh, prob.task, prob.train, prob.queries, subsets, recipe, seeds=1, l2=prob.l2
+    )
+    rows = []
+    started = time.perf_counter()
+    exact = exact_targets(
+        prob.model,
+        prob.task,
+        prob.train,
+        prob.queries,
+        variant="hessian",
+        labels="observed",
+        l2=prob.l2,
+    )
+    lds = linear_datamodeling_score(exact.influence, subsets, outcomes)
+    rows.append(
+        {
+            "method": "exact influence function",
+            "K": None,
+            "lds": lds.mean,
+            "stderr": lds.stderr,
+            "seconds": time.perf_counter() - started,
+        }
+    )
+    for name, (objective, ratio, score) in VARIANTS.items():
+        size = round(ratio * 80)
+        config = DaunceConfig(
+            num_models=k,
+            subset_ratio=ratio,
+            objective=objective,
+            score=score,
+            dtype="float64",
+            group_size=k,
+            train=TrainConfig(lr=0.5, steps=150, batch_size=size, schedule="constant"),
+        )
+        started = time.perf_counter()
+        result = attribute(prob.model, prob.task, prob.train, prob.queries, config, base_l2=prob.l2)
+        lds = linear_datamodeling_score(result.scores, subsets, outcomes)
+        rows.append(
+            {
+                "method": f"DAUNCE {name}",
+                "K": k,
+                "lds": lds.mean,
+                "stderr": lds.stderr,
+                "seconds": time.perf_counter() - started,
+            }
+        )
+    print(f"softmax regression n=80, m=15; LDS over M={subsets_count} half-subsets")
+    print(
+        format_table(
+            ["method", "K", "LDS", "± s.e.", "seconds"],
+            [
+                [
+                    r["method"],
+                    r["K"] or "-",
+                    f"{r['lds']:.3f}",
+                    f"{r['stderr']:.3f}",
+                    f"{r['seconds']:.1f}",
+                ]
+                for r in rows
+            ],
+        )
+    )
+    write_results(
+        "lds_synthetic_quick" if args.quick else "lds_synthetic",
+        {"machine": machine_info(), "M": subsets_count, "rows": rows},
+    )
+
+
+if __name__ == "__main__":
+    main()
