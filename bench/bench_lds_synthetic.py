@@ -3,10 +3,11 @@
 Softmax regression (``daunce_core.problems.logistic_regression``: n = 80 train, m = 15 queries,
 4 features, 3 classes, L2 1e-2, float64). Ground truth: M subsets of half the training set,
 each retrained to convergence (full batch, 300 steps; one seed — the optimum is unique). Scores:
-the exact influence function, and DAUNCE with K copies in the paper's form (observed labels,
-r = 0.3, γ = ρ = 1; correlation and covariance) and in the forms DESIGN §1 proposes (r = 1,
-ρ = 0.1, observed or sampled labels, covariance). A first look ahead of the full benchmark of
-the evaluation issue (sklearn digits, baselines, many more settings).
+the exact influence function, the gradient dot product, TRAK with one model (projected to 8
+dimensions, and at full rank 15 = no projection), and DAUNCE with K copies in the paper's form
+(observed labels, r = 0.3, γ = ρ = 1; correlation and covariance) and in the forms DESIGN §1
+proposes (r = 1, ρ = 0.1, observed or sampled labels, covariance). A first look ahead of the
+full benchmark of the evaluation issue (sklearn digits, more baselines, many more settings).
 
 Usage: ``.venv/bin/python bench/bench_lds_synthetic.py [--quick]``; writes
 ``bench/results/lds_synthetic.json``.
@@ -21,10 +22,20 @@ import torch
 from common import format_table, machine_info, write_results
 
 from daunce_core import DaunceConfig, Objective, TrainConfig, attribute
+from daunce_core.baselines import gradient_dot, trak
 from daunce_core.influence import exact_targets
 from daunce_core.lds import lds_subsets, linear_datamodeling_score, retrain_on_subsets
 from daunce_core.problems import logistic_regression
 
+BASELINES = {
+    "gradient dot product": lambda p: gradient_dot(p.model, p.task, p.train, p.queries),
+    "TRAK, 1 model, projection 8": lambda p: trak(
+        p.model, p.task, p.train, p.queries, projection_dim=8
+    ),
+    "TRAK, 1 model, no projection (15)": lambda p: trak(
+        p.model, p.task, p.train, p.queries, projection_dim=15
+    ),
+}
 VARIANTS = {
     "paper: observed, r=0.3, correlation": (Objective(), 0.3, "correlation"),
     "paper: observed, r=0.3, covariance": (Objective(), 0.3, "covariance"),
@@ -70,6 +81,18 @@ def main() -> None:
             "seconds": time.perf_counter() - started,
         }
     )
+    for name, method in BASELINES.items():
+        started = time.perf_counter()
+        lds = linear_datamodeling_score(method(prob), subsets, outcomes)
+        rows.append(
+            {
+                "method": name,
+                "K": None,
+                "lds": lds.mean,
+                "stderr": lds.stderr,
+                "seconds": time.perf_counter() - started,
+            }
+        )
     for name, (objective, ratio, score) in VARIANTS.items():
         size = round(ratio * 80)
         config = DaunceConfig(
