@@ -25,6 +25,7 @@ from daunce_core.copies import stack_copies, trainable_names
 from daunce_core.data import ExampleSet, num_examples
 from daunce_core.errors import DaunceError
 from daunce_core.evaluation import evaluate_copies
+from daunce_core.metrics import spearman_columns
 from daunce_core.perturbation import PerturbationDraw, stream_rng
 from daunce_core.task import Measurement, Task
 from daunce_core.training import TrainConfig, train_copies
@@ -44,32 +45,6 @@ def lds_subsets(n: int, count: int, alpha: float = 0.5, seed: int = 0) -> np.nda
     for m in range(count):
         masks[m, stream_rng(seed, m, _LDS_STREAM).choice(n, size=size, replace=False)] = True
     return masks
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """Average ranks along axis 0 (ties share their mean rank), like scipy's rankdata."""
-    order = np.argsort(values, axis=0, kind="stable")
-    ranks = np.empty_like(values, dtype=np.float64)
-    np.put_along_axis(ranks, order, np.arange(len(values), dtype=np.float64)[:, None], axis=0)
-    for j in range(values.shape[1]):
-        unique, inverse = np.unique(values[:, j], return_inverse=True)
-        if len(unique) < len(values):
-            sums = np.bincount(inverse, weights=ranks[:, j])
-            ranks[:, j] = (sums / np.bincount(inverse))[inverse]
-    return ranks
-
-
-def spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman correlation of each column of ``a`` with the same column of ``b``; ``[m]``.
-
-    A column without variation in either input gives NaN (no ranking to compare).
-    """
-    ra, rb = _ranks(a), _ranks(b)
-    ra -= ra.mean(axis=0)
-    rb -= rb.mean(axis=0)
-    denominator = np.sqrt((ra**2).sum(axis=0) * (rb**2).sum(axis=0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (ra * rb).sum(axis=0) / denominator
 
 
 @dataclass

@@ -9,12 +9,8 @@ from scipy.stats import spearmanr
 
 from daunce_core import ClassificationTask, DaunceError, TrainConfig
 from daunce_core.influence import exact_targets
-from daunce_core.lds import (
-    lds_subsets,
-    linear_datamodeling_score,
-    retrain_on_subsets,
-    spearman_columns,
-)
+from daunce_core.lds import lds_subsets, linear_datamodeling_score, retrain_on_subsets
+from daunce_core.metrics import roc_auc, spearman_columns
 from daunce_core.problems import logistic_regression
 
 
@@ -111,3 +107,18 @@ def test_exact_influence_reaches_a_high_lds_on_logistic_regression():
     assert good.mean > 0.7
     shuffled = np.random.default_rng(0).permutation(exact.influence)
     assert linear_datamodeling_score(shuffled, subsets, outcomes).mean < 0.3
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(4, 60), st.integers(0, 2**31 - 1), st.booleans())
+def test_roc_auc_matches_sklearn(size, seed, ties):
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=size)
+    scores = np.round(scores) if ties else scores
+    positive = rng.random(size) < 0.3
+    positive[0], positive[1] = True, False
+    assert roc_auc(scores, positive) == pytest.approx(roc_auc_score(positive, scores), abs=1e-12)
+    with pytest.raises(DaunceError, match="both positives and negatives"):
+        roc_auc(scores, np.zeros(size, dtype=bool))
