@@ -90,9 +90,13 @@ def trak(
         torch.randn(phi_train.shape[1], projection_dim, generator=generator, dtype=phi_train.dtype)
         / projection_dim**0.5
     )
-    x_train, x_query = phi_train @ projection, phi_query @ projection
-    kernel = x_train.T @ x_train + damping * torch.eye(projection_dim, dtype=x_train.dtype)
-    weights = 1.0 - _correct_probability(flat, task, train)
+    # The kernel can be near-singular (more projected dimensions than examples): solve in float64.
+    x_train, x_query = (phi_train @ projection).double(), (phi_query @ projection).double()
+    kernel = x_train.T @ x_train
+    if damping is None:
+        damping = 1e-4 * float(kernel.diagonal().mean())
+    kernel = kernel + damping * torch.eye(projection_dim, dtype=x_train.dtype)
+    weights = 1.0 - _correct_probability(flat, task, train).double()
     scores = weights[:, None] * (x_train @ torch.linalg.solve(kernel, x_query.T))
     return scores.double().numpy()
 

@@ -57,7 +57,12 @@ def test_trak_with_a_full_rank_projection_equals_the_unprojected_formula():
     kernel = phi_train.T @ phi_train
     expected = ((1 - p)[:, None] * (phi_train @ torch.linalg.solve(kernel, phi_query.T))).numpy()
     square = trak(
-        prob.model, prob.task, prob.train, prob.queries, projection_dim=flat.theta.numel()
+        prob.model,
+        prob.task,
+        prob.train,
+        prob.queries,
+        projection_dim=flat.theta.numel(),
+        damping=0.0,
     )
     np.testing.assert_allclose(square, expected, rtol=1e-6, atol=1e-9)
     small = trak(prob.model, prob.task, prob.train, prob.queries, projection_dim=4)
