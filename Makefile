@@ -40,6 +40,10 @@ bench: $(STAMP)
 	$(PY) bench/bench_training.py
 	$(PY) bench/bench_scoring.py
 	$(PY) bench/bench_convergence.py
+	$(PY) bench/bench_pipeline.py
+	$(PY) bench/bench_lds_synthetic.py
+	$(PY) bench/bench_lds_digits.py
+	$(PY) bench/bench_mislabel.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
