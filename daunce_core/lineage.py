@@ -17,6 +17,8 @@ from pathlib import Path
 
 import duckdb
 
+from daunce_core.errors import DaunceError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id VARCHAR PRIMARY KEY, name VARCHAR, config_digest VARCHAR, config JSON,
@@ -57,9 +59,13 @@ class Lineage:
             try:
                 con = duckdb.connect(str(self.path), read_only=read_only)
                 break
-            except duckdb.IOException:
+            except duckdb.IOException as error:
                 if attempt == attempts - 1:
-                    raise
+                    raise DaunceError(
+                        f"the lineage database {self.path} is held open by another process "
+                        f"({error}); close that connection (a notebook, another daunce sql) "
+                        "and retry."
+                    ) from error
                 time.sleep(0.2)
         try:
             if not read_only:
@@ -74,8 +80,9 @@ class Lineage:
             con.execute("DELETE FROM params WHERE run_id = ?", [run_id])
             con.execute(
                 "INSERT OR REPLACE INTO runs (run_id, name, config_digest, config, code_version,"
-                " status, num_models, num_train, num_queries, started_at, run_dir) VALUES"
-                " (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?)",
+                " status, num_models, num_train, num_queries, started_at, run_dir, finished_at,"
+                " seconds, message) VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, NULL, NULL,"
+                " NULL)",
                 [
                     run_id,
                     name,

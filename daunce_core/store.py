@@ -26,9 +26,11 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from daunce_core.digest import digest_json
 from daunce_core.errors import DaunceError
 
 PENDING, DONE, DIVERGED = 0, 1, 2
+ARRAYS = ("losses_train", "losses_query", "queries_done", "copy_status")
 ROW_CHUNK = 65536
 
 
@@ -62,25 +64,31 @@ class RunStore:
         )
 
     def ensure(self, num_models: int, n: int, m: int) -> None:
-        """Create the loss arrays for ``num_models`` copies, or grow them (more copies or queries).
+        """Create the loss arrays for ``num_models`` copies, or resize them.
+
+        K may only grow (copies are never dropped); the number of queries may change (the
+        flow re-measures the query columns when the queries changed, `check_inputs`).
 
         Raises:
-            DaunceError: the number of training examples differs from the stored arrays', or
-                the request would shrink them.
+            DaunceError: fewer copies than stored, or a different number of training examples.
         """
-        if not self.exists("losses_train"):
+        if not all(self.exists(name) for name in ARRAYS):
+            # Created together; a kill between two creations leaves no copy done, so start over.
             self._create("losses_train", (num_models, n), (1, min(n, ROW_CHUNK)), "float32", np.nan)
             self._create("losses_query", (num_models, m), (1, min(m, ROW_CHUNK)), "float32", np.nan)
-            self._create("copy_status", (num_models,), (1,), "int8", PENDING)
             self._create("queries_done", (num_models,), (1,), "int64", 0)
+            self._create("copy_status", (num_models,), (1,), "int8", PENDING)
             return
-        shape = self.open("losses_train").shape
-        stored_m = self.open("losses_query").shape[1]
-        if shape[1] != n or num_models < shape[0] or m < stored_m:
+        stored_k, stored_n = self.open("losses_train").shape
+        if num_models < stored_k:
             raise DaunceError(
-                f"the run store holds {shape[0]} copies × {shape[1]} train examples × {stored_m} "
-                f"queries; it can grow (more copies, more queries) but got K={num_models}, "
-                f"n={n}, m={m}. Use a new run for different training data."
+                f"the run holds {stored_k} perturbed copies; num_models={num_models} would drop "
+                f"some. Set daunce.num_models to at least {stored_k} (e.g. after `daunce extend`)."
+            )
+        if n != stored_n:
+            raise DaunceError(
+                f"the run holds losses for {stored_n} training examples, the data has {n}; "
+                "different training data makes a different run: give it another name."
             )
         self._grow(num_models, n, m)
 
@@ -94,6 +102,35 @@ class RunStore:
             array = self.open(name, "r+")
             if array.shape != shape:
                 array.resize(shape)
+
+    def check_inputs(self, copies_key: str, query_digests: list[str]) -> bool:
+        """Tie the stored rows to the inputs that made them; return True if queries were reset.
+
+        ``copies_key`` digests everything the copies depend on (base model, training data,
+        settings). Rows made from other inputs are refused, with the fix. ``query_digests`` are
+        the per-example digests of the current queries, in order: if the queries the rows hold
+        are not a prefix of them (the query file changed), every row's query columns are marked
+        unevaluated, so they are measured again from the stored copies.
+        """
+        train, query = self.open("losses_train", "r+"), self.open("losses_query", "r+")
+        stored = train.attrs.get("copies_key")
+        if stored is not None and stored != copies_key:
+            raise DaunceError(
+                f"the copies stored in {self.root} were made from other inputs (base model, "
+                "training data or settings changed under the same run folder); rerun with "
+                "--overwrite to start this run over."
+            )
+        train.attrs["copies_key"] = copies_key
+        count = int(query.attrs.get("queries_count", 0))
+        held = digest_json(query_digests[:count])
+        reset = count > 0 and (count > len(query_digests) or query.attrs.get("queries") != held)
+        if reset:
+            done = self.open("queries_done", "r+")
+            done[:] = np.zeros(done.shape, dtype=np.int64)
+        query.attrs.update(
+            {"queries": digest_json(query_digests), "queries_count": len(query_digests)}
+        )
+        return reset
 
     def status(self, ks=None) -> np.ndarray:
         """Status of copies ``ks`` (default all), int8: 0 pending, 1 done, 2 diverged.

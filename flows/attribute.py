@@ -9,12 +9,15 @@ the new copies.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import polars as pl
 from prefect import flow, unmapped
 from prefect.futures import as_completed
 
@@ -22,7 +25,7 @@ from daunce_core.config import from_dict, to_dict
 from daunce_core.digest import digest_json, digest_path
 from daunce_core.errors import DaunceError
 from daunce_core.lineage import Lineage
-from daunce_core.store import RunStore, remove_partials
+from daunce_core.store import PENDING, RunStore, remove_partials
 from flows.config import RunConfig
 from tasks.common import CACHE_POLICY, Layout
 from tasks.copies import train_copies
@@ -61,7 +64,29 @@ def claim_run_dir(run_dir: Path, config: RunConfig, overwrite: bool) -> None:
 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"identity": identity, "digest": config.digest()}, indent=1))
+    if not marker.exists():
+        _write_atomic(marker, json.dumps({"identity": identity, "digest": config.digest()}))
+
+
+@contextmanager
+def workspace_lock(workspace: Path):
+    """Hold the workspace for one run at a time (released by the OS if the process dies).
+
+    Cleaning up orphan temporary files is safe only while no other run writes in the workspace.
+    """
+    workspace.mkdir(parents=True, exist_ok=True)
+    with open(workspace / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            raise DaunceError(
+                f"another daunce run is working in {workspace}; wait for it to finish, or give "
+                "this run another workspace."
+            ) from error
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _key_storage(workspace: Path):
@@ -87,21 +112,36 @@ def _task_runner(config: RunConfig):
     return ThreadPoolTaskRunner(max_workers=execution.workers)
 
 
-def _call(records: dict, states: list, name: str, task, *args) -> dict:
-    """Run ``task``, keep its result under ``name`` and its state for the lineage."""
+def _call(records: dict, states: list, name: str, task, *args, marker: Path) -> dict:
+    """Run ``task``, keep its result under ``name`` and its state for the lineage.
+
+    ``marker`` holds the digest of the inputs that produced the artefact on disk. A cached
+    result is accepted only when the marker matches: if the artefact was deleted, or rewritten
+    by other inputs since (another ``top_k``, another score kind), the task runs again.
+    """
     started = time.perf_counter()
-    state = task(*args, return_state=True)
+    key = _cache_key(task.name, args)
+    current = marker.exists() and marker.read_text() == key
+    state = (task if current else task.with_options(refresh_cache=True))(*args, return_state=True)
     records[name] = state.result()
+    _write_atomic(marker, key)
     states.append(
         {
             "task": task.name,
             "status": state.name,
             "key": name,
-            "cache_key": _cache_key(task.name, args),
+            "cache_key": key,
             "seconds": time.perf_counter() - started,
         }
     )
     return records[name]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 def _cache_key(name: str, inputs) -> str:
@@ -117,7 +157,17 @@ def _prepare(config: RunConfig, layout: Layout, policy, records: dict, states: l
         content = digest_json([digest_path(source["path"]) for source in sources])
         folder = layout.shared("data", digest_json({"sources": sources, "content": content}))
         task = prepare_data.with_options(cache_policy=policy)
-        _call(records, states, split, task, sources, split, str(folder), content)
+        _call(
+            records,
+            states,
+            split,
+            task,
+            sources,
+            split,
+            str(folder),
+            content,
+            marker=folder / "prepared.key",
+        )
 
 
 def _model(config: RunConfig, layout: Layout, policy, records: dict, states: list) -> None:
@@ -144,6 +194,7 @@ def _model(config: RunConfig, layout: Layout, policy, records: dict, states: lis
         records["train"],
         str(path),
         checkpoint_digest,
+        marker=path.with_suffix(".key"),
     )
 
 
@@ -177,6 +228,7 @@ def _signals(config: RunConfig, layout: Layout, policy, records: dict, states: l
         records["model"],
         records["train"],
         str(path),
+        marker=path.with_suffix(".key"),
     )
 
 
@@ -215,7 +267,21 @@ def _run_copies(config: RunConfig, run_dir: Path, spec: dict, policy) -> list[di
     size, total = config.daunce.group_size, config.daunce.num_models
     groups = [list(range(i, min(i + size, total))) for i in range(0, total, size)]
     task = train_copies.with_options(cache_policy=policy, retries=config.execution.retries)
-    futures = task.map(groups, run_dir=unmapped(str(run_dir)), spec=unmapped(spec))
+    # A group with a pending copy in the store runs even if Prefect cached it (its rows were
+    # deleted, or never written); the others may be served from cache.
+    status = RunStore(Layout.of_run(run_dir).store).status()
+    stale = [g for g in groups if (status[g] == PENDING).any()]
+    fresh = [g for g in groups if not (status[g] == PENDING).any()]
+    futures = [
+        *(
+            task.with_options(refresh_cache=True).map(
+                stale, run_dir=unmapped(str(run_dir)), spec=unmapped(spec)
+            )
+            if stale
+            else []
+        ),
+        *(task.map(fresh, run_dir=unmapped(str(run_dir)), spec=unmapped(spec)) if fresh else []),
+    ]
     results, done = [], 0
     for future in as_completed(futures):
         result = future.result()
@@ -232,6 +298,11 @@ def _run_copies(config: RunConfig, run_dir: Path, spec: dict, policy) -> list[di
 def attribute_flow(config: dict, overwrite: bool = False) -> dict:
     """Attribute the queries of ``config`` (a `RunConfig` as a dict) to its training data."""
     run = from_dict(RunConfig, config, "")
+    with workspace_lock(Path(run.workspace)):
+        return _locked_attribute(run, overwrite)
+
+
+def _locked_attribute(run: RunConfig, overwrite: bool) -> dict:
     workspace = Path(run.workspace)
     run_dir = workspace / "runs" / run.run_id()
     claim_run_dir(run_dir, run, overwrite)
@@ -287,6 +358,7 @@ def _outputs(run: RunConfig, run_dir: Path, records: dict, states: list, policy,
         str(run_dir),
         run.daunce.score,
         rows,
+        marker=run_dir / "store" / "scores.key",
     )
     splits = {"train": records["train"], "queries": records["queries"]}
     return _call(
@@ -299,6 +371,7 @@ def _outputs(run: RunConfig, run_dir: Path, records: dict, states: list, policy,
         scores,
         splits,
         run.exports.top_k,
+        marker=run_dir / "exports" / "exports.key",
     )
 
 
@@ -325,6 +398,10 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
     store = RunStore(layout.store)
     store.ensure(run.daunce.num_models, n, m)
     spec = _copy_spec(run, records)
+    index = pl.read_parquet(Path(records["queries"]["uri"]) / "index.parquet")
+    copies_key = digest_json({k: v for k, v in spec.items() if k != "queries"})
+    if store.check_inputs(copies_key, index["digest"].to_list()):
+        print("the queries changed: every copy is measured again on all of them")
     copies = _run_copies(run, run_dir, spec, policy)
     states += _copy_states(copies)
     rows = digest_json({"status": store.status().tolist(), "spec": spec})

@@ -182,7 +182,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "data" / "digits.yaml"
 DEMO_SQL = (
     "SELECT t.rank, t.train_id, round(t.score, 3) AS score, e.y AS train_label "
     "FROM top_proponents t JOIN examples e ON e.run_id = t.run_id AND e.split = 'train' "
-    "AND e.example_id = t.train_id WHERE t.query_id = 17 ORDER BY t.rank LIMIT 5"
+    "AND e.example_id = t.train_id WHERE t.run_id = ? AND t.query_id = 17 ORDER BY t.rank LIMIT 5"
 )
 
 
@@ -203,6 +203,7 @@ def demo(args) -> int:
                 query=query, k=5, opponents=False, run=summary["run_id"], workspace=config.workspace
             )
         )
-    print(f'\n$ daunce sql "{DEMO_SQL}"')
-    _print_query(_lineage(config.workspace), DEMO_SQL, "table")
+    query = DEMO_SQL.replace("?", f"'{summary['run_id']}'")
+    print(f'\n$ daunce sql "{query}"')
+    _print_query(_lineage(config.workspace), query, "table")
     return 0

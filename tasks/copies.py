@@ -27,6 +27,15 @@ def _run_name() -> str:
     return f"train-copies-{ks[0]}-{ks[-1]}"
 
 
+def _lost(store: RunStore, layout: Layout, k: int, status: int) -> bool:
+    """A finished copy that needs new query columns but whose parameters are gone: retrain it.
+
+    The copies are a cache, the seeds the truth: copy k is recomputed from (seed, k).
+    """
+    behind = store.queries_done([k])[0] < store.open("losses_query").shape[1]
+    return status == DONE and behind and not layout.copy(k).exists()
+
+
 def _add_new_queries(store: RunStore, layout: Layout, ks, status, context: str) -> list[int]:
     """Evaluate finished copies on queries added since they were trained; return their ids."""
     counts = dict(zip(ks, store.queries_done(ks), strict=True))
@@ -61,7 +70,7 @@ def train_copies(ks: list[int], run_dir: str, spec: dict) -> dict:
     layout = Layout.of_run(run_dir)
     store = RunStore(layout.store)
     status = dict(zip(ks, store.status(ks), strict=True))
-    todo = [k for k in ks if status[k] == PENDING]
+    todo = [k for k in ks if status[k] == PENDING or _lost(store, layout, k, status[k])]
     context = json.dumps(spec, sort_keys=True)
     if todo:
         # The whole group is retrained (vectorised copies are computed exactly as in an

@@ -13,7 +13,6 @@ from daunce_core.digest import digest_json
 from daunce_core.errors import DaunceWarning
 from daunce_core.exports import example_influence_table, top_table, write_parquet
 from daunce_core.scores import collect_statistics, self_influence, write_scores
-from daunce_core.sources import read_canonical
 from daunce_core.store import RunStore
 from tasks.common import CACHE_POLICY, Layout, artifact
 
@@ -60,8 +59,10 @@ def export_tables(run_dir: str, run_id: str, scores: dict, splits: dict, top_k: 
     layout = Layout.of_run(run_dir)
     store = RunStore(layout.store)
     matrix = store.open("scores")
-    _, train_ids = read_canonical(splits["train"]["uri"])
-    _, query_ids = read_canonical(splits["queries"]["uri"])
+    train_ids, query_ids = (
+        pl.read_parquet(Path(splits[split]["uri"]) / "index.parquet")["example_id"].to_numpy()
+        for split in ("train", "queries")
+    )
     examples = pl.concat(
         [
             pl.read_parquet(Path(splits[split]["uri"]) / "index.parquet").with_columns(

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -16,9 +18,9 @@ from daunce_core.lineage import Lineage, query_frame
 from daunce_core.models import build_model, save_parameters
 from daunce_core.perturbation import draw_perturbation
 from daunce_core.sources import DataSource
-from flows.attribute import claim_run_dir, run_attribute
+from flows.attribute import claim_run_dir, run_attribute, workspace_lock
 from flows.cli import main
-from flows.config import load_config
+from flows.config import ExportConfig, load_config
 from tasks.common import load_base_model, load_split
 
 
@@ -240,3 +242,45 @@ def test_run_id_follows_the_data_content_not_its_location(data, tmp_path):
     frame.with_columns(pl.col("y").reverse()).write_parquet(moved["train"])
     third = load_config(write_config(tmp_path / "c.yaml", tmp_path / "ws", moved))
     assert third.run_id() != first.run_id()
+
+
+def test_changed_query_file_is_measured_again(harness, data, tmp_path):
+    queries = tmp_path / "queries.parquet"
+    queries.write_bytes(data["queries"].read_bytes())
+    paths = {"train": data["train"], "queries": queries}
+    config = load_config(write_config(tmp_path / "a.yaml", tmp_path / "ws", paths))
+    run(config)
+    frame = pl.read_parquet(queries)
+    frame.with_columns(pl.col("y").reverse()).write_parquet(queries)  # same count, new content
+    changed = run(load_config(write_config(tmp_path / "a.yaml", tmp_path / "ws", paths)))
+    assert changed["run_id"] == config.run_id()
+    assert changed["trained_now"] == 0
+    fresh = run(dataclasses.replace(config, workspace=str(tmp_path / "fresh")))
+    np.testing.assert_allclose(
+        scores_of(changed["run_dir"]), scores_of(fresh["run_dir"]), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_deleted_results_are_recomputed_not_served_from_cache(harness, data, tmp_path):
+    config = load_config(write_config(tmp_path / "a.yaml", tmp_path / "ws", data))
+    first = run(config)
+    shutil.rmtree(first["run_dir"])
+    shutil.rmtree(tmp_path / "ws" / "models")
+    again = run(config)
+    assert again["trained_now"] == 8
+    assert again["states"]["base-model[model]"] == "Completed"
+    np.testing.assert_array_equal(scores_of(again["run_dir"]), scores_of(first["run_dir"]))
+
+
+def test_exports_follow_the_current_settings(harness, data, tmp_path):
+    config = load_config(write_config(tmp_path / "a.yaml", tmp_path / "ws", data))
+    for k in (5, 3, 5):
+        result = run(dataclasses.replace(config, exports=ExportConfig(top_k=k)))
+        top = pl.read_parquet(Path(result["run_dir"]) / "exports" / "top_proponents.parquet")
+        assert top["rank"].max() == k
+
+
+def test_one_run_at_a_time_per_workspace(data, tmp_path):
+    config = load_config(write_config(tmp_path / "a.yaml", tmp_path / "ws", data))
+    with workspace_lock(tmp_path / "ws"), pytest.raises(DaunceError, match="another daunce run"):
+        run(config)
