@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 from common import format_table, machine_info, write_results
 
 from daunce_core import DaunceConfig, Objective, TrainConfig, attribute
 from daunce_core.baselines import gradient_dot, trak
 from daunce_core.influence import exact_targets
-from daunce_core.lds import lds_subsets, linear_datamodeling_score, retrain_on_subsets
-from daunce_core.problems import logistic_regression
+from daunce_core.lds import lds_subsets, linear_datamodeling_score
+from daunce_core.problems import logistic_regression, retrained_outcomes
 
 BASELINES = {
     "gradient dot product": lambda p: gradient_dot(p.model, p.task, p.train, p.queries),
@@ -52,14 +51,7 @@ def main() -> None:
     prob = logistic_regression(n=80, m=15, l2=1e-2)
     subsets = lds_subsets(80, subsets_count, seed=0)
 
-    def fresh(seed: int) -> torch.nn.Module:
-        torch.manual_seed(seed)
-        return torch.nn.Linear(4, 3).double()
-
-    recipe = TrainConfig(lr=0.5, steps=300, batch_size=40, schedule="constant")
-    outcomes = retrain_on_subsets(
-        fresh, prob.task, prob.train, prob.queries, subsets, recipe, seeds=1, l2=prob.l2
-    )
+    outcomes = retrained_outcomes(prob, subsets)
     rows = []
     started = time.perf_counter()
     exact = exact_targets(

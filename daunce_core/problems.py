@@ -81,3 +81,31 @@ def fit_exact(model: nn.Module, task: Task, data: ExampleSet, l2: float) -> nn.M
 
     opt.step(closure)
     return model.eval()
+
+
+def retrained_outcomes(problem: Problem, subsets, steps: int = 300, lr: float = 0.5):
+    """LDS ground truth of a problem: its model refitted on each subset, outcomes ``[M, 1, m]``.
+
+    Full-batch training from a fresh model to the (unique, convex) optimum of each subset, with
+    the problem's own L2; see `daunce_core.lds.retrain_on_subsets`.
+    """
+    import copy
+
+    from daunce_core.lds import retrain_on_subsets
+    from daunce_core.training import TrainConfig
+
+    def fresh(seed: int) -> nn.Module:
+        model = copy.deepcopy(problem.model)
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        torch.random.set_rng_state(state)
+        return model
+
+    size = int(subsets.sum(axis=1)[0])
+    recipe = TrainConfig(lr=lr, steps=steps, batch_size=size, schedule="constant")
+    return retrain_on_subsets(
+        fresh, problem.task, problem.train, problem.queries, subsets, recipe, seeds=1, l2=problem.l2
+    )

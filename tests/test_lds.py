@@ -11,7 +11,7 @@ from daunce_core import ClassificationTask, DaunceError, TrainConfig
 from daunce_core.influence import exact_targets
 from daunce_core.lds import lds_subsets, linear_datamodeling_score, retrain_on_subsets
 from daunce_core.metrics import roc_auc, spearman_columns
-from daunce_core.problems import logistic_regression
+from daunce_core.problems import logistic_regression, retrained_outcomes
 
 
 @settings(max_examples=40, deadline=None)
@@ -86,14 +86,7 @@ def test_exact_influence_reaches_a_high_lds_on_logistic_regression():
     prob = logistic_regression(n=80, m=15, l2=1e-2)
     subsets = lds_subsets(80, 40, seed=0)
 
-    def fresh(seed):
-        torch.manual_seed(seed)
-        return torch.nn.Linear(4, 3).double()
-
-    config = TrainConfig(lr=0.5, steps=300, batch_size=40, schedule="constant")
-    outcomes = retrain_on_subsets(
-        fresh, prob.task, prob.train, prob.queries, subsets, config, seeds=1, l2=prob.l2
-    )
+    outcomes = retrained_outcomes(prob, subsets)
     exact = exact_targets(
         prob.model,
         prob.task,
