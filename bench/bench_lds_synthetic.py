@@ -21,8 +21,7 @@ import time
 from common import format_table, machine_info, write_results
 
 from daunce_core import DaunceConfig, Objective, TrainConfig, attribute
-from daunce_core.baselines import gradient_dot, trak
-from daunce_core.influence import exact_targets
+from daunce_core.baselines import gradient_dot, influence, trak
 from daunce_core.lds import lds_subsets, linear_datamodeling_score
 from daunce_core.problems import logistic_regression, retrained_outcomes
 
@@ -54,16 +53,8 @@ def main() -> None:
     outcomes = retrained_outcomes(prob, subsets)
     rows = []
     started = time.perf_counter()
-    exact = exact_targets(
-        prob.model,
-        prob.task,
-        prob.train,
-        prob.queries,
-        variant="hessian",
-        labels="observed",
-        l2=prob.l2,
-    )
-    lds = linear_datamodeling_score(exact.influence, subsets, outcomes)
+    exact_influence = influence(prob.model, prob.task, prob.train, prob.queries, l2=prob.l2)
+    lds = linear_datamodeling_score(exact_influence, subsets, outcomes)
     rows.append(
         {
             "method": "exact influence function",

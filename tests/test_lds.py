@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from scipy.stats import spearmanr
 
 from daunce_core import ClassificationTask, DaunceError, TrainConfig
-from daunce_core.influence import exact_targets
+from daunce_core.baselines import influence
 from daunce_core.lds import lds_subsets, linear_datamodeling_score, retrain_on_subsets
 from daunce_core.metrics import roc_auc, spearman_columns
 from daunce_core.problems import logistic_regression, retrained_outcomes
@@ -87,18 +87,10 @@ def test_exact_influence_reaches_a_high_lds_on_logistic_regression():
     subsets = lds_subsets(80, 40, seed=0)
 
     outcomes = retrained_outcomes(prob, subsets)
-    exact = exact_targets(
-        prob.model,
-        prob.task,
-        prob.train,
-        prob.queries,
-        variant="hessian",
-        labels="observed",
-        l2=prob.l2,
-    )
-    good = linear_datamodeling_score(exact.influence, subsets, outcomes)
+    exact_influence = influence(prob.model, prob.task, prob.train, prob.queries, l2=prob.l2)
+    good = linear_datamodeling_score(exact_influence, subsets, outcomes)
     assert good.mean > 0.7
-    shuffled = np.random.default_rng(0).permutation(exact.influence)
+    shuffled = np.random.default_rng(0).permutation(exact_influence)
     assert linear_datamodeling_score(shuffled, subsets, outcomes).mean < 0.3
 
 
