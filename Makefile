@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,dask]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,dask,peers]"
 	touch $(STAMP)
 
 env: $(STAMP)

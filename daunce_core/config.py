@@ -128,16 +128,23 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
         raise DaunceError(f"config field {where or '(top)'} is incomplete: {error}.") from error
 
 
+def _item(cls: type, value: Any, where: str) -> Any:
+    """A list item: a mapping, or a plain string for a dataclass whose ``from_name`` takes one."""
+    if isinstance(value, str) and hasattr(cls, "from_name"):
+        return cls.from_name(value)
+    return from_dict(cls, value, where)
+
+
 def _join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
 
 def _convert(hint: Any, value: Any, where: str) -> Any:
     if isinstance(value, list):
-        for arg in typing.get_args(hint):
+        for arg in (hint, *typing.get_args(hint)):
             inner = typing.get_args(arg)
             if typing.get_origin(arg) is list and inner and dataclasses.is_dataclass(inner[0]):
-                return [from_dict(inner[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+                return [_item(inner[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
     for cls in (hint, *typing.get_args(hint)):
         if isinstance(cls, type) and dataclasses.is_dataclass(cls):
             return value if value is None else from_dict(cls, value, where)

@@ -21,7 +21,7 @@ def evaluate_copies(
     params: Stacked,
     data: ExampleSet,
     *,
-    measurement: Measurement = "loss",
+    measurement: Measurement | str = "loss",
     batch_size: int = 1024,
     vectorize: bool = True,
 ) -> torch.Tensor:
@@ -32,14 +32,15 @@ def evaluate_copies(
         task: the model protocol.
         params: trainable parameters of ``G`` copies, ``name -> [G, ...]``.
         data: the examples, ``n`` rows.
-        measurement: ``"loss"`` or ``"margin"`` (stored negated: lower is better).
+        measurement: ``"loss"`` or ``"margin"`` (stored negated: lower is better), or
+            ``"error"`` (0/1, `Task.outcome`) for retraining experiments.
         batch_size: examples per forward pass (all copies see the same batch).
         vectorize: evaluate the copies at once with ``vmap`` or one after another.
     """
     outputs_of = copy_outputs_fn(model, task)
 
     def measure(copy_params, batch) -> torch.Tensor:
-        values = task.measure(outputs_of(copy_params, batch), batch, measurement)
+        values = task.outcome(outputs_of(copy_params, batch), batch, measurement)
         return check_per_example(values, next(iter(batch.values())).shape[0], "the measurement")
 
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """Parquet exports of a run's scores: what users query with SQL.
 
-* ``top_proponents`` / ``top_opponents``: ``(run_id, query_id, rank, train_id, score)``, the
-  ``k`` training examples with the highest / lowest scores for every query (rank 1 = best);
+* ``top_proponents`` / ``top_opponents``: ``(run_id, query_id, rank, train_id, score,
+  method)``, the ``k`` training examples with the highest / lowest scores for every query
+  (rank 1 = best); ``method`` is ``daunce``, or a baseline's name for its own tables;
 * ``example_influence``: per training example, ``self_influence`` (variance of its loss across
   the copies: a data-quality signal) and ``total_positive`` / ``total_negative`` (the sums of its
   positive and negative scores over all queries);
@@ -23,7 +24,13 @@ from daunce_core.topk import top_k
 
 
 def top_table(
-    scores: Any, run_id: str, train_ids: np.ndarray, query_ids: np.ndarray, k: int, largest: bool
+    scores: Any,
+    run_id: str,
+    train_ids: np.ndarray,
+    query_ids: np.ndarray,
+    k: int,
+    largest: bool,
+    method: str = "daunce",
 ) -> pl.DataFrame:
     """The top-``k`` table of every query (proponents if ``largest``, else opponents)."""
     index, values = top_k(scores, k, largest=largest)
@@ -35,6 +42,7 @@ def top_table(
             "rank": np.tile(np.arange(1, kk + 1), m),
             "train_id": train_ids[index.ravel()],
             "score": values.ravel(),
+            "method": [method] * (m * kk),
         }
     )
 

@@ -35,9 +35,27 @@ CREATE TABLE IF NOT EXISTS task_runs (
     seconds DOUBLE, finished_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS evaluations (
     run_id VARCHAR, metric VARCHAR, value DOUBLE, details JSON, created_at TIMESTAMP);
+ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS method VARCHAR;
+ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS stderr DOUBLE;
 """
 
-VIEWS = ("top_proponents", "top_opponents", "example_influence", "examples")
+VIEWS = {
+    "top_proponents": (
+        "*/exports/top_proponents.parquet",
+        "*/baselines/*/exports/top_proponents.parquet",
+    ),
+    "top_opponents": (
+        "*/exports/top_opponents.parquet",
+        "*/baselines/*/exports/top_opponents.parquet",
+    ),
+    "example_influence": ("*/exports/example_influence.parquet",),
+    "examples": ("*/exports/examples.parquet",),
+    "lds_results": ("*/evaluations/lds-*.parquet",),
+    "lds_per_query": ("*/evaluations/lds_per_query-*.parquet",),
+    "removal_results": ("*/evaluations/removal.parquet",),
+}
+"""Views over the Parquet files below ``<workspace>/runs``: the exports of DAUNCE (and of the
+baselines, told apart by ``method``), and the evaluation results."""
 
 
 def _now() -> datetime:
@@ -156,23 +174,33 @@ class Lineage:
                 ],
             )
 
-    def record_evaluation(self, run_id: str, metric: str, value: float, details: dict) -> None:
-        """Record one evaluation figure of a run."""
+    def record_evaluation(
+        self,
+        run_id: str,
+        metric: str,
+        value: float,
+        details: dict,
+        method: str = "daunce",
+        stderr: float | None = None,
+    ) -> None:
+        """Record one evaluation figure of a run's ``method`` (DAUNCE, a baseline, a file)."""
         with self.connect() as con:
             con.execute(
-                "INSERT INTO evaluations VALUES (?, ?, ?, ?, ?)",
-                [run_id, metric, value, json.dumps(details), _now()],
+                "INSERT INTO evaluations (run_id, metric, value, details, created_at, method, "
+                "stderr) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [run_id, metric, value, json.dumps(details), _now(), method, stderr],
             )
 
     def create_views(self, parquet_root: str | Path) -> None:
         """(Re)create the views over every run's Parquet exports below ``parquet_root``."""
+        root = Path(parquet_root)
         with self.connect() as con:
-            for view in VIEWS:
-                pattern = str(Path(parquet_root) / "*" / "exports" / f"{view}.parquet")
-                if list(Path(parquet_root).glob(f"*/exports/{view}.parquet")):
+            for view, patterns in VIEWS.items():
+                present = [str(root / p) for p in patterns if list(root.glob(p))]
+                if present:
                     con.execute(
                         f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM "
-                        f"read_parquet('{pattern}', union_by_name = true)"
+                        f"read_parquet({present!r}, union_by_name = true)"
                     )
 
 

@@ -8,8 +8,11 @@ A recipe is a small dict, so a configuration file can name the model:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,20 +23,37 @@ from daunce_core.errors import DaunceError
 
 KINDS = ("mlp", "linear", "factory")
 
+# torch's default generator is one per process: two threads seeding it at once (mapped Prefect
+# tasks building their models) would interleave their draws and initialise from neither seed.
+_GLOBAL_RNG = threading.Lock()
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw from torch's default generator as seeded by ``seed``, then restore its state.
+
+    Thread-safe against other `seeded` blocks: initialisations are reproducible whatever else
+    runs beside them.
+    """
+    with _GLOBAL_RNG:
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            torch.random.set_rng_state(state)
+
 
 def build_model(recipe: dict, seed: int = 0) -> nn.Module:
     """Build the model a recipe describes, its initial weights drawn from ``seed``."""
     kind = recipe.get("kind")
     if kind not in KINDS:
         raise DaunceError(f"model kind must be one of {KINDS}; got {kind!r}.")
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
     try:
-        return _BUILDERS[kind](recipe)
+        with seeded(seed):
+            return _BUILDERS[kind](recipe)
     except (KeyError, TypeError) as error:
         raise DaunceError(f"model recipe {recipe} is incomplete or wrong: {error}.") from error
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def _mlp(recipe: dict) -> nn.Module:

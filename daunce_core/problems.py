@@ -92,16 +92,15 @@ def retrained_outcomes(problem: Problem, subsets, steps: int = 300, lr: float = 
     import copy
 
     from daunce_core.lds import retrain_on_subsets
+    from daunce_core.models import seeded
     from daunce_core.training import TrainConfig
 
     def fresh(seed: int) -> nn.Module:
         model = copy.deepcopy(problem.model)
-        state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        for module in model.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        torch.random.set_rng_state(state)
+        with seeded(seed):
+            for module in model.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
         return model
 
     size = int(subsets.sum(axis=1)[0])

@@ -199,3 +199,89 @@ def remove_partials(folder: str | Path) -> list[str]:
     for path in orphans:
         Path(path).unlink(missing_ok=True)
     return orphans
+
+
+class OutcomeStore:
+    """Outcomes of models retrained from scratch (LDS ground truth, subset removal), in Zarr.
+
+    A grid of jobs — ``(M, S)`` subsets × seeds for the LDS, ``(J,)`` for subset removal — each
+    with its outcome on every query. Under the store's folder:
+
+    * ``outcomes``, shape ``grid + (m,)``, float32, one chunk per job: what each retrained model
+      measured on each query (lower is better: loss, negated margin, or 0/1 error);
+    * ``status``, shape ``grid``, int8, one chunk per job: 1 once the job's outcomes are written.
+
+    As in `RunStore`, every job owns its chunks and its status is written last, so a job killed
+    mid-write is still pending. The grid may grow along any axis (more subsets, more seeds)
+    without touching the jobs already done. ``key`` (the digest of everything the outcomes
+    depend on) is kept in the attributes; a store made for other inputs is refused.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def exists(self) -> bool:
+        """Whether the store has been created."""
+        return all((self.root / name / "zarr.json").exists() for name in ("outcomes", "status"))
+
+    def open(self, name: str, mode: str = "r") -> zarr.Array:
+        """Open ``outcomes`` or ``status``."""
+        if not self.exists():
+            raise DaunceError(f"no retraining outcomes in {self.root} yet.")
+        return zarr.open_array(store=str(self.root / name), mode=mode)
+
+    def ensure(self, grid: tuple[int, ...], m: int, key: str) -> None:
+        """Create the arrays for ``grid`` jobs on ``m`` queries, or grow them to ``grid``.
+
+        Raises:
+            DaunceError: the store holds outcomes of other inputs, or on other queries.
+        """
+        if not self.exists():
+            ones = (1,) * len(grid)
+            status = zarr.create_array(
+                store=str(self.root / "status"),
+                shape=grid,
+                chunks=ones,
+                dtype="int8",
+                fill_value=PENDING,
+                overwrite=True,
+            )
+            status.attrs["key"] = key
+            zarr.create_array(
+                store=str(self.root / "outcomes"),
+                shape=(*grid, m),
+                chunks=(*ones, max(m, 1)),
+                dtype="float32",
+                fill_value=np.nan,
+                overwrite=True,
+            )
+            return
+        status, outcomes = self.open("status", "r+"), self.open("outcomes", "r+")
+        if status.attrs.get("key") != key or outcomes.shape[-1] != m:
+            raise DaunceError(
+                f"the retraining outcomes in {self.root} were made from other inputs (data, "
+                "model recipe, training recipe or outcome); delete that folder to start over."
+            )
+        if len(grid) != status.ndim:
+            raise DaunceError(f"job grid {grid} does not match the stored {status.shape}.")
+        grown = tuple(max(a, b) for a, b in zip(grid, status.shape, strict=True))
+        if grown != status.shape:
+            status.resize(grown)
+            outcomes.resize((*grown, m))
+
+    def status(self) -> np.ndarray:
+        """The status grid (0 pending, 1 done)."""
+        return np.asarray(self.open("status")[...])
+
+    def write(self, index: tuple[int, ...], values: np.ndarray) -> None:
+        """Write job ``index``'s outcomes, then mark it done."""
+        self.open("outcomes", "r+")[index] = np.asarray(values, dtype=np.float32)
+        self.open("status", "r+")[index] = DONE
+
+    def outcomes(self, grid: tuple[int, ...] | None = None) -> np.ndarray:
+        """The outcomes of the leading ``grid`` jobs (default all); every one must be done."""
+        status = self.status()
+        region = tuple(slice(0, g) for g in (grid or status.shape))
+        if (status[region] != DONE).any():
+            raise DaunceError(f"{int((status[region] != DONE).sum())} jobs are not done yet.")
+        return np.asarray(self.open("outcomes")[region], dtype=np.float64)

@@ -48,6 +48,9 @@ from daunce_core.errors import TaskError
 
 Measurement = Literal["loss", "margin"]
 MEASUREMENTS = ("loss", "margin")
+OUTCOMES = ("loss", "margin", "error")
+"""What retraining experiments record per query (`Task.outcome`): the two measurements, and
+``error`` (1 if the query is answered wrongly, else 0) for subset removal."""
 
 
 class Task(ABC):
@@ -89,6 +92,17 @@ class Task(ABC):
             "labels='sampled', or use labels='observed'."
         )
 
+    def correct_from_outputs(self, outputs: torch.Tensor, batch: ExampleSet) -> torch.Tensor:
+        """Whether each example is answered correctly, bool ``[B]``.
+
+        Optional: needed by the subset-removal evaluation (DESIGN §2), which counts the queries
+        that become wrong when their most influential training examples are removed.
+        """
+        raise TaskError(
+            f"{type(self).__name__} defines no correct_from_outputs; implement it (e.g. argmax "
+            "equals the label) to run the subset-removal evaluation."
+        )
+
     def trainable_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Parameters the perturbed copies train, keyed by ``model.named_parameters()`` name."""
         return {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -106,6 +120,14 @@ class Task(ABC):
         if measurement == "margin":
             return -self.margin_from_outputs(outputs, batch)
         raise TaskError(f"measurement must be one of {MEASUREMENTS}; got {measurement!r}.")
+
+    def outcome(self, outputs: torch.Tensor, batch: ExampleSet, kind: str) -> torch.Tensor:
+        """A retraining outcome (`OUTCOMES`), lower is better: a measurement, or the 0/1 error."""
+        if kind == "error":
+            return (~self.correct_from_outputs(outputs, batch)).to(outputs.dtype)
+        if kind not in OUTCOMES:
+            raise TaskError(f"outcome must be one of {OUTCOMES}; got {kind!r}.")
+        return self.measure(outputs, batch, kind)
 
 
 def check_per_example(values: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
@@ -149,6 +171,10 @@ class ClassificationTask(Task):
         correct = outputs.gather(-1, label).squeeze(-1)
         others = outputs.scatter(-1, label, float("-inf"))
         return correct - torch.logsumexp(others, dim=-1)
+
+    def correct_from_outputs(self, outputs: torch.Tensor, batch: ExampleSet) -> torch.Tensor:
+        """Arg-max class equals the label, ``[B]``."""
+        return outputs.argmax(dim=-1) == batch[self.label_key]
 
     def logit_noise(
         self, outputs: torch.Tensor, batch: ExampleSet, xi: torch.Tensor

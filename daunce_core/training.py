@@ -33,6 +33,10 @@ from daunce_core.perturbation import PerturbationDraw, draw_perturbation, epoch_
 ExampleObjective = Callable[[torch.Tensor, ExampleSet, dict], torch.Tensor]
 """``(outputs [B, ...], batch, side) -> per-example objective [B]`` of one copy."""
 
+StepCallback = Callable[[int, Stacked, float], None]
+"""``(steps_done, params, lr)``, called after every optimiser step: ``params`` the live stacked
+parameters (``name -> [G, ...]``; clone what you keep), ``lr`` the learning rate the step used."""
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -164,6 +168,7 @@ def train_copies(
     init: Stacked | None = None,
     seed: int = 0,
     vectorize: bool = True,
+    on_step: StepCallback | None = None,
 ) -> TrainedCopies:
     """Train ``G = len(draws)`` copies of ``model``, copy ``g`` on ``draws[g].subset``.
 
@@ -184,6 +189,7 @@ def train_copies(
         init: starting parameters ``[G, ...]`` (default: the model's, for every copy).
         seed: seed of the visiting order.
         vectorize: train the copies at once with ``vmap`` (True) or one after another.
+        on_step: optional `StepCallback` after every step (e.g. to keep checkpoints).
     """
     params = init if init is not None else stack_copies(model, names, len(draws))
     params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
@@ -205,10 +211,13 @@ def train_copies(
         opt.zero_grad(set_to_none=False)
         torch.where(diverged, torch.zeros_like(values), values).sum().backward()
         _freeze(params, diverged)
+        lr = opt.param_groups[0]["lr"]
         opt.step()
         if schedule is not None:
             schedule.step()
         last = values.detach().double()
+        if on_step is not None:
+            on_step(step + 1, params, lr)
     diverged |= ~_finite_copies(params)
     return TrainedCopies(
         params={k: v.detach() for k, v in params.items()},
@@ -248,11 +257,13 @@ def fit(
     *,
     l2: float = 0.0,
     seed: int = 0,
+    on_step: StepCallback | None = None,
 ) -> nn.Module:
     """Train ``model`` in place by empirical risk minimisation: mean loss + ``½·l2·‖θ‖²``.
 
     The base model of a run, trained with the same trainer as the perturbed copies; ``l2`` is its
-    regularisation strength, which DAUNCE's proximal term reuses by default.
+    regularisation strength, which DAUNCE's proximal term reuses by default. ``on_step`` (a
+    `StepCallback`, params ``[1, ...]``) sees every step, e.g. to keep checkpoints for TracIn.
     """
     names = trainable_names(model, task)
     draw = draw_perturbation(num_examples(data), 0, seed=seed, subset_ratio=1.0)
@@ -268,6 +279,7 @@ def fit(
         l2=l2,
         seed=seed,
         vectorize=False,
+        on_step=on_step,
     )
     if result.diverged[0]:
         raise DaunceError("training diverged (non-finite loss); lower the learning rate.")

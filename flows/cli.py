@@ -44,6 +44,31 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("config")
     add.add_argument("--queries", required=True, help="a Parquet/JSONL/NPZ file or dataset folder")
     add.add_argument("--workspace")
+    lds = commands.add_parser(
+        "lds", help="linear datamodeling score of DAUNCE, baselines and score files"
+    )
+    removal = commands.add_parser(
+        "removal", help="subset-removal test of DAUNCE, baselines and score files"
+    )
+    for sub in (lds, removal):
+        sub.add_argument("config", help="path of the run configuration (YAML)")
+        sub.add_argument(
+            "--baseline",
+            action="append",
+            metavar="METHOD",
+            help="also evaluate a baseline (repeatable; adds to evaluation.baselines)",
+        )
+        sub.add_argument(
+            "--scores",
+            action="append",
+            metavar="NAME=PATH",
+            help="also evaluate a score matrix [n_train, m_query] (.npy, .npz or Zarr)",
+        )
+        sub.add_argument("--seeds", type=int, help="retraining seeds S")
+        sub.add_argument("--overwrite", action="store_true")
+        sub.add_argument("--workspace")
+    lds.add_argument("--subsets", type=int, help="ground-truth subsets M (may grow later)")
+    removal.add_argument("--sizes", type=int, nargs="+", help="numbers of examples removed")
     for name, text in (("runs", "list runs"), ("status", "state of a run (default: latest)")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--workspace", default=DEFAULT_WORKSPACE)

@@ -67,6 +67,70 @@ def add_queries(args) -> int:
     return 0
 
 
+def _evaluation_config(args, section: str):
+    """The run configuration with the command line's evaluation options applied."""
+    import dataclasses
+
+    from flows.config import BaselineConfig, ScoreFile
+
+    config = _load(args)
+    evaluation = config.evaluation
+    extra = [BaselineConfig(method=m) for m in args.baseline or []]
+    files = []
+    for item in args.scores or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise DaunceError(f"--scores takes NAME=PATH; got {item!r}.")
+        files.append(ScoreFile(name=name, path=str(Path(path).resolve())))
+    changes = {
+        key: value
+        for key, value in (
+            ("seeds", args.seeds),
+            ("subsets", getattr(args, "subsets", None)),
+            ("sizes", getattr(args, "sizes", None)),
+        )
+        if value is not None
+    }
+    evaluation = dataclasses.replace(
+        evaluation,
+        baselines=[*evaluation.baselines, *extra],
+        scores=[*evaluation.scores, *files],
+        **{section: dataclasses.replace(getattr(evaluation, section), **changes)},
+    )
+    return dataclasses.replace(config, evaluation=evaluation)
+
+
+def lds(args) -> int:
+    """``daunce lds CONFIG``: ground truth, then the LDS of every method; prints a table."""
+    config = _evaluation_config(args, "lds")
+    prefect_environment(config.workspace)
+    from flows.evaluate import run_lds
+
+    summary = run_lds(config, overwrite=args.overwrite)
+    m, s = summary["grid"]
+    print(f"\nLDS ({summary['outcome']}) of run {summary['run_id']}, {m} subsets × {s} seeds:")
+    for name, r in sorted(summary["results"].items(), key=lambda kv: -kv[1]["mean"]):
+        print(f"  {name:<24} {r['mean']:.3f} ± {r['stderr']:.3f}")
+    print("per query: SELECT * FROM lds_per_query; all runs: SELECT * FROM lds_results")
+    return 0
+
+
+def removal(args) -> int:
+    """``daunce removal CONFIG``: the subset-removal test of every method; prints a table."""
+    config = _evaluation_config(args, "removal")
+    prefect_environment(config.workspace)
+    from flows.evaluate import run_removal
+
+    summary = run_removal(config, overwrite=args.overwrite)
+    print(f"\nsubset removal, run {summary['run_id']}: fraction of queries flipped")
+    import polars as pl
+
+    with pl.Config(tbl_rows=100):
+        print(pl.DataFrame(summary["table"]))
+    print("all runs: SELECT * FROM removal_results")
+    return 0
+
+
 def _print_summary(summary: dict) -> None:
     print(
         f"run {summary['run_id']}: {summary['num_train']} train × {summary['num_queries']} "

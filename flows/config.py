@@ -13,11 +13,16 @@ model:
   l2: 0.001                        # its L2 strength (DAUNCE's default proximal λ)
   seed: 0
   train: {lr: 0.1, epochs: 30, batch_size: 64}
-daunce:                            # daunce_core.DaunceConfig; objective and train nested
+daunce:                            # daunce_core.DaunceConfig; unset fields: FLOW_DAUNCE
   num_models: 64
-  objective: {variant: hessian, labels: observed}
+  objective: {variant: hessian, labels: sampled, rho: 0.1}
 exports: {top_k: 20}
 execution: {task_runner: threads, workers: 2, retries: 2}
+evaluation:                        # `daunce lds` / `daunce removal`; not part of the run's identity
+  baselines: [gradient_dot, {method: trak, options: {projection_dim: 512}}]
+  scores: [{name: mine, path: my_scores.npy}]   # score matrices of your own, [n_train, m_query]
+  lds: {subsets: 100, seeds: 3, alpha: 0.5, outcome: null, group_size: 32}
+  removal: {sizes: [10, 20, 40, 80], seeds: 3, random_trials: 1, per_group: 10}
 ```
 
 The run's identity (its folder name and cache keys) covers everything that determines the
@@ -95,6 +100,145 @@ class ExecutionConfig:
 
 
 @dataclass(frozen=True)
+class BaselineConfig:
+    """A baseline method computed beside DAUNCE (`daunce_core.baselines.BASELINES`)."""
+
+    method: str
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_name(cls, method: str) -> BaselineConfig:
+        """A baseline with its default options, from its name alone (``- gradient_dot``)."""
+        return cls(method=method)
+
+    def __post_init__(self) -> None:
+        from daunce_core.baselines import BASELINES
+
+        if self.method not in BASELINES:
+            raise DaunceError(f"unknown baseline {self.method!r}; choose one of {list(BASELINES)}.")
+
+    @property
+    def name(self) -> str:
+        """The method's name in tables: the method, or ``method-<digest>`` with options."""
+        return self.method if not self.options else f"{self.method}-{digest_json(self.options)[:8]}"
+
+
+@dataclass(frozen=True)
+class ScoreFile:
+    """A score matrix of the user's own (``.npy``, ``.npz`` with ``scores``, or a Zarr array).
+
+    Oriented ``[n_train, m_query]`` in the order of the run's canonical data (the order of the
+    source files), positive for proponents.
+    """
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class LDSConfig:
+    """The linear datamodeling score's ground truth (DESIGN §2).
+
+    ``subsets`` (M) random subsets of ``round(alpha·n)`` examples, each retrained from scratch
+    with the model's training recipe from ``seeds`` (S) initialisations; ``outcome`` is the
+    query measurement (``loss`` or ``margin``; null: DAUNCE's ``measurement``). M and S may grow
+    later: only the new retrainings run. ``group_size`` models are trained at once per task.
+    """
+
+    subsets: int = 100
+    seeds: int = 3
+    alpha: float = 0.5
+    outcome: str | None = None
+    seed: int = 0
+    group_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.subsets < 2 or self.seeds < 1 or self.group_size < 1:
+            raise DaunceError("lds needs subsets >= 2, seeds >= 1 and group_size >= 1.")
+        if not 0 < self.alpha < 1:
+            raise DaunceError(f"lds.alpha must be in (0, 1); got {self.alpha}.")
+        if self.outcome not in (None, "loss", "margin"):
+            raise DaunceError(
+                f"lds.outcome must be 'loss', 'margin' or null; got {self.outcome!r}."
+            )
+
+
+@dataclass(frozen=True)
+class RemovalConfig:
+    """The subset-removal test (DESIGN §2), `daunce_core.removal`.
+
+    Correctly answered queries are grouped by ``group_by`` (a label column; null: one group),
+    at most ``per_group`` queries per group; for each group and method the ``sizes`` training
+    examples with the highest summed scores are removed and the model retrained from
+    ``seeds`` initialisations, against ``random_trials`` random removals of the same sizes
+    (drawn once for all groups when ``share_random``). ``max_groups`` keeps the first groups.
+    """
+
+    sizes: list[int] = field(default_factory=lambda: [10, 20, 40, 80])
+    seeds: int = 3
+    random_trials: int = 1
+    group_by: str | None = "y"
+    per_group: int = 10
+    max_groups: int | None = None
+    share_random: bool = True
+    seed: int = 0
+    group_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not self.sizes or min(self.sizes) < 1 or self.seeds < 1 or self.per_group < 1:
+            raise DaunceError("removal needs sizes >= 1, seeds >= 1 and per_group >= 1.")
+        if self.random_trials < 1 or self.group_size < 1:
+            raise DaunceError("removal needs random_trials >= 1 and group_size >= 1.")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """What `daunce lds` and `daunce removal` evaluate, and how."""
+
+    baselines: list[BaselineConfig] = field(default_factory=list)
+    scores: list[ScoreFile] = field(default_factory=list)
+    lds: LDSConfig = field(default_factory=LDSConfig)
+    removal: RemovalConfig = field(default_factory=RemovalConfig)
+
+    def __post_init__(self) -> None:
+        names = [b.name for b in self.baselines] + [s.name for s in self.scores]
+        if len(set(names)) != len(names) or "daunce" in names:
+            raise DaunceError(
+                f"evaluation method names must be distinct and not 'daunce'; got {names}."
+            )
+
+
+FLOW_DAUNCE = {
+    "num_models": 256,
+    "subset_ratio": 1.0,
+    "objective": {"labels": "sampled", "rho": 0.1},
+    "train": {"lr": 0.05, "epochs": 3, "batch_size": 64},
+    "score": "covariance",
+}
+"""The attribute flow's DAUNCE settings where a configuration leaves them out (README,
+"Defaults from evidence"): sampled-label perturbations on the whole training set, ρ = 0.1,
+three epochs per copy, covariance scores. Fields given in the ``daunce`` section replace these
+one by one; a black-box objective falls back to the paper's form (it needs subsets, r < 1)."""
+
+
+def flow_daunce(section: dict | None) -> dict:
+    """The ``daunce`` section with the flow's defaults (`FLOW_DAUNCE`) under the user's fields."""
+    section = dict(section or {})
+    objective = section.get("objective") or {}
+    if isinstance(objective, dict) and objective.get("access") == "black_box":
+        return section
+    merged = {**FLOW_DAUNCE, **section}
+    for key in ("objective", "train"):
+        if isinstance(section.get(key), dict):
+            merged[key] = {**FLOW_DAUNCE[key], **section[key]}
+    return merged
+
+
+def _flow_daunce_config() -> DaunceConfig:
+    return from_dict(DaunceConfig, flow_daunce(None), "daunce")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole pipeline run."""
 
@@ -103,9 +247,10 @@ class RunConfig:
     name: str = "run"
     workspace: str = "daunce-runs"
     task: dict = field(default_factory=lambda: {"kind": "classification"})
-    daunce: DaunceConfig = field(default_factory=DaunceConfig)
+    daunce: DaunceConfig = field(default_factory=_flow_daunce_config)
     exports: ExportConfig = field(default_factory=ExportConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def identity(self) -> dict:
         """What names the run: everything but K, the queries and how it is executed.
@@ -121,7 +266,7 @@ class RunConfig:
         checkpoint = plain["model"]["checkpoint"]
         if checkpoint:
             plain["model"]["checkpoint"] = digest_path(checkpoint)
-        for key in ("name", "workspace", "exports", "execution"):
+        for key in ("name", "workspace", "exports", "execution", "evaluation"):
             plain.pop(key)
         return plain
 
@@ -148,6 +293,9 @@ def load_config(path: str | Path, **overrides: Any) -> RunConfig:
         raise DaunceError(f"{path} is not valid YAML: {error}") from error
     raw = _resolve_paths(raw, path.parent)
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    if not isinstance(raw.get("daunce", {}), dict):
+        raise DaunceError(f"config field daunce must be a mapping; got {raw['daunce']!r}.")
+    raw["daunce"] = flow_daunce(raw.get("daunce"))
     return from_dict(RunConfig, raw, "")
 
 
@@ -162,6 +310,9 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
                 source["path"] = absolute(source["path"])
     if raw.get("model", {}).get("checkpoint"):
         raw["model"]["checkpoint"] = absolute(raw["model"]["checkpoint"])
+    for score in (raw.get("evaluation") or {}).get("scores") or []:
+        if isinstance(score, dict) and "path" in score:
+            score["path"] = absolute(score["path"])
     if "workspace" in raw:
         raw["workspace"] = absolute(raw["workspace"])
     return raw

@@ -1,10 +1,23 @@
-"""Baselines against their closed forms."""
+"""Baselines against their closed forms; TracIn and its checkpoints; the uniform entry point."""
+
+import math
 
 import numpy as np
+import pytest
 import torch
 
-from daunce_core.baselines import gradient_dot, influence, trak
+from daunce_core import ClassificationTask, DaunceError, DaunceWarning, TrainConfig, fit
+from daunce_core.baselines import (
+    BASELINES,
+    baseline_scores,
+    fit_checkpoints,
+    gradient_dot,
+    influence,
+    tracin,
+    trak,
+)
 from daunce_core.influence import FlatModel, exact_targets, per_example_gradients
+from daunce_core.models import build_model
 from daunce_core.problems import logistic_regression
 
 
@@ -67,3 +80,111 @@ def test_trak_with_a_full_rank_projection_equals_the_unprojected_formula():
     np.testing.assert_allclose(square, expected, rtol=1e-6, atol=1e-9)
     small = trak(prob.model, prob.task, prob.train, prob.queries, projection_dim=4)
     assert np.corrcoef(small.ravel(), expected.ravel())[0, 1] < 0.999  # projection loses some
+
+
+def mlp_setup(n=40, m=5):
+    """A small MLP classifier, its recipe and its trained base model (float64)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n + m, 4, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    train, queries = {"x": x[:n], "y": y[:n]}, {"x": x[n:], "y": y[n:]}
+
+    def make_model(seed):
+        return build_model({"kind": "mlp", "inputs": 4, "hidden": [6], "outputs": 3}, seed).double()
+
+    config = TrainConfig(lr=0.1, epochs=4, batch_size=8)
+    model = fit(make_model(0), ClassificationTask(), train, config, l2=1e-3, seed=0)
+    return model, ClassificationTask(), train, queries, make_model, config
+
+
+def test_tracin_with_one_checkpoint_and_unit_rate_is_the_gradient_dot_product():
+    prob = problem()
+    for measurement in ("loss", "margin"):
+        expected = gradient_dot(prob.model, prob.task, prob.train, prob.queries, measurement)
+        ours = tracin([prob.model], [1.0], prob.task, prob.train, prob.queries, measurement)
+        np.testing.assert_array_equal(ours, expected)
+    assert not np.array_equal(
+        tracin([prob.model], [1.0], prob.task, prob.train, prob.queries, "loss"), expected
+    )  # the measurements differ, so the check above has teeth
+    doubled = tracin(
+        [prob.model, prob.model], [0.5, 1.5], prob.task, prob.train, prob.queries, "loss"
+    )
+    single = gradient_dot(prob.model, prob.task, prob.train, prob.queries)
+    np.testing.assert_allclose(doubled, 2 * single, rtol=1e-12)
+    with pytest.raises(DaunceError, match="one learning rate per checkpoint"):
+        tracin([prob.model], [1.0, 2.0], prob.task, prob.train, prob.queries)
+
+
+def test_fit_checkpoints_end_bitwise_at_fit_and_weigh_by_the_interval_learning_rate():
+    model, task, train, _, make_model, config = mlp_setup()
+    checkpoints = fit_checkpoints(make_model(0), task, train, config, l2=1e-3, seed=0, count=3)
+    assert len(checkpoints) == 3
+    last_state, _ = checkpoints[-1]
+    for name, value in model.state_dict().items():
+        assert torch.equal(last_state[name], value), name  # bitwise: same trainer, same steps
+    # Evenly spaced (20 steps: at 7, 13, 20) and distinct; the learning rate is each stretch's
+    # mean (cosine: decreasing, positive even for the last stretch).
+    states = [state["0.weight"] for state, _ in checkpoints]
+    assert not torch.equal(states[0], states[1])
+    rates = [lr for _, lr in checkpoints]
+    assert rates[0] > rates[1] > rates[2] > 0
+    total = config.total_steps(40)
+    cosine = [0.1 * 0.5 * (1 + math.cos(math.pi * t / total)) for t in range(total)]
+    assert rates[0] == pytest.approx(np.mean(cosine[:7]))
+    assert rates[2] == pytest.approx(np.mean(cosine[13:]))
+    constant = TrainConfig(lr=0.2, steps=6, batch_size=8, schedule="constant")
+    flat = fit_checkpoints(make_model(0), task, train, constant, count=6)
+    assert [lr for _, lr in flat] == pytest.approx([0.2] * 6)
+    with pytest.raises(DaunceError, match="count must be in"):
+        fit_checkpoints(make_model(0), task, train, constant, count=7)
+
+
+def test_baseline_scores_every_method_gives_finite_train_by_query_scores():
+    model, task, train, queries, make_model, config = mlp_setup()
+    options = {"trak": {"projection_dim": 16}, "trak_ensemble": {"models": 2, "projection_dim": 16}}
+    for method in BASELINES:
+        scores = baseline_scores(
+            method,
+            model,
+            task,
+            train,
+            queries,
+            l2=1e-3,
+            make_model=make_model,
+            train_config=config,
+            options=options.get(method),
+        )
+        assert scores.shape == (40, 5), method
+        assert np.isfinite(scores).all(), method
+        assert np.abs(scores).max() > 0, method
+    # tracin through the entry point = tracin over fit_checkpoints' models.
+    checkpoints = fit_checkpoints(make_model(0), task, train, config, l2=1e-3, count=2)
+    models = []
+    for state, _ in checkpoints:
+        clone = make_model(0)
+        clone.load_state_dict(state)
+        models.append(clone)
+    direct = tracin(models, [lr for _, lr in checkpoints], task, train, queries)
+    via = baseline_scores(
+        "tracin", model, task, train, queries, l2=1e-3, make_model=make_model,
+        train_config=config, options={"checkpoints": 2},
+    )  # fmt: skip
+    np.testing.assert_allclose(via, direct, rtol=1e-12)
+
+
+def test_baseline_scores_errors_name_the_valid_choices():
+    model, task, train, queries, make_model, config = mlp_setup(n=12, m=2)
+    with pytest.raises(DaunceError, match="valid: gradient_dot, influence, trak, tracin, ekfac"):
+        baseline_scores("datamodels", model, task, train, queries, l2=1e-3)
+    with pytest.raises(DaunceError, match=r"\['projection'\].*valid: projection_dim, damping"):
+        baseline_scores("trak", model, task, train, queries, l2=1e-3, options={"projection": 8})
+    with pytest.raises(DaunceError, match="make_model"):
+        baseline_scores("tracin", model, task, train, queries, l2=1e-3)
+    with pytest.raises(DaunceError, match="make_model"):
+        baseline_scores("trak_ensemble", model, task, train, queries, l2=1e-3)
+    other = fit(make_model(5), task, train, config, l2=1e-3, seed=5)
+    with pytest.warns(DaunceWarning, match="do not end at the given model"):
+        baseline_scores(
+            "tracin", other, task, train, queries, l2=1e-3, make_model=make_model,
+            train_config=config, options={"checkpoints": 1},
+        )  # fmt: skip

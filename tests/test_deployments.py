@@ -11,7 +11,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_every_deployment_points_at_a_flow_that_takes_its_parameters():
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    assert {d["name"] for d in spec["deployments"]} == {"attribute-digits", "nightly-curation"}
+    assert {d["name"] for d in spec["deployments"]} == {
+        "attribute-digits",
+        "lds-digits",
+        "removal-digits",
+        "nightly-curation",
+    }
     for deployment in spec["deployments"]:
         path, _, name = deployment["entrypoint"].partition(":")
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))

@@ -150,6 +150,7 @@ def test_diverged_copies_are_left_out_and_reported(harness, tmp_path):
         subset_ratio=0.3,
         group_size=8,
         train={"lr": 0.1, "epochs": 3, "batch_size": 6},
+        objective={"labels": "observed", "rho": 1.0},  # the paper's form: these copies overflow
     )
     config = load_config(path)
     model = dataclasses.replace(

@@ -137,3 +137,19 @@ def test_total_steps_follow_epochs_or_steps():
 def test_bad_training_settings_are_refused(kwargs, match):
     with pytest.raises(DaunceError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_model_initialisation_is_reproducible_from_concurrent_threads():
+    """Mapped tasks build models in threads; each must get exactly its seed's initial weights."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from daunce_core.models import build_model
+
+    recipe = {"kind": "mlp", "inputs": 64, "hidden": [256, 256], "outputs": 10}
+    seeds = list(range(8)) * 4
+    serial = {s: build_model(recipe, seed=s).state_dict() for s in range(8)}
+    with ThreadPoolExecutor(8) as pool:
+        built = list(pool.map(lambda s: (s, build_model(recipe, seed=s).state_dict()), seeds))
+    for seed, state in built:
+        for name, value in state.items():
+            torch.testing.assert_close(value, serial[seed][name], rtol=0, atol=0)

@@ -1,0 +1,494 @@
+"""Evaluation flows: the linear datamodeling score (``lds``) and subset removal (``removal``).
+
+Both start from a run configuration, make sure its DAUNCE scores exist (the attribute flow's
+tasks, served from cache when done), compute the configured baselines into the same layout as
+DAUNCE's scores, then:
+
+* ``lds``: ground truth — M random subsets × S seeds retrained from scratch, as mapped tasks
+  writing into a shared, content-addressed Zarr store (``<workspace>/truth/<digest>``; M and S
+  can grow later) — then the LDS of every method against it;
+* ``removal``: for each method and each group of correctly answered queries, the top-N
+  training examples removed and the model retrained from several seeds, against random
+  removals of the same N (`daunce_core.removal`).
+
+Results go to Parquet under the run folder (``evaluations/``), with views in the lineage
+database (``lds_results``, ``lds_per_query``, ``removal_results``), and into its
+``evaluations`` table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import zarr
+from prefect import flow, unmapped
+from prefect.futures import as_completed
+
+from daunce_core.config import from_dict, to_dict
+from daunce_core.digest import digest_json, digest_path
+from daunce_core.errors import DaunceError
+from daunce_core.exports import write_parquet
+from daunce_core.lds import lds_subsets
+from daunce_core.lineage import Lineage
+from daunce_core.store import DONE, OutcomeStore, remove_partials
+from flows.attribute import (
+    _call,
+    _inputs,
+    _key_storage,
+    _locked_attribute,
+    _task_runner,
+    _write_atomic,
+    workspace_lock,
+)
+from flows.config import RunConfig
+from tasks.common import Layout
+from tasks.evaluation import baseline, ground_truth, lds_of_scores, score_source
+
+
+def retrain_spec(run: RunConfig, records: dict, outcome: str) -> dict:
+    """Everything a retraining from scratch depends on: data, recipe, training, outcome."""
+
+    def pick(record: dict) -> dict:
+        return {"uri": record["uri"], "digest": record["digest"]}
+
+    return {
+        "recipe": run.model.recipe,
+        "model_seed": run.model.seed,
+        "task": run.task,
+        "train_recipe": to_dict(run.model.train),
+        "l2": run.model.l2,
+        "train": pick(records["train"]),
+        "queries": pick(records["queries"]),
+        "model": pick(records["model"]),
+        "num_train": records["train"]["count"],
+        "outcome": outcome,
+        "run_id": run.run_id(),
+    }
+
+
+def _methods(run: RunConfig, run_dir: Path, spec: dict, policy, states: list) -> list[dict]:
+    """Score sources of every method: DAUNCE's, each configured baseline's, the user's files."""
+    marker = run_dir / "store" / "scores.key"
+    sources = [
+        score_source("daunce", str(run_dir / "store" / "scores"))
+        | {"digest": marker.read_text() if marker.exists() else "missing"}
+    ]
+    records: dict = {}
+    for config in run.evaluation.baselines:
+        out_dir = run_dir / "baselines" / config.name
+        record = _call(
+            records,
+            states,
+            f"baseline-{config.name}",
+            baseline.with_options(cache_policy=policy),
+            config.name,
+            config.method,
+            config.options,
+            str(out_dir),
+            {k: v for k, v in spec.items() if k != "outcome"},
+            run.exports.top_k,
+            marker=out_dir / "scores.key",
+        )
+        print(f"baseline {config.name}: scores in {record['seconds']:.1f}s")
+        sources.append(score_source(config.name, record["uri"]) | {"digest": record["digest"]})
+    for score_file in run.evaluation.scores:
+        source = score_source(score_file.name, score_file.path)
+        if not Path(source["path"]).exists():
+            raise DaunceError(
+                f"evaluation.scores {score_file.name!r}: {score_file.path} does not exist."
+            )
+        sources.append(source | {"digest": digest_path(source["path"])})
+    return sources
+
+
+def _prepare(run: RunConfig, overwrite: bool, states: list) -> tuple:
+    """The attribute run (cached when done), then the records of its inputs."""
+    summary = _locked_attribute(run, overwrite)
+    workspace = Path(run.workspace)
+    layout, policy = Layout(workspace, run.run_id()), _key_storage(workspace)
+    records = _inputs(run, layout, policy, states)
+    return summary, layout, policy, records
+
+
+def _ground_truth(run: RunConfig, layout: Layout, spec: dict, policy, states: list) -> tuple:
+    """Retrain the pending LDS jobs, mapped in groups; return the truth folder and the grid."""
+    lds = run.evaluation.lds
+    subsets = {"alpha": lds.alpha, "seed": lds.seed}
+    key = digest_json({"spec": {k: v for k, v in spec.items() if k != "run_id"}, **subsets})
+    truth_dir = layout.shared("truth", key)
+    remove_partials(truth_dir)
+    store = OutcomeStore(truth_dir)
+    n, m = spec["num_train"], _num_queries(spec)
+    store.ensure((lds.subsets, lds.seeds), m, key)
+    masks = lds_subsets(n, lds.subsets, lds.alpha, lds.seed)
+    array = zarr.create_array(
+        store=str(truth_dir / "subsets"),
+        shape=masks.shape,
+        chunks=(1, n),
+        dtype="bool",
+        overwrite=True,
+    )
+    array[:] = masks
+    status = store.status()
+    pairs = [[m_, s] for m_ in range(lds.subsets) for s in range(lds.seeds)]
+    size = lds.group_size
+    groups = [pairs[i : i + size] for i in range(0, len(pairs), size)]
+    pending = [g for g in groups if any(status[m_, s] != DONE for m_, s in g)]
+    done = [g for g in groups if g not in pending]
+    task = ground_truth.with_options(cache_policy=policy, retries=run.execution.retries)
+    args = {
+        "truth_dir": unmapped(str(truth_dir)),
+        "spec": unmapped(spec),
+        "subsets": unmapped(subsets),
+    }
+    futures = [
+        *(task.with_options(refresh_cache=True).map(pending, **args) if pending else []),
+        *(task.map(done, **args) if done else []),
+    ]
+    total, count = len(pairs), sum(len(g) for g in done)
+    for future in as_completed(futures):
+        result = future.result()
+        if result["trained"]:
+            count += len(result["pairs"])
+            print(f"ground truth: {count}/{total} retrainings ready")
+        states.append(
+            {
+                "task": "ground-truth",
+                "key": f"{result['pairs'][0]}-{result['pairs'][-1]}",
+                "status": future.state.name,
+                "seconds": result["seconds"],
+            }
+        )
+    return truth_dir, [lds.subsets, lds.seeds], subsets, key
+
+
+def _num_queries(spec: dict) -> int:
+    index = Path(spec["queries"]["uri"]) / "index.parquet"
+    return pl.read_parquet(index, columns=["example_id"]).height
+
+
+def _query_ids(spec: dict) -> np.ndarray:
+    index = Path(spec["queries"]["uri"]) / "index.parquet"
+    return pl.read_parquet(index, columns=["example_id"])["example_id"].to_numpy()
+
+
+@flow(name="lds", log_prints=True)
+def lds_flow(config: dict, overwrite: bool = False) -> dict:
+    """The LDS of DAUNCE's scores, the configured baselines and the user's score files."""
+    run = from_dict(RunConfig, config, "")
+    with workspace_lock(Path(run.workspace)):
+        return _lds(run, overwrite)
+
+
+def _lds(run: RunConfig, overwrite: bool) -> dict:
+    started, states = time.perf_counter(), []
+    summary, layout, policy, records = _prepare(run, overwrite, states)
+    outcome = run.evaluation.lds.outcome or run.daunce.measurement
+    spec = retrain_spec(run, records, outcome)
+    run_dir = Path(summary["run_dir"])
+    sources = _methods(run, run_dir, spec, policy, states)
+    truth_dir, grid, subsets, truth_key = _ground_truth(run, layout, spec, policy, states)
+    results = []
+    for source in sources:
+        state = lds_of_scores.with_options(cache_policy=policy)(
+            {k: v for k, v in source.items() if k != "digest"},
+            source["digest"],
+            str(truth_dir),
+            grid,
+            subsets,
+            return_state=True,
+        )
+        results.append(state.result())
+        states.append({"task": "lds", "key": source["name"], "status": state.name, "seconds": 0.0})
+    frames = _write_lds(run, run_dir, spec, results, outcome, truth_key)
+    _record_lds(run, results, outcome, truth_dir, frames)
+    seconds = time.perf_counter() - started
+    for r in results:
+        print(f"LDS ({outcome}) {r['name']}: {r['mean']:.3f} ± {r['stderr']:.3f}")
+    return {
+        "run_id": run.run_id(),
+        "run_dir": str(run_dir),
+        "truth_dir": str(truth_dir),
+        "outcome": outcome,
+        "grid": grid,
+        "results": {r["name"]: {"mean": r["mean"], "stderr": r["stderr"]} for r in results},
+        "states": {f"{s['task']}[{s['key']}]": s["status"] for s in states},
+        "seconds": seconds,
+    }
+
+
+def _write_lds(run, run_dir: Path, spec: dict, results: list, outcome: str, truth_key: str):
+    ids = _query_ids(spec)
+    summary = pl.DataFrame(
+        {
+            "run_id": [run.run_id()] * len(results),
+            "method": [r["name"] for r in results],
+            "outcome": [outcome] * len(results),
+            "lds": [r["mean"] for r in results],
+            "stderr": [r["stderr"] for r in results],
+            "subsets": [r["subsets"] for r in results],
+            "seeds": [r["seeds"] for r in results],
+            "truth": [truth_key[:16]] * len(results),
+        }
+    )
+    per_query = pl.concat(
+        [
+            pl.DataFrame(
+                {
+                    "run_id": [run.run_id()] * len(ids),
+                    "method": [r["name"]] * len(ids),
+                    "outcome": [outcome] * len(ids),
+                    "query_id": ids,
+                    "spearman": pl.Series(r["per_query"], dtype=pl.Float64),
+                }
+            )
+            for r in results
+        ]
+    )
+    folder = run_dir / "evaluations"
+    write_parquet(summary, folder / f"lds-{outcome}.parquet")
+    write_parquet(per_query, folder / f"lds_per_query-{outcome}.parquet")
+    return {"lds": summary, "per_query": per_query}
+
+
+def _record_lds(run: RunConfig, results: list, outcome: str, truth_dir: Path, frames) -> None:
+    lineage = Lineage(Path(run.workspace) / "lineage.duckdb")
+    for r in results:
+        lineage.record_evaluation(
+            run.run_id(),
+            f"lds/{outcome}",
+            r["mean"],
+            {"subsets": r["subsets"], "seeds": r["seeds"], "truth": str(truth_dir)},
+            method=r["name"],
+            stderr=r["stderr"],
+        )
+    lineage.create_views(Path(run.workspace) / "runs")
+
+
+def _with_results(run: RunConfig, fn, overwrite: bool) -> dict:
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    results = Path(run.workspace).resolve() / ".prefect" / "results"
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(results)}):
+        return fn.with_options(task_runner=_task_runner(run))(to_dict(run), overwrite=overwrite)
+
+
+def run_lds(config: RunConfig, overwrite: bool = False) -> dict:
+    """Run `lds_flow` for ``config`` (results and cache keys kept in the workspace)."""
+    return _with_results(config, lds_flow, overwrite)
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Write ``value`` as indented JSON, atomically."""
+    _write_atomic(path, json.dumps(value, indent=1))
+
+
+@flow(name="subset-removal", log_prints=True)
+def removal_flow(config: dict, overwrite: bool = False) -> dict:
+    """Subset removal for DAUNCE's scores, the configured baselines and the user's files."""
+    run = from_dict(RunConfig, config, "")
+    with workspace_lock(Path(run.workspace)):
+        return _removal(run, overwrite)
+
+
+def _groups(run: RunConfig, spec: dict) -> list[np.ndarray]:
+    """Groups of the queries the base model answers correctly (`daunce_core.removal`)."""
+    from daunce_core.removal import correct_queries, query_groups
+    from tasks.common import load_base_model
+    from tasks.evaluation import retrain_context
+
+    settings = run.evaluation.removal
+    context = retrain_context(spec)
+    model = load_base_model(spec["recipe"], spec["model"]["uri"], seed=spec["model_seed"])
+    correct = correct_queries(model, context["task"], context["queries"])
+    labels = None
+    if settings.group_by is not None:
+        if settings.group_by not in context["queries"]:
+            raise DaunceError(
+                f"evaluation.removal.group_by: the queries have no column "
+                f"{settings.group_by!r} (columns: {sorted(context['queries'])}); name one, or "
+                "set it to null for one group of all correctly answered queries."
+            )
+        labels = context["queries"][settings.group_by].numpy()
+    groups = query_groups(correct, labels, max_per_group=settings.per_group, seed=settings.seed)
+    return groups[: settings.max_groups] if settings.max_groups else groups
+
+
+def _plans(run: RunConfig, sources: list[dict], groups, n: int, m: int) -> dict:
+    """One removal plan per method, from its scores on the groups' queries."""
+    from daunce_core.removal import plan_removal
+    from tasks.evaluation import read_scores
+
+    settings = run.evaluation.removal
+    columns = np.unique(np.concatenate(groups))
+    plans = {}
+    for source in sources:
+        matrix = read_scores(source, (n, m))
+        picked = matrix.oindex[:, columns] if source["kind"] == "zarr" else matrix[:, columns]
+        scores = np.zeros((n, m))  # only the groups' columns enter a plan
+        scores[:, columns] = np.asarray(picked, dtype=np.float64)
+        plans[source["name"]] = plan_removal(
+            scores,
+            groups,
+            settings.sizes,
+            settings.seeds,
+            random_trials=settings.random_trials,
+            seed=settings.seed,
+            share_random=settings.share_random,
+        )
+    return plans
+
+
+def _job_key(job) -> str:
+    return digest_json(
+        {"removed": np.flatnonzero(~job.keep).tolist(), "seed": job.seed, "order": job.order}
+    )
+
+
+def _removal_store(run_dir: Path, spec: dict, plans: dict) -> tuple[Path, dict]:
+    """The run's removal store, grown to hold every job of every plan; job key → row."""
+    folder = run_dir / "removal"
+    remove_partials(folder)
+    index_path = folder / "jobs.json"
+    key = digest_json({k: v for k, v in spec.items() if k != "run_id"})
+    index = json.loads(index_path.read_text()) if index_path.exists() else {"key": key, "jobs": {}}
+    if index["key"] != key:
+        raise DaunceError(
+            f"the removal retrainings in {folder} were made from other inputs; delete that "
+            "folder to start over."
+        )
+    jobs = index["jobs"]
+    for plan in plans.values():
+        for job in plan.jobs:
+            jobs.setdefault(_job_key(job), len(jobs))
+    OutcomeStore(folder).ensure((len(jobs),), _num_queries(spec), key)
+    write_json(index_path, index)  # written after the store has grown: rows always exist
+    return folder, jobs
+
+
+def _run_removal_jobs(run, folder: Path, spec: dict, plans: dict, rows: dict, policy, states):
+    """Retrain every pending job, in batches of equal size (mapped tasks)."""
+    from tasks.evaluation import retrain
+
+    settings = run.evaluation.removal
+    described = {}
+    for plan in plans.values():
+        for j, job in enumerate(plan.jobs):
+            described[rows[_job_key(job)]] = {
+                "removed": np.sort(plan.removed(j)).tolist(),
+                "seed": int(job.seed),
+                "order": int(job.order),
+            }
+    status = OutcomeStore(folder).status()
+    by_size: dict[int, list[int]] = {}
+    for row in sorted(described):
+        by_size.setdefault(len(described[row]["removed"]), []).append(row)
+    batches = [
+        members[i : i + settings.group_size]
+        for members in by_size.values()
+        for i in range(0, len(members), settings.group_size)
+    ]
+    pending = [b for b in batches if any(status[i] != DONE for i in b)]
+    done = [b for b in batches if b not in pending]
+    task = retrain.with_options(cache_policy=policy, retries=run.execution.retries)
+    args = {"store_dir": unmapped(str(folder)), "spec": unmapped(spec)}
+    futures = [
+        *(
+            task.with_options(refresh_cache=True).map(
+                pending, jobs=[[described[i] for i in b] for b in pending], **args
+            )
+            if pending
+            else []
+        ),
+        *(task.map(done, jobs=[[described[i] for i in b] for b in done], **args) if done else []),
+    ]
+    count, total = sum(len(b) for b in done), len(described)
+    for future in as_completed(futures):
+        result = future.result()
+        if result["trained"]:
+            count += len(result["index"])
+            print(f"subset removal: {count}/{total} retrainings ready")
+        states.append(
+            {
+                "task": "retrain",
+                "key": f"{result['index'][0]}-{result['index'][-1]}",
+                "status": future.state.name,
+                "seconds": result["seconds"],
+            }
+        )
+
+
+def _removal(run: RunConfig, overwrite: bool) -> dict:
+    from daunce_core.removal import summarize_removal
+
+    started, states = time.perf_counter(), []
+    summary, _, policy, records = _prepare(run, overwrite, states)
+    spec = retrain_spec(run, records, "error")
+    run_dir = Path(summary["run_dir"])
+    sources = _methods(run, run_dir, spec, policy, states)
+    groups = _groups(run, spec)
+    n, m = spec["num_train"], _num_queries(spec)
+    plans = _plans(run, sources, groups, n, m)
+    folder, rows = _removal_store(run_dir, spec, plans)
+    _run_removal_jobs(run, folder, spec, plans, rows, policy, states)
+    outcomes = OutcomeStore(folder).outcomes()
+    table = []
+    for name, plan in plans.items():
+        errors = outcomes[[rows[_job_key(job)] for job in plan.jobs]]
+        result = summarize_removal(plan, errors)
+        for row in result.summary():
+            if row["kind"] == "top":
+                table.append({"method": name} | row)
+            elif name == sources[0]["name"]:  # full and random jobs are the same for all
+                table.append({"method": row["kind"]} | row)
+    frame = pl.DataFrame(table).with_columns(
+        run_id=pl.lit(run.run_id()),
+        groups=pl.lit(len(groups)),
+        seeds=pl.lit(run.evaluation.removal.seeds),
+    )
+    write_parquet(frame, run_dir / "evaluations" / "removal.parquet")
+    lineage = Lineage(Path(run.workspace) / "lineage.duckdb")
+    for row in table:
+        if row["kind"] != "full":
+            lineage.record_evaluation(
+                run.run_id(),
+                f"removal/flipped@{row['size']}",
+                row["mean"],
+                {
+                    "groups": len(groups),
+                    "seeds": run.evaluation.removal.seeds,
+                    "units": row["units"],
+                },
+                method=row["method"],
+                stderr=row["stderr"],
+            )
+    lineage.create_views(Path(run.workspace) / "runs")
+    return {
+        "run_id": run.run_id(),
+        "run_dir": str(run_dir),
+        "groups": [g.tolist() for g in groups],
+        "jobs": len(rows),
+        "table": table,
+        "states": {f"{s['task']}[{s['key']}]": s["status"] for s in states},
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def run_removal(config: RunConfig, overwrite: bool = False) -> dict:
+    """Run `removal_flow` for ``config`` (results and cache keys kept in the workspace)."""
+    return _with_results(config, removal_flow, overwrite)
+
+
+@flow(name="evaluate-from-file", log_prints=True)
+def evaluate_from_file(config_path: str, test: str = "lds", overwrite: bool = False) -> dict:
+    """The ``lds`` or ``removal`` test for a YAML configuration file (for deployments)."""
+    from flows.config import load_config
+
+    runners = {"lds": run_lds, "removal": run_removal}
+    if test not in runners:
+        raise DaunceError(f"test must be 'lds' or 'removal'; got {test!r}.")
+    return runners[test](load_config(config_path), overwrite=overwrite)

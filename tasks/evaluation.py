@@ -1,0 +1,261 @@
+"""Evaluation tasks: retraining from scratch (LDS ground truth, subset removal), baselines, LDS.
+
+Retraining uses the base model's own recipe (``model.recipe``, ``model.train``, ``model.l2``)
+from seeds ``model.seed + s``, many models at once with the vectorised trainer of the copies.
+Like the copies, a group of retrainings is one mapped task that writes its jobs' outcomes into a
+Zarr `OutcomeStore` before marking them done: a killed task redoes only its pending jobs, and a
+larger grid (more subsets, more seeds) trains only the new ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import zarr
+from prefect import task
+
+from daunce_core.baselines import baseline_scores
+from daunce_core.config import from_dict
+from daunce_core.digest import digest_json
+from daunce_core.errors import DaunceError
+from daunce_core.exports import top_table, write_parquet
+from daunce_core.lds import RetrainJob, group_effects, lds_of_effects, lds_subsets, retrain_jobs
+from daunce_core.models import build_model
+from daunce_core.store import DONE, OutcomeStore, RunStore
+from daunce_core.task import task_from_spec
+from daunce_core.training import TrainConfig
+from tasks.common import CACHE_POLICY, artifact, load_base_model, load_split
+
+LDS_ORDER = 100_003
+"""Job ``(m, s)`` of the LDS grid visits its subset in the order keyed ``m·LDS_ORDER + s``."""
+
+
+@functools.lru_cache(maxsize=8)
+def _context(spec_json: str, thread: int):
+    """Model builder, task, data and recipe of a retraining spec (once per process and thread)."""
+    spec = json.loads(spec_json)
+    recipe, seed = spec["recipe"], spec["model_seed"]
+    return {
+        "make_model": lambda s: build_model(recipe, seed=seed + s),
+        "task": task_from_spec(spec["task"]),
+        "train": load_split(spec["train"]["uri"], spec["train"]["digest"]),
+        "queries": load_split(spec["queries"]["uri"], spec["queries"]["digest"]),
+        "config": from_dict(TrainConfig, spec["train_recipe"], "model.train"),
+        "l2": spec["l2"],
+    }
+
+
+def retrain_context(spec: dict) -> dict:
+    """`_context` for ``spec``, one per thread (training swaps a module's parameters)."""
+    return _context(json.dumps(spec, sort_keys=True), threading.get_ident())
+
+
+def _retrain(spec: dict, jobs: list[RetrainJob]) -> np.ndarray:
+    context = retrain_context(spec)
+    return retrain_jobs(
+        context["make_model"],
+        context["task"],
+        context["train"],
+        context["queries"],
+        jobs,
+        context["config"],
+        l2=context["l2"],
+        outcome=spec["outcome"],
+        group_size=len(jobs),
+    )
+
+
+def _pairs_name() -> str:
+    from prefect.runtime import task_run
+
+    pairs = task_run.parameters["pairs"]
+    return f"ground-truth-{pairs[0][0]}.{pairs[0][1]}-{pairs[-1][0]}.{pairs[-1][1]}"
+
+
+@task(
+    name="ground-truth",
+    task_run_name=_pairs_name,
+    cache_policy=CACHE_POLICY,
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+)
+def ground_truth(pairs: list[list[int]], truth_dir: str, spec: dict, subsets: dict) -> dict:
+    """Retrain LDS jobs ``(m, s)`` — subset m, seed s — and write their query outcomes.
+
+    The whole group is retrained when one of its jobs is pending (so a resumed group computes
+    exactly what an uninterrupted one would); only pending jobs are written. ``subsets`` holds
+    ``alpha`` and ``seed`` of `daunce_core.lds.lds_subsets`.
+    """
+    started = time.perf_counter()
+    store = OutcomeStore(truth_dir)
+    status = store.status()
+    todo = [(m, s) for m, s in pairs if status[m, s] != DONE]
+    if todo:
+        n = spec["num_train"]
+        masks = lds_subsets(n, max(m for m, _ in pairs) + 1, subsets["alpha"], subsets["seed"])
+        jobs = [RetrainJob(keep=masks[m], seed=s, order=m * LDS_ORDER + s) for m, s in pairs]
+        values = _retrain(spec, jobs)
+        for (m, s), row in zip(pairs, values, strict=True):
+            if (m, s) in todo:
+                store.write((m, s), row)
+    return {"pairs": pairs, "trained": todo, "seconds": time.perf_counter() - started}
+
+
+def _jobs_name() -> str:
+    from prefect.runtime import task_run
+
+    index = task_run.parameters["index"]
+    return f"retrain-{Path(task_run.parameters['store_dir']).name}-{index[0]}-{index[-1]}"
+
+
+@task(
+    name="retrain",
+    task_run_name=_jobs_name,
+    cache_policy=CACHE_POLICY,
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+)
+def retrain(index: list[int], store_dir: str, spec: dict, jobs: list[dict]) -> dict:
+    """Retrain jobs ``index`` of a flat `OutcomeStore` (subset removal); write their outcomes.
+
+    ``jobs`` holds, per index, the removed training rows (``removed``), the ``seed`` and the
+    ``order`` key; as in `ground_truth`, the whole group is retrained if one job is pending.
+    """
+    started = time.perf_counter()
+    store = OutcomeStore(store_dir)
+    status = store.status()
+    todo = [i for i in index if status[i] != DONE]
+    if todo:
+        n = spec["num_train"]
+        built = []
+        for job in jobs:
+            keep = np.ones(n, dtype=bool)
+            keep[np.asarray(job["removed"], dtype=np.int64)] = False
+            built.append(RetrainJob(keep=keep, seed=job["seed"], order=job["order"]))
+        values = _retrain(spec, built)
+        for i, row in zip(index, values, strict=True):
+            if i in todo:
+                store.write((i,), row)
+    return {"index": index, "trained": todo, "seconds": time.perf_counter() - started}
+
+
+def read_scores(source: dict, shape: tuple[int, int]):
+    """Open a score matrix: ``{"kind": "zarr" | "npy" | "npz", "path": ...}``; check its shape."""
+    path = source["path"]
+    if not Path(path).exists():
+        raise DaunceError(f"the score matrix {path!r} of {source['name']!r} does not exist.")
+    kind = source["kind"]
+    if kind == "zarr":
+        matrix = zarr.open_array(store=path, mode="r")
+    elif kind == "npy":
+        matrix = np.load(path, mmap_mode="r")
+    elif kind == "npz":
+        with np.load(path) as archive:
+            if "scores" not in archive:
+                raise DaunceError(f"{path} holds no array named 'scores' (has {archive.files}).")
+            matrix = archive["scores"]
+    else:
+        raise DaunceError(f"score files must be .npy, .npz or a Zarr array; got {path!r}.")
+    if tuple(matrix.shape) != tuple(shape):
+        raise DaunceError(
+            f"the scores of {source['name']!r} have shape {tuple(matrix.shape)}; this run needs "
+            f"[n_train, m_query] = {list(shape)} (rows in the training data's order)."
+        )
+    return matrix
+
+
+def score_source(name: str, path: str) -> dict:
+    """The source record of a score file or array, its kind told by its suffix."""
+    suffix = Path(path).suffix
+    kind = {".npy": "npy", ".npz": "npz"}.get(suffix, "zarr")
+    return {"name": name, "path": str(path), "kind": kind}
+
+
+@task(
+    name="lds", task_run_name="lds-{source[name]}", cache_policy=CACHE_POLICY, persist_result=True
+)
+def lds_of_scores(
+    source: dict, scores_digest: str, truth_dir: str, grid: list[int], subsets: dict
+) -> dict:
+    """LDS of one score matrix against the first ``grid = [M, S]`` ground-truth retrainings.
+
+    Returns the mean, its standard error and the per-query Spearman correlations.
+    ``scores_digest`` (the scores' content or producing inputs) keys the cache.
+    """
+    store = OutcomeStore(truth_dir)
+    outcomes = -store.outcomes(tuple(grid)).mean(axis=1)  # stored lower-is-better
+    n = int(zarr.open_array(store=str(Path(truth_dir) / "subsets"), mode="r").shape[1])
+    masks = lds_subsets(n, grid[0], subsets["alpha"], subsets["seed"])
+    matrix = read_scores(source, (n, outcomes.shape[1]))
+    result = lds_of_effects(group_effects(matrix, masks), outcomes)
+    return {
+        "name": source["name"],
+        "mean": result.mean,
+        "stderr": result.stderr,
+        "per_query": [None if not np.isfinite(v) else float(v) for v in result.per_query],
+        "subsets": grid[0],
+        "seeds": grid[1],
+    }
+
+
+@task(
+    name="baseline-scores",
+    task_run_name="baseline-{name}",
+    cache_policy=CACHE_POLICY,
+    persist_result=True,
+    retries=1,
+)
+def baseline(name: str, method: str, options: dict, out_dir: str, spec: dict, top_k: int) -> dict:
+    """A baseline's scores ``[n_train, m_query]`` into Zarr, and its top-k tables into Parquet.
+
+    Stored like DAUNCE's (``<out_dir>/store/scores`` and ``<out_dir>/exports/``), with the
+    method's name in the tables, so one SQL query compares methods.
+    """
+    started = time.perf_counter()
+    context = retrain_context(spec)
+    model = load_base_model(spec["recipe"], spec["model"]["uri"], seed=spec["model_seed"])
+    scores = baseline_scores(
+        method,
+        model,
+        context["task"],
+        context["train"],
+        context["queries"],
+        l2=spec["l2"],
+        make_model=context["make_model"],
+        train_config=context["config"],
+        seed=0,
+        options=options,
+    )
+    if not np.isfinite(scores).all():
+        raise DaunceError(f"the baseline {name!r} produced non-finite scores; check its options.")
+    seconds = time.perf_counter() - started
+    out = Path(out_dir)
+    store = RunStore(out / "store")
+    n, m = scores.shape
+    array = store.create_scores(n, m, 8192, 1024)
+    array[:] = scores.astype(np.float32)
+    train_ids, query_ids = (
+        pl.read_parquet(Path(spec[split]["uri"]) / "index.parquet")["example_id"].to_numpy()
+        for split in ("train", "queries")
+    )
+    for view, largest in (("top_proponents", True), ("top_opponents", False)):
+        frame = top_table(array, spec["run_id"], train_ids, query_ids, top_k, largest, name)
+        write_parquet(frame, out / "exports" / f"{view}.parquet")
+    digest = digest_json({"method": method, "options": options, "spec": spec})
+    record = artifact(
+        store.root / "scores",
+        f"scores/{name}",
+        digest,
+        "baseline-scores",
+        inputs=[spec["model"]["uri"], spec["train"]["uri"], spec["queries"]["uri"]],
+        shape=[n, m],
+    )
+    return record | {"name": name, "seconds": seconds}
