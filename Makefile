@@ -42,7 +42,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_convergence.py
 	$(PY) bench/bench_pipeline.py
 	$(PY) bench/bench_lds_synthetic.py
-	$(PY) bench/bench_lds_digits.py
+	$(PY) bench/bench_lds.py
 	$(PY) bench/bench_mislabel.py
 
 clean:

@@ -21,8 +21,9 @@ Methods. The base model's own training is excluded from every method's cost; eve
 method needs beyond it is counted:
 
 * baselines (`daunce_core.baselines`): gradient dot product; the exact influence function
-  ``(H + λ + δ)⁻¹`` at δ = 0, 1e-3, 1e-2 (the MLP's Hessian is indefinite, so δ matters; the
-  best δ is picked with the ground truth, an optimistic baseline); our TRAK with one model
+  ``(H + λ + δ)⁻¹`` at δ = 0, 1e-3, 1e-2 and the pipeline's default δ = 0.1 × the Hessian's
+  mean eigenvalue (the MLP's Hessian is indefinite, so δ matters; the best fixed δ is picked
+  with the ground truth, an optimistic baseline); our TRAK with one model
   (projection 512); TracIn over 5 checkpoints saved during the base model's training (the
   checkpoints come with that excluded training; only the scoring is timed); EK-FAC via
   kronfluence (its default damping heuristic, and δ = 0); TRAK via traker with 1 and with 5
@@ -87,7 +88,7 @@ from torch import nn
 
 from daunce_core import ClassificationTask, DaunceConfig, Objective, TrainConfig
 from daunce_core.baselines import baseline_scores, fit_checkpoints, tracin
-from daunce_core.config import to_dict
+from daunce_core.config import from_dict, to_dict
 from daunce_core.copies import stack_copies, trainable_names
 from daunce_core.datasets import digits
 from daunce_core.evaluation import evaluate_copies
@@ -96,6 +97,7 @@ from daunce_core.perturbation import PerturbationDraw
 from daunce_core.runner import PerturbedCopies
 from daunce_core.scores import collect_statistics, write_scores
 from daunce_core.training import train_copies
+from flows.config import flow_daunce
 
 CACHE = RESULTS / "cache"
 L2 = 1e-3
@@ -504,11 +506,12 @@ class DaunceJob:
 def baseline_jobs(spec: ModelSpec, quick: bool) -> list[BaselineJob]:
     best_damping = 1e-2 if spec.name == "mlp" else 0.0  # best loss LDS in exploration
     jobs = [BaselineJob("gradient dot product", "gradient_dot", margin=True)]
-    dampings = (best_damping,) if quick else (0.0, 1e-3, 1e-2)
+    dampings = (best_damping,) if quick else (0.0, 1e-3, 1e-2, None)
     if not (quick and spec.name == "mlp"):  # exact Hessian of the MLP: ~30 s, skip in smoke
         jobs += [
             BaselineJob(
-                f"influence, exact Hessian, δ={d:g}",
+                "influence, exact Hessian, "
+                + (f"δ={d:g}" if d is not None else "δ=0.1·mean eig. (default)"),
                 "influence",
                 {"damping": d},
                 margin=d == best_damping,
@@ -558,13 +561,9 @@ def describe(config: DaunceConfig, group_cap: int = GROUP_CAP) -> str:
 
 
 def default_config(spec: ModelSpec, **changes) -> DaunceConfig:
-    """The sampled-label candidate: r = 1, ρ = 0.1, 10 epochs at the recipe's lr, covariance."""
-    config = DaunceConfig(
-        subset_ratio=1.0,
-        objective=Objective(labels="sampled", rho=0.1),
-        train=TrainConfig(lr=spec.recipe.lr, epochs=10, batch_size=64),
-        score="covariance",
-    )
+    """The attribute flow's default (`flows.config.flow_daunce` with this model's recipe):
+    sampled labels, r = 1, ρ = 0.1, 10 epochs at the recipe's optimiser and lr, covariance."""
+    config = from_dict(DaunceConfig, flow_daunce(None, to_dict(spec.recipe)), "daunce")
     return replace(config, **changes)
 
 

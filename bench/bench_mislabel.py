@@ -39,9 +39,10 @@ Detectors, and each one's self-score of training example ``i`` (higher = more su
 
 * DAUNCE paper form — ``Var_k L_i(θ^k)``, the variance of the example's loss over K = 128
   perturbed copies (paper defaults: observed labels, r = 0.3, γ = ρ = 1, SGD lr 0.01, 1 epoch).
-* DAUNCE sampled — the same variance with DESIGN §1's improved copies: labels sampled from the
-  model, r = 1, ρ = 0.1, proximal λ = the base L2, SGD lr 0.05, 3 epochs, K = 128 (covariance
-  scores; self-influence is the variance either way).
+* DAUNCE flow default — the same variance with the attribute flow's default copies
+  (`flows.config.flow_daunce` for the setting's recipe; DESIGN §1): labels sampled from the
+  model, r = 1, ρ = 0.1, proximal λ = the base L2, 10 epochs at the recipe's optimiser and
+  learning rate, K = 128 (self-influence is the variance whatever the score).
 * training loss — ``L_i(θ0)``.
 * gradient norm — ``‖∇L_i(θ0)‖²``, the gradient dot product's self-score.
 * exact influence — ``(1/n) ∇L_iᵀ (H + λ + δ)⁻¹ ∇L_i`` with the exact Hessian ``H`` of the mean
@@ -76,16 +77,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
 from common import format_table, machine_info, machine_line, write_results
 
-from daunce_core import ClassificationTask, DaunceConfig, Objective, TrainConfig, attribute
+from daunce_core import ClassificationTask, DaunceConfig, TrainConfig, attribute
 from daunce_core.baselines import baseline_scores, fit_checkpoints, tracin, trak
+from daunce_core.config import from_dict, to_dict
 from daunce_core.datasets import digits
 from daunce_core.influence import FlatModel, loss_hessian, per_example_gradients
 from daunce_core.metrics import roc_auc
+from flows.config import flow_daunce
 
 FRACTION = 0.1
 STANDARD = {"recipe": TrainConfig(lr=0.1, epochs=30), "l2": 1e-3}
@@ -97,16 +101,17 @@ SETTINGS = {  # name: (labels, training, models)
     "memorised": ("uniform", MEMORISE, ("MLP 64-64-10",)),
     "memorised ambiguous": ("ambiguous", MEMORISE, ("MLP 64-64-10",)),
 }
-DAUNCE = {
-    "DAUNCE paper form (K=128)": DaunceConfig(num_models=128),
-    "DAUNCE sampled, r=1, rho=0.1 (K=128)": DaunceConfig(
-        num_models=128,
-        subset_ratio=1.0,
-        objective=Objective(labels="sampled", rho=0.1),
-        score="covariance",
-        train=TrainConfig(lr=0.05, epochs=3),
-    ),
-}
+
+
+def daunce_configs(recipe: TrainConfig) -> dict[str, DaunceConfig]:
+    """The paper form, and the attribute flow's default for a model trained with ``recipe``."""
+    flow = from_dict(DaunceConfig, flow_daunce(None, to_dict(recipe)), "daunce")
+    return {
+        "DAUNCE paper form (K=128)": DaunceConfig(num_models=128),
+        "DAUNCE flow default (K=128)": replace(flow, num_models=128),
+    }
+
+
 DAMPINGS = (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 CHECKPOINTS = 5
 
@@ -166,7 +171,7 @@ def exact_influence_self(model, task, data, l2: float) -> tuple[np.ndarray, floa
     return ((grads * solved).sum(dim=1) / n).numpy(), damping
 
 
-def detectors(model, checkpoints, task, train, queries, l2: float):
+def detectors(model, checkpoints, task, train, queries, l2: float, recipe: TrainConfig):
     """Yield ``(detector, self-scores, seconds)``; also a dict of extra facts."""
     facts = {}
 
@@ -175,7 +180,7 @@ def detectors(model, checkpoints, task, train, queries, l2: float):
         scores = fn()
         return np.asarray(scores, dtype=np.float64), time.perf_counter() - start
 
-    for name, config in DAUNCE.items():
+    for name, config in daunce_configs(recipe).items():
         yield (
             name,
             *run(
@@ -277,6 +282,7 @@ def main() -> None:
                 noisy,
                 queries,
                 training["l2"],
+                training["recipe"],
             )
             for name, scores, seconds in found:
                 if name == "facts":

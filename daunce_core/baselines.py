@@ -64,6 +64,10 @@ def gradient_dot(
     return (g_train @ g_query.T).double().numpy()
 
 
+INFLUENCE_DAMPING = 0.1
+"""`influence` with ``damping=None`` adds this fraction of the Hessian's mean eigenvalue."""
+
+
 def influence(
     model: nn.Module,
     task: Task,
@@ -71,14 +75,22 @@ def influence(
     queries: ExampleSet,
     *,
     l2: float,
-    damping: float = 0.0,
+    damping: float | None = 0.0,
     measurement: Measurement = "loss",
 ) -> np.ndarray:
-    """The influence function with the exact Hessian of the training objective (plus δ)."""
+    """The influence function with the exact Hessian of the training objective (plus δ).
+
+    ``damping=None`` takes δ = `INFLUENCE_DAMPING` × the mean eigenvalue (trace / P) of the
+    loss Hessian, the heuristic kronfluence applies per layer: at the end of SGD a network's
+    Hessian is often indefinite, and undamped scores are then dominated by near-zero and negative
+    curvature directions.
+    """
     flat, g_train, g_query = _grads(model, task, train, queries, measurement)
+    hessian = loss_hessian(flat, train)
+    if damping is None:
+        damping = INFLUENCE_DAMPING * float(hessian.diagonal().mean())
     eye = torch.eye(flat.theta.numel(), dtype=flat.theta.dtype)
-    curvature = loss_hessian(flat, train) + (l2 + damping) * eye
-    return influence_function(g_train, g_query, curvature).double().numpy()
+    return influence_function(g_train, g_query, hessian + (l2 + damping) * eye).double().numpy()
 
 
 def trak(
@@ -214,7 +226,7 @@ BASELINES = ("gradient_dot", "influence", "trak", "tracin", "ekfac", "trak_ensem
 
 _OPTIONS = {
     "gradient_dot": {"measurement": "loss"},
-    "influence": {"damping": 0.0, "measurement": "loss"},
+    "influence": {"damping": None, "measurement": "loss"},
     "trak": {"projection_dim": 512, "damping": 0.0},
     "tracin": {"checkpoints": 5, "measurement": "loss"},
     "ekfac": {"damping": None, "fisher": "sampled", "measurement": "loss", "batch_size": 256},
@@ -242,9 +254,10 @@ def baseline_scores(
 
     * ``"gradient_dot"`` — `gradient_dot`. ``measurement`` (``"loss"``).
     * ``"influence"`` — `influence`, the exact influence function with curvature
-      ``H + l2 + damping`` (small models). ``damping`` (0), ``measurement`` (``"loss"``).
-      A network's Hessian can be indefinite at the end of SGD: on the digits MLP (LDS over 32
-      half-subsets) undamped scored 0.17, ``damping=0.1`` 0.55, EK-FAC 0.64.
+      ``H + l2 + damping`` (small models). ``damping`` (None: `INFLUENCE_DAMPING` × the
+      Hessian's mean eigenvalue; 0 for the undamped closed form), ``measurement``
+      (``"loss"``). A network's Hessian can be indefinite at the end of SGD; `bench/bench_lds.py`
+      reports the LDS of each damping on the digits MLP.
     * ``"trak"`` — `trak`, our TRAK with one model (margin measurement).
       ``projection_dim`` (512), ``damping`` (0; None = 1e-4 × the kernel's mean diagonal).
     * ``"tracin"`` — `tracin` over checkpoints of the base model's training, rebuilt by

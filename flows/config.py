@@ -212,25 +212,41 @@ FLOW_DAUNCE = {
     "num_models": 256,
     "subset_ratio": 1.0,
     "objective": {"labels": "sampled", "rho": 0.1},
-    "train": {"lr": 0.05, "epochs": 3, "batch_size": 64},
+    "train": {"epochs": 10, "batch_size": 64},
     "score": "covariance",
 }
 """The attribute flow's DAUNCE settings where a configuration leaves them out (README,
 "Defaults from evidence"): sampled-label perturbations on the whole training set, ρ = 0.1,
-three epochs per copy, covariance scores. Fields given in the ``daunce`` section replace these
-one by one; a black-box objective falls back to the paper's form (it needs subsets, r < 1)."""
+ten epochs per copy with the base model's own optimiser and learning rate (`INHERITED`),
+covariance scores. Fields given in the ``daunce`` section replace these one by one; a black-box
+objective falls back to the paper's form (it needs subsets, r < 1)."""
+
+INHERITED = ("optimizer", "lr", "momentum", "betas")
+"""Fields of ``model.train`` the copies' ``train`` takes where the ``daunce`` section leaves them
+out: a copy fine-tunes the model with the step its own recipe found stable."""
 
 
-def flow_daunce(section: dict | None) -> dict:
-    """The ``daunce`` section with the flow's defaults (`FLOW_DAUNCE`) under the user's fields."""
+def flow_daunce(section: dict | None, model_train: dict | None = None) -> dict:
+    """The ``daunce`` section with the flow's defaults (`FLOW_DAUNCE`) under the user's fields.
+
+    ``model_train`` is the ``model.train`` section: its `INHERITED` fields (or `ModelConfig`'s
+    default recipe's) come before `FLOW_DAUNCE`'s.
+    """
     section = dict(section or {})
     objective = section.get("objective") or {}
     if isinstance(objective, dict) and objective.get("access") == "black_box":
         return section
-    merged = {**FLOW_DAUNCE, **section}
+    base = to_dict(ModelConfig(recipe={}).train)
+    if isinstance(model_train, dict):
+        base.update(model_train)
+    defaults = {
+        **FLOW_DAUNCE,
+        "train": {**{k: base[k] for k in INHERITED if k in base}, **FLOW_DAUNCE["train"]},
+    }
+    merged = {**defaults, **section}
     for key in ("objective", "train"):
         if isinstance(section.get(key), dict):
-            merged[key] = {**FLOW_DAUNCE[key], **section[key]}
+            merged[key] = {**defaults[key], **section[key]}
     return merged
 
 
@@ -295,7 +311,8 @@ def load_config(path: str | Path, **overrides: Any) -> RunConfig:
     raw.update({k: v for k, v in overrides.items() if v is not None})
     if not isinstance(raw.get("daunce", {}), dict):
         raise DaunceError(f"config field daunce must be a mapping; got {raw['daunce']!r}.")
-    raw["daunce"] = flow_daunce(raw.get("daunce"))
+    model_train = raw.get("model", {}).get("train") if isinstance(raw.get("model"), dict) else None
+    raw["daunce"] = flow_daunce(raw.get("daunce"), model_train)
     return from_dict(RunConfig, raw, "")
 
 

@@ -9,6 +9,7 @@ import torch
 from daunce_core import ClassificationTask, DaunceError, DaunceWarning, TrainConfig, fit
 from daunce_core.baselines import (
     BASELINES,
+    INFLUENCE_DAMPING,
     baseline_scores,
     fit_checkpoints,
     gradient_dot,
@@ -16,7 +17,7 @@ from daunce_core.baselines import (
     tracin,
     trak,
 )
-from daunce_core.influence import FlatModel, exact_targets, per_example_gradients
+from daunce_core.influence import FlatModel, exact_targets, loss_hessian, per_example_gradients
 from daunce_core.models import build_model
 from daunce_core.problems import logistic_regression
 
@@ -58,6 +59,14 @@ def test_influence_matches_the_exact_targets_module():
     np.testing.assert_allclose(ours, exact.influence, rtol=1e-10)
     damped = influence(prob.model, prob.task, prob.train, prob.queries, l2=prob.l2, damping=10.0)
     assert np.abs(damped).max() < np.abs(ours).max()
+    # damping=None (the pipeline's default): δ = 0.1 × the Hessian's mean eigenvalue.
+    hessian = loss_hessian(FlatModel(prob.model, prob.task), prob.train)
+    delta = INFLUENCE_DAMPING * float(torch.linalg.eigvalsh(hessian).mean())
+    auto = influence(prob.model, prob.task, prob.train, prob.queries, l2=prob.l2, damping=None)
+    by_hand = influence(prob.model, prob.task, prob.train, prob.queries, l2=prob.l2, damping=delta)
+    np.testing.assert_allclose(auto, by_hand, rtol=1e-8)
+    assert delta > 0
+    assert not np.allclose(auto, ours, rtol=1e-3)
 
 
 def test_trak_with_a_full_rank_projection_equals_the_unprojected_formula():

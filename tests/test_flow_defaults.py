@@ -56,3 +56,24 @@ def test_the_paper_form_is_one_section_away_and_black_box_falls_back_to_it(tmp_p
     }
     with pytest.raises(DaunceError, match="daunce must be a mapping"):
         _load(tmp_path, "fast")
+
+
+def test_copies_take_the_base_recipes_optimiser_unless_the_section_sets_it(tmp_path):
+    data = write_data(tmp_path / "data", n=20, m=5)
+    raw = {
+        "data": {"train": {"path": str(data["train"])}, "queries": {"path": str(data["queries"])}},
+        "model": {
+            "recipe": {"kind": "linear", "inputs": 64, "outputs": 10},
+            "train": {"lr": 0.5, "momentum": 0.8, "epochs": 50},
+        },
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    inherited = load_config(path).daunce.train
+    assert (inherited.lr, inherited.momentum) == (0.5, 0.8)
+    assert inherited.epochs == FLOW_DAUNCE["train"]["epochs"]  # not the base model's 50
+    raw["daunce"] = {"train": {"lr": 0.05}}
+    path.write_text(yaml.safe_dump(raw))
+    own = load_config(path).daunce.train
+    assert (own.lr, own.momentum) == (0.05, 0.8)
+    assert flow_daunce(None)["train"]["lr"] == 0.1  # ModelConfig's default recipe
