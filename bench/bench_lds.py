@@ -21,9 +21,9 @@ Methods. The base model's own training is excluded from every method's cost; eve
 method needs beyond it is counted:
 
 * baselines (`daunce_core.baselines`): gradient dot product; the exact influence function
-  ``(H + λ + δ)⁻¹`` at δ = 0, 1e-3, 1e-2 and the pipeline's default δ = 0.1 × the Hessian's
-  mean eigenvalue (the MLP's Hessian is indefinite, so δ matters; the best fixed δ is picked
-  with the ground truth, an optimistic baseline); our TRAK with one model
+  ``(H + λ + δ)⁻¹`` at δ = 0, 1e-3, 1e-2 and the pipeline's default δ = 2 × the Hessian's
+  most negative eigenvalue (the MLP's Hessian is indefinite, so δ matters; the best fixed δ is
+  picked with the ground truth, an optimistic baseline); our TRAK with one model
   (projection 512); TracIn over 5 checkpoints saved during the base model's training (the
   checkpoints come with that excluded training; only the scoring is timed); EK-FAC via
   kronfluence (its default damping heuristic, and δ = 0); TRAK via traker with 1 and with 5
@@ -511,7 +511,7 @@ def baseline_jobs(spec: ModelSpec, quick: bool) -> list[BaselineJob]:
         jobs += [
             BaselineJob(
                 "influence, exact Hessian, "
-                + (f"δ={d:g}" if d is not None else "δ=0.1·mean eig. (default)"),
+                + (f"δ={d:g}" if d is not None else "δ=2·|λ_min| (default)"),
                 "influence",
                 {"damping": d},
                 margin=d == best_damping,

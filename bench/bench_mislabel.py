@@ -46,13 +46,10 @@ Detectors, and each one's self-score of training example ``i`` (higher = more su
 * training loss — ``L_i(θ0)``.
 * gradient norm — ``‖∇L_i(θ0)‖²``, the gradient dot product's self-score.
 * exact influence — ``(1/n) ∇L_iᵀ (H + λ + δ)⁻¹ ∇L_i`` with the exact Hessian ``H`` of the mean
-  training loss (`baselines.influence`'s formula; ``H`` accumulated in float32 over chunks of
-  examples, the solve in float64). ``δ`` is the smallest of 0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, …
-  for which ``H + (λ + δ)/2`` is positive definite, so that every eigenvalue of the curvature
-  is at least half its shift: 0 for softmax regression (convex), but the MLP's Hessian is
-  indefinite (most negative eigenvalue about −0.013 at the standard solution, from the misfit
-  flipped examples), and an undamped or barely damped ``H + λ`` is nearly singular there and
-  ranks by noise (δ = 1e-3 gave AUC 0.64 on ``uniform``). ``δ`` is in the JSON (``fits``).
+  training loss (`baselines.influence`'s formula and default damping; the solve in float64):
+  ``δ = 2 × max(0, −λ_min(H))``, 0 for softmax regression (convex), but the MLP's Hessian is
+  indefinite (from the misfit flipped examples), and an undamped or barely damped ``H + λ`` is
+  nearly singular there and ranks by noise. ``δ`` is in the JSON (``fits``).
 * TRAK — TRAK's self-score with one model, the diagonal of `baselines.trak` (projection 512):
   ``(1 − p_i) φ_iᵀP (PᵀΦᵀΦP)⁻¹ Pᵀφ_i`` with margin gradients ``φ``.
 * EK-FAC — ``(1/n) ∇L_iᵀ (F_EKFAC + δ)⁻¹ ∇L_i`` with kronfluence's EK-FAC Fisher (sampled
@@ -84,7 +81,13 @@ import torch
 from common import format_table, machine_info, machine_line, write_results
 
 from daunce_core import ClassificationTask, DaunceConfig, TrainConfig, attribute
-from daunce_core.baselines import baseline_scores, fit_checkpoints, tracin, trak
+from daunce_core.baselines import (
+    INFLUENCE_SHIFT,
+    baseline_scores,
+    fit_checkpoints,
+    tracin,
+    trak,
+)
 from daunce_core.config import from_dict, to_dict
 from daunce_core.datasets import digits
 from daunce_core.influence import FlatModel, loss_hessian, per_example_gradients
@@ -112,7 +115,6 @@ def daunce_configs(recipe: TrainConfig) -> dict[str, DaunceConfig]:
     }
 
 
-DAMPINGS = (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 CHECKPOINTS = 5
 
 
@@ -156,15 +158,9 @@ def exact_influence_self(model, task, data, l2: float) -> tuple[np.ndarray, floa
     """``(1/n) ∇L_iᵀ (H + λ + δ)⁻¹ ∇L_i`` and the damping ``δ`` it needed (module docstring)."""
     flat = FlatModel(model, task)
     n, size = len(data["y"]), flat.theta.numel()
-    hess = torch.zeros(size, size)
-    for start in range(0, n, 200):  # chunks of examples: the same Hessian, less time and memory
-        chunk = {k: v[start : start + 200] for k, v in data.items()}
-        hess += loss_hessian(flat, chunk) * len(chunk["y"])
-    hess = hess.double() / n
+    hess = loss_hessian(flat, data).double()
     eye = torch.eye(size, dtype=torch.float64)
-    damping = next(
-        d for d in DAMPINGS if int(torch.linalg.cholesky_ex(hess + (l2 + d) / 2 * eye).info) == 0
-    )
+    damping = INFLUENCE_SHIFT * max(0.0, -float(torch.linalg.eigvalsh(hess)[0]))
     model64, data64 = as_double(model, data)
     grads = per_example_gradients(FlatModel(model64, task), data64, task.loss_from_outputs)
     solved = torch.linalg.solve(hess + (l2 + damping) * eye, grads.T).T

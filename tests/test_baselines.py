@@ -9,7 +9,7 @@ import torch
 from daunce_core import ClassificationTask, DaunceError, DaunceWarning, TrainConfig, fit
 from daunce_core.baselines import (
     BASELINES,
-    INFLUENCE_DAMPING,
+    INFLUENCE_SHIFT,
     baseline_scores,
     fit_checkpoints,
     gradient_dot,
@@ -59,14 +59,21 @@ def test_influence_matches_the_exact_targets_module():
     np.testing.assert_allclose(ours, exact.influence, rtol=1e-10)
     damped = influence(prob.model, prob.task, prob.train, prob.queries, l2=prob.l2, damping=10.0)
     assert np.abs(damped).max() < np.abs(ours).max()
-    # damping=None (the pipeline's default): δ = 0.1 × the Hessian's mean eigenvalue.
-    hessian = loss_hessian(FlatModel(prob.model, prob.task), prob.train)
-    delta = INFLUENCE_DAMPING * float(torch.linalg.eigvalsh(hessian).mean())
+    # damping=None (the pipeline's default) shifts only an indefinite Hessian: this one is convex.
     auto = influence(prob.model, prob.task, prob.train, prob.queries, l2=prob.l2, damping=None)
-    by_hand = influence(prob.model, prob.task, prob.train, prob.queries, l2=prob.l2, damping=delta)
+    np.testing.assert_allclose(auto, ours, rtol=1e-10)
+
+
+def test_default_influence_damping_mirrors_the_most_negative_curvature():
+    model, task, train, queries, _, _ = mlp_setup()
+    eigenvalues = torch.linalg.eigvalsh(loss_hessian(FlatModel(model, task), train))
+    assert eigenvalues[0] < 0  # the trained MLP's Hessian is indefinite
+    delta = INFLUENCE_SHIFT * float(-eigenvalues[0])
+    auto = influence(model, task, train, queries, l2=1e-3, damping=None)
+    by_hand = influence(model, task, train, queries, l2=1e-3, damping=delta)
     np.testing.assert_allclose(auto, by_hand, rtol=1e-8)
-    assert delta > 0
-    assert not np.allclose(auto, ours, rtol=1e-3)
+    assert not np.allclose(auto, influence(model, task, train, queries, l2=1e-3), rtol=1e-3)
+    assert float((eigenvalues + delta)[0]) == pytest.approx(float(-eigenvalues[0]))
 
 
 def test_trak_with_a_full_rank_projection_equals_the_unprojected_formula():
