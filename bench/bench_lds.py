@@ -507,7 +507,7 @@ def baseline_jobs(spec: ModelSpec, quick: bool) -> list[BaselineJob]:
     best_damping = 1e-2 if spec.name == "mlp" else 0.0  # best loss LDS in exploration
     jobs = [BaselineJob("gradient dot product", "gradient_dot", margin=True)]
     dampings = (best_damping,) if quick else (0.0, 1e-3, 1e-2, None)
-    if not (quick and spec.name == "mlp"):  # exact Hessian of the MLP: ~30 s, skip in smoke
+    if not (quick and spec.name == "mlp"):  # exact Hessian of the MLP: ~10 s, skip in smoke
         jobs += [
             BaselineJob(
                 "influence, exact Hessian, "
@@ -579,6 +579,7 @@ def daunce_jobs(spec: ModelSpec, quick: bool) -> list[DaunceJob]:
     curves = [
         (paper, curve, False),
         (head, big, True),
+        (replace(head, subset_ratio=0.3), big, False),
         (replace(head, objective=replace(objective, labels="observed")), curve, False),
         (replace(head, objective=replace(objective, variant="efim")), curve, False),
         (replace(head, objective=replace(objective, variant="trak")), curve, False),
