@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--query", type=int, required=True, help="query id")
     top.add_argument("-k", type=int, default=10, help="how many (10)")
     top.add_argument("--opponents", action="store_true", help="most negative scores instead")
+    top.add_argument(
+        "--method", default="daunce", help="daunce (default) or a baseline the run has scored"
+    )
     top.add_argument("--run", help="run id (default: the latest completed run)")
     top.add_argument("--workspace", default=DEFAULT_WORKSPACE)
     sql = commands.add_parser("sql", help="read-only SQL over the lineage and exports")

@@ -204,18 +204,41 @@ def top(args) -> int:
     run_id = args.run or _latest_run(lineage, completed=True)
     table = "top_opponents" if args.opponents else "top_proponents"
     query = (
-        f"SELECT t.rank, t.train_id, round(t.score, 4) AS score, e.* EXCLUDE (run_id, split, "
+        f"SELECT t.rank, t.train_id, t.score, e.* EXCLUDE (run_id, split, "
         f"example_id, digest) FROM {table} t LEFT JOIN examples e ON e.run_id = t.run_id AND "
-        f"e.split = 'train' AND e.example_id = t.train_id WHERE t.run_id = ? AND t.query_id = ? "
-        f"AND t.rank <= ? ORDER BY t.rank"
+        f"e.split = 'train' AND e.example_id = t.train_id WHERE t.run_id = ? AND t.method = ? "
+        f"AND t.query_id = ? AND t.rank <= ? ORDER BY t.rank"
     )
     with lineage.connect(read_only=True) as con:
-        frame = query_frame(con, query, [run_id, args.query, args.k])
+        frame = query_frame(con, query, [run_id, args.method, args.query, args.k])
+        if frame.height == 0:
+            methods, low, high = con.execute(
+                f"SELECT string_agg(DISTINCT method, ', ' ORDER BY method), min(query_id), "
+                f"max(query_id) FROM {table} WHERE run_id = ?",
+                [run_id],
+            ).fetchone()
     if frame.height == 0:
-        raise DaunceError(f"query id {args.query} has no scores in run {run_id}.")
-    print(f"{'opponents' if args.opponents else 'proponents'} of query {args.query} ({run_id})")
-    print(frame)
+        raise DaunceError(
+            f"query id {args.query} has no {args.method} scores in run {run_id} (query ids "
+            f"{low}..{high}; methods: {methods or 'none'}); pick one of those."
+        )
+    name = "opponents" if args.opponents else "proponents"
+    print(f"{name} of query {args.query} by {args.method} ({run_id})")
+    _show(frame)
     return 0
+
+
+def _show(frame) -> None:
+    """Print a table with its floats to 4 significant digits, however small.
+
+    Scores often are small (a covariance of losses is ~1e-5 on the demo), and polars' default
+    display cuts every float to 6 decimals.
+    """
+    import polars as pl
+
+    floats = [name for name, dtype in frame.schema.items() if dtype.is_float()]
+    with pl.Config(tbl_rows=50, tbl_cols=20, fmt_float="full"):
+        print(frame.with_columns(pl.col(floats).round_sig_figs(4)) if floats else frame)
 
 
 def sql(args) -> int:
@@ -225,7 +248,6 @@ def sql(args) -> int:
 
 def _print_query(lineage: Lineage, query: str, fmt: str) -> int:
     import duckdb
-    import polars as pl
 
     try:
         with lineage.connect(read_only=True) as con:
@@ -237,16 +259,16 @@ def _print_query(lineage: Lineage, query: str, fmt: str) -> int:
     elif fmt == "json":
         sys.stdout.write(frame.write_json() + "\n")
     else:
-        with pl.Config(tbl_rows=50, tbl_cols=20):
-            print(frame)
+        _show(frame)
     return 0
 
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "data" / "digits.yaml"
 DEMO_SQL = (
-    "SELECT t.rank, t.train_id, round(t.score, 3) AS score, e.y AS train_label "
+    "SELECT t.rank, t.train_id, t.score, e.y AS train_label "
     "FROM top_proponents t JOIN examples e ON e.run_id = t.run_id AND e.split = 'train' "
-    "AND e.example_id = t.train_id WHERE t.run_id = ? AND t.query_id = 17 ORDER BY t.rank LIMIT 5"
+    "AND e.example_id = t.train_id WHERE t.run_id = ? AND t.method = 'daunce' AND t.query_id = 17 "
+    "ORDER BY t.rank LIMIT 5"
 )
 
 
@@ -264,7 +286,12 @@ def demo(args) -> int:
         print()
         top(
             argparse.Namespace(
-                query=query, k=5, opponents=False, run=summary["run_id"], workspace=config.workspace
+                query=query,
+                k=5,
+                opponents=False,
+                method="daunce",
+                run=summary["run_id"],
+                workspace=config.workspace,
             )
         )
     query = DEMO_SQL.replace("?", f"'{summary['run_id']}'")

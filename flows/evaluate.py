@@ -149,11 +149,12 @@ def _ground_truth(run: RunConfig, layout: Layout, spec: dict, policy, states: li
         *(task.with_options(refresh_cache=True).map(pending, **args) if pending else []),
         *(task.map(done, **args) if done else []),
     ]
-    total, count = len(pairs), sum(len(g) for g in done)
+    # A cached group's result still names what it trained in its first run: count only now.
+    total, count = len(pairs), int(sum(status[m_, s] == DONE for m_, s in pairs))
     for future in as_completed(futures):
         result = future.result()
-        if result["trained"]:
-            count += len(result["pairs"])
+        if result["trained"] and future.state.name != "Cached":
+            count += len(result["trained"])
             print(f"ground truth: {count}/{total} retrainings ready")
         states.append(
             {
@@ -406,11 +407,11 @@ def _run_removal_jobs(run, folder: Path, spec: dict, plans: dict, rows: dict, po
         ),
         *(task.map(done, jobs=[[described[i] for i in b] for b in done], **args) if done else []),
     ]
-    count, total = sum(len(b) for b in done), len(described)
+    count, total = int(sum(status[i] == DONE for b in batches for i in b)), len(described)
     for future in as_completed(futures):
         result = future.result()
-        if result["trained"]:
-            count += len(result["index"])
+        if result["trained"] and future.state.name != "Cached":
+            count += len(result["trained"])
             print(f"subset removal: {count}/{total} retrainings ready")
         states.append(
             {

@@ -68,9 +68,10 @@ def write_config(
     return path
 
 
-def scores_of(run_dir: str) -> np.ndarray:
-    """The stored score matrix of a run."""
-    return np.asarray(zarr.open_array(store=str(Path(run_dir) / "store" / "scores"), mode="r")[:])
+def scores_of(run_dir: str, baseline: str | None = None) -> np.ndarray:
+    """The stored score matrix of a run (DAUNCE's, or one baseline's)."""
+    home = Path(run_dir) / "baselines" / baseline if baseline else Path(run_dir)
+    return np.asarray(zarr.open_array(store=str(home / "store" / "scores"), mode="r")[:])
 
 
 def losses_of(run_dir: str) -> tuple[np.ndarray, np.ndarray]:

@@ -71,7 +71,7 @@ def _make_model(config):
     return lambda s: build_model(config.model.recipe, seed=config.model.seed + s)
 
 
-def test_lds_flow_matches_the_library_and_grows(harness, data, tmp_path):
+def test_lds_flow_matches_the_library_and_grows(harness, data, tmp_path, capsys, caplog):
     path = _config(tmp_path, data)
     config = load_config(path)
     first = run_lds(config)
@@ -108,7 +108,10 @@ def test_lds_flow_matches_the_library_and_grows(harness, data, tmp_path):
     assert second["results"]["negated"]["mean"] == pytest.approx(-lds.mean, abs=1e-9)
 
     # M grows from 6 to 9: the first 6 subsets' outcomes are kept, only the new ones trained.
+    caplog.clear()
     assert main(["lds", str(path), "--subsets", "9"]) == 0
+    progress = [r.getMessage() for r in caplog.records if "retrainings ready" in r.getMessage()]
+    assert progress[-1:] == ["ground truth: 18/18 retrainings ready"]  # 6 new, none recounted
     store = OutcomeStore(first["truth_dir"])
     grown = -store.outcomes()
     assert grown.shape == (9, 2, 20)
@@ -140,6 +143,26 @@ def test_lds_flow_matches_the_library_and_grows(harness, data, tmp_path):
     assert latest["method"].to_list() == ["daunce", "gradient_dot"]
     assert methods == ["daunce", "gradient_dot"]
     assert set(evaluations["method"]) == {"daunce", "gradient_dot", "negated"}
+
+    # `daunce top` lists one method's ranking (DAUNCE's unless told), not both interleaved.
+    ws = ["--workspace", str(tmp_path / "ws"), "--run", first["run_id"]]
+    expected_top = {
+        method: np.argsort(-scores[:, 3], kind="stable")[:4].tolist()
+        for method, scores in (
+            ("daunce", scores_of(first["run_dir"])),
+            ("gradient_dot", scores_of(first["run_dir"], "gradient_dot")),
+        )
+    }
+    for method, args in (("daunce", []), ("gradient_dot", ["--method", "gradient_dot"])):
+        capsys.readouterr()
+        assert main(["top", "--query", "3", "-k", "4", *args, *ws]) == 0
+        printed = capsys.readouterr().out
+        assert f"by {method}" in printed
+        cells = [line.split("┆") for line in printed.splitlines() if line.count("┆") > 2]
+        ids = [int(c[1]) for c in cells if c[1].strip().isdigit()]
+        assert ids == expected_top[method]
+    assert main(["top", "--query", "3", "--method", "ekfac", *ws]) == 2
+    assert "query ids 0..19; methods: daunce, gradient_dot)" in capsys.readouterr().err
 
 
 def _score_file(name, path):

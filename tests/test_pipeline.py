@@ -225,7 +225,7 @@ def test_cli_answers_queries_on_a_finished_run(harness, data, tmp_path, capsys):
     assert main(["status", *ws]) == 0
     assert "copies: 8 done, 0 diverged, 0 pending of 8" in capsys.readouterr().out
     assert main(["top", "--query", "999", *ws]) == 2
-    assert "no scores" in capsys.readouterr().err
+    assert "has no daunce scores" in capsys.readouterr().err
     assert main(["sql", "SELECT * FROM nowhere", *ws]) == 2
     assert main(["runs", "--workspace", str(tmp_path / "empty")]) == 2
 
