@@ -204,3 +204,15 @@ def test_baseline_scores_errors_name_the_valid_choices():
             "tracin", other, task, train, queries, l2=1e-3, make_model=make_model,
             train_config=config, options={"checkpoints": 1},
         )  # fmt: skip
+
+
+def test_loss_hessian_is_the_same_for_any_chunk_of_examples():
+    model, task, train, _, _, _ = mlp_setup()  # n = 40: chunks of 7 leave a partial last one
+    flat = FlatModel(model, task)
+    whole = torch.func.hessian(
+        lambda theta: task.loss_from_outputs(flat.outputs(theta, train), train).mean()
+    )(flat.theta)
+    for chunk_size in (1, 7, 40, 1000):
+        np.testing.assert_allclose(
+            loss_hessian(flat, train, chunk_size=chunk_size), whole, rtol=1e-10, atol=1e-12
+        )
