@@ -47,9 +47,9 @@ Detectors, and each one's self-score of training example ``i`` (higher = more su
 * gradient norm — ``‖∇L_i(θ0)‖²``, the gradient dot product's self-score.
 * exact influence — ``(1/n) ∇L_iᵀ (H + λ + δ)⁻¹ ∇L_i`` with the exact Hessian ``H`` of the mean
   training loss (`baselines.influence`'s formula and default damping; the solve in float64):
-  ``δ = 2 × max(0, −λ_min(H))``, 0 for softmax regression (convex), but the MLP's Hessian is
-  indefinite (from the misfit flipped examples), and an undamped or barely damped ``H + λ`` is
-  nearly singular there and ranks by noise. ``δ`` is in the JSON (``fits``).
+  ``δ = 2 × max(0, −λ_min(H))``, ≈ 0 for softmax regression (convex: round-off only), but the
+  MLP's Hessian is indefinite (from the misfit flipped examples), and an undamped or barely
+  damped ``H + λ`` is nearly singular there and ranks by noise. ``δ`` is in the JSON (``fits``).
 * TRAK — TRAK's self-score with one model, the diagonal of `baselines.trak` (projection 512):
   ``(1 − p_i) φ_iᵀP (PᵀΦᵀΦP)⁻¹ Pᵀφ_i`` with margin gradients ``φ``.
 * EK-FAC — ``(1/n) ∇L_iᵀ (F_EKFAC + δ)⁻¹ ∇L_i`` with kronfluence's EK-FAC Fisher (sampled
@@ -82,8 +82,8 @@ from common import format_table, machine_info, machine_line, write_results
 
 from daunce_core import ClassificationTask, DaunceConfig, TrainConfig, attribute
 from daunce_core.baselines import (
-    INFLUENCE_SHIFT,
     baseline_scores,
+    default_damping,
     fit_checkpoints,
     tracin,
     trak,
@@ -160,7 +160,7 @@ def exact_influence_self(model, task, data, l2: float) -> tuple[np.ndarray, floa
     n, size = len(data["y"]), flat.theta.numel()
     hess = loss_hessian(flat, data).double()
     eye = torch.eye(size, dtype=torch.float64)
-    damping = INFLUENCE_SHIFT * max(0.0, -float(torch.linalg.eigvalsh(hess)[0]))
+    damping = default_damping(hess)
     model64, data64 = as_double(model, data)
     grads = per_example_gradients(FlatModel(model64, task), data64, task.loss_from_outputs)
     solved = torch.linalg.solve(hess + (l2 + damping) * eye, grads.T).T

@@ -65,8 +65,14 @@ def gradient_dot(
 
 
 INFLUENCE_SHIFT = 2.0
-"""`influence` with ``damping=None`` adds this multiple of the Hessian's most negative
-eigenvalue."""
+"""`influence` with ``damping=None`` adds this multiple of ``|λ_min|``, the magnitude of the
+Hessian's most negative eigenvalue (`default_damping`)."""
+
+
+def default_damping(hessian: torch.Tensor) -> float:
+    """δ = `INFLUENCE_SHIFT` × max(0, −λ_min(H)): 0 for a positive semi-definite Hessian."""
+    lowest = float(torch.linalg.eigvalsh(hessian.double())[0])
+    return INFLUENCE_SHIFT * max(0.0, -lowest)
 
 
 def influence(
@@ -92,8 +98,7 @@ def influence(
     flat, g_train, g_query = _grads(model, task, train, queries, measurement)
     hessian = loss_hessian(flat, train)
     if damping is None:
-        lowest = float(torch.linalg.eigvalsh(hessian.double())[0])
-        damping = INFLUENCE_SHIFT * max(0.0, -lowest)
+        damping = default_damping(hessian)
     eye = torch.eye(flat.theta.numel(), dtype=flat.theta.dtype)
     return influence_function(g_train, g_query, hessian + (l2 + damping) * eye).double().numpy()
 
@@ -259,10 +264,10 @@ def baseline_scores(
 
     * ``"gradient_dot"`` — `gradient_dot`. ``measurement`` (``"loss"``).
     * ``"influence"`` — `influence`, the exact influence function with curvature
-      ``H + l2 + damping`` (small models). ``damping`` (None: `INFLUENCE_SHIFT` × the
-      Hessian's most negative eigenvalue, 0 when it has none; 0 for the undamped closed form),
-      ``measurement`` (``"loss"``). A network's Hessian can be indefinite at the end of SGD;
-      `bench/bench_lds.py` reports the LDS of each damping on the digits MLP.
+      ``H + l2 + damping`` (small models). ``damping`` (None: `default_damping`,
+      `INFLUENCE_SHIFT` × ``|λ_min|`` of an indefinite Hessian, else 0; 0 for the undamped
+      closed form), ``measurement`` (``"loss"``). A network's Hessian can be indefinite at the
+      end of SGD; `bench/bench_lds.py` reports the LDS of each damping on the digits MLP.
     * ``"trak"`` — `trak`, our TRAK with one model (margin measurement).
       ``projection_dim`` (512), ``damping`` (0; None = 1e-4 × the kernel's mean diagonal).
     * ``"tracin"`` — `tracin` over checkpoints of the base model's training, rebuilt by

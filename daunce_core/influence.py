@@ -119,7 +119,8 @@ def loss_hessian(flat: FlatModel, data: ExampleSet, chunk_size: int = 256) -> to
     def summed_loss(theta, chunk):
         return flat.task.loss_from_outputs(flat.outputs(theta, chunk), chunk).sum()
 
-    total = torch.zeros(flat.theta.numel(), flat.theta.numel(), dtype=flat.theta.dtype)
+    size = flat.theta.numel()
+    total = torch.zeros(size, size, dtype=flat.theta.dtype, device=flat.theta.device)
     for rows in batch_slices(n, chunk_size):
         total += hessian(summed_loss)(flat.theta, take(data, rows))
     return total / n

@@ -85,7 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--workspace", default=DEFAULT_WORKSPACE)
     sql = commands.add_parser("sql", help="read-only SQL over the lineage and exports")
     sql.add_argument("query")
-    sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    sql.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="table (floats to 4 significant digits; the default), csv or json (full precision)",
+    )
     sql.add_argument("--workspace", default=DEFAULT_WORKSPACE)
     demo = commands.add_parser("demo", help="run the attribute flow on the embedded digits data")
     demo.add_argument("--queries", type=int, default=3, help="queries to print (3)")

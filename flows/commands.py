@@ -209,18 +209,31 @@ def top(args) -> int:
         f"e.split = 'train' AND e.example_id = t.train_id WHERE t.run_id = ? AND t.method = ? "
         f"AND t.query_id = ? AND t.rank <= ? ORDER BY t.rank"
     )
-    with lineage.connect(read_only=True) as con:
-        frame = query_frame(con, query, [run_id, args.method, args.query, args.k])
-        if frame.height == 0:
-            methods, low, high = con.execute(
-                f"SELECT string_agg(DISTINCT method, ', ' ORDER BY method), min(query_id), "
-                f"max(query_id) FROM {table} WHERE run_id = ?",
-                [run_id],
-            ).fetchone()
+    if args.k < 1:
+        raise DaunceError(f"-k must be at least 1; got {args.k}.")
+    import duckdb
+
+    try:
+        with lineage.connect(read_only=True) as con:
+            frame = query_frame(con, query, [run_id, args.method, args.query, args.k])
+            if frame.height == 0:
+                methods, low, high = con.execute(
+                    f"SELECT string_agg(DISTINCT method, ', ' ORDER BY method), min(query_id), "
+                    f"max(query_id) FROM {table} WHERE run_id = ?",
+                    [run_id],
+                ).fetchone()
+    except duckdb.CatalogException as error:  # no run of the workspace has exported scores yet
+        raise DaunceError(
+            f"this workspace has no top-k exports yet ({error}); run `daunce run <config>` first."
+        ) from error
+    if frame.height == 0 and low is None:
+        raise DaunceError(
+            f"run {run_id} has no top-k exports; see `daunce runs` for the completed runs."
+        )
     if frame.height == 0:
         raise DaunceError(
             f"query id {args.query} has no {args.method} scores in run {run_id} (query ids "
-            f"{low}..{high}; methods: {methods or 'none'}); pick one of those."
+            f"{low}..{high}; methods: {methods}); pick one of those."
         )
     name = "opponents" if args.opponents else "proponents"
     print(f"{name} of query {args.query} by {args.method} ({run_id})")
@@ -238,7 +251,7 @@ def _show(frame) -> None:
 
     floats = [name for name, dtype in frame.schema.items() if dtype.is_float()]
     with pl.Config(tbl_rows=50, tbl_cols=20, fmt_float="full"):
-        print(frame.with_columns(pl.col(floats).round_sig_figs(4)) if floats else frame)
+        print(frame.with_columns(pl.col(floats).cast(pl.Float64).round_sig_figs(4)))
 
 
 def sql(args) -> int:

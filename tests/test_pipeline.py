@@ -226,6 +226,10 @@ def test_cli_answers_queries_on_a_finished_run(harness, data, tmp_path, capsys):
     assert "copies: 8 done, 0 diverged, 0 pending of 8" in capsys.readouterr().out
     assert main(["top", "--query", "999", *ws]) == 2
     assert "has no daunce scores" in capsys.readouterr().err
+    assert main(["top", "--query", "3", "--run", "no-such-run", *ws]) == 2
+    assert "run no-such-run has no top-k exports" in capsys.readouterr().err
+    assert main(["top", "--query", "3", "-k", "0", *ws]) == 2
+    assert "-k must be at least 1" in capsys.readouterr().err
     assert main(["sql", "SELECT * FROM nowhere", *ws]) == 2
     assert main(["runs", "--workspace", str(tmp_path / "empty")]) == 2
 
