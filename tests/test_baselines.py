@@ -66,14 +66,14 @@ def test_influence_matches_the_exact_targets_module():
 
 def test_default_influence_damping_mirrors_the_most_negative_curvature():
     model, task, train, queries, _, _ = mlp_setup()
-    eigenvalues = torch.linalg.eigvalsh(loss_hessian(FlatModel(model, task), train))
+    hessian = loss_hessian(FlatModel(model, task), train)
+    eigenvalues = torch.linalg.eigvalsh(hessian)
     assert eigenvalues[0] < 0  # the trained MLP's Hessian is indefinite
     delta = INFLUENCE_SHIFT * float(-eigenvalues[0])
     auto = influence(model, task, train, queries, l2=1e-3, damping=None)
     by_hand = influence(model, task, train, queries, l2=1e-3, damping=delta)
     np.testing.assert_allclose(auto, by_hand, rtol=1e-8)
     assert not np.allclose(auto, influence(model, task, train, queries, l2=1e-3), rtol=1e-3)
-    hessian = loss_hessian(FlatModel(model, task), train)
     assert torch.linalg.eigvalsh(hessian + delta * torch.eye(len(hessian)))[0] > 0
 
 
