@@ -1,6 +1,7 @@
 """Benchmark how DAUNCE's covariance converges to its exact closed form as K grows, per variant.
 
-Problems (float64, fitted exactly; `daunce_core.problems`): ``linear_regression(n=80, m=15)``
+Problems (float64, fitted exactly; `daunce_core.evaluation.problems`): ``linear_regression(n=80,
+m=15)``
 and ``logistic_regression(n=80, m=15)``. Cases: linear × {hessian, efim} × {observed, sampled};
 logistic × {hessian, efim, trak} × {observed, sampled}; and black-box hessian on
 ``logistic_regression(n=400, m=15)`` with r = 0.5.
@@ -35,9 +36,9 @@ import numpy as np
 from common import format_table, machine_info, machine_line, write_results
 
 from daunce_core import DaunceConfig, Objective, PerturbedCopies, TrainConfig
-from daunce_core.influence import exact_targets
-from daunce_core.problems import Problem, linear_regression, logistic_regression
-from daunce_core.scores import collect_statistics, score_matrix, self_influence
+from daunce_core.baselines.exact import exact_targets
+from daunce_core.evaluation.problems import Problem, linear_regression, logistic_regression
+from daunce_core.method.scores import collect_statistics, score_matrix, self_influence
 
 RHO = 0.1
 KS = (25, 50, 100, 200, 400, 800)

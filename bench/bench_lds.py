@@ -1,6 +1,6 @@
 """The accuracy benchmark: LDS, wall-clock and peak memory of every DAUNCE variant and baseline.
 
-Data: sklearn digits, the embedded split (`daunce_core.datasets.digits`: 1597 training
+Data: sklearn digits, the embedded split (`daunce_core.evaluation.datasets.digits`: 1597 training
 examples, 200 queries; all 200 queries are scored). Two models, each with one fixed recipe used
 for the base model, for TracIn's checkpoints, for TRAK's ensemble members and for the ground
 truth (SGD momentum 0.9, cosine schedule, batch 64, L2 λ = 1e-3):
@@ -11,7 +11,8 @@ truth (SGD momentum 0.9, cosine schedule, batch 64, L2 λ = 1e-3):
   L-BFGS optimum in parameter distance), and ground-truth retrainings from different seeds agree
   to 0.993 (``seed_agreement_loss`` in the JSON).
 
-Ground truth (`daunce_core.lds`): M = 100 random half-subsets × S = 3 seeds, each retrained from
+Ground truth (`daunce_core.evaluation.lds`): M = 100 random half-subsets × S = 3 seeds, each
+retrained from
 scratch with the recipe (all at once, vectorised), run as `retrain_on_subsets` does (same jobs,
 initialisations and visiting orders) but keeping two outcomes of the same models: the negated
 query loss (the main LDS) and the query margin (``LDS (margin)``). Cached in
@@ -20,7 +21,7 @@ query loss (the main LDS) and the query margin (``LDS (margin)``). Cached in
 Methods. The base model's own training is excluded from every method's cost; everything a
 method needs beyond it is counted:
 
-* baselines (`daunce_core.baselines`): gradient dot product; the exact influence function
+* baselines (`daunce_core.baselines.methods`): gradient dot product; the exact influence function
   ``(H + λ + δ)⁻¹`` at δ = 0, 1e-3, 1e-2 and the pipeline's default δ = 2·|λ_min|, λ_min the
   Hessian's most negative eigenvalue (the MLP's Hessian is indefinite, so δ matters; the best
   fixed δ is picked with the ground truth, an optimistic baseline); our TRAK with one model
@@ -28,7 +29,8 @@ method needs beyond it is counted:
   checkpoints come with that excluded training; only the scoring is timed); EK-FAC via
   kronfluence (its default damping heuristic, and δ = 0); TRAK via traker with 1 and with 5
   models (the 4 extra models' training is counted).
-* DAUNCE (`daunce_core.runner.PerturbedCopies`, the steps of `daunce_core.attribute`): the paper
+* DAUNCE (`daunce_core.access.torch_module.access.PerturbedCopies`, the steps of
+  `daunce_core.method.attribute`): the paper
   form (`DaunceConfig()` defaults: hessian, observed labels, r = 0.3, γ = ρ = 1, SGD lr 0.01, 1
   epoch), and DESIGN §1's forms — sampled labels, r = 1, ρ = 0.1, proximal λ = the base L2,
   copies trained for 10 epochs at the recipe's learning rate. The full grid variant
@@ -87,16 +89,16 @@ from common import RESULTS, format_table, machine_info, machine_line, write_resu
 from torch import nn
 
 from daunce_core import ClassificationTask, DaunceConfig, Objective, TrainConfig
-from daunce_core.baselines import baseline_scores, fit_checkpoints, tracin
-from daunce_core.config import from_dict, to_dict
-from daunce_core.copies import stack_copies, trainable_names
-from daunce_core.datasets import digits
-from daunce_core.evaluation import evaluate_copies
-from daunce_core.lds import lds_jobs, lds_subsets, linear_datamodeling_score
-from daunce_core.perturbation import PerturbationDraw
-from daunce_core.runner import PerturbedCopies
-from daunce_core.scores import collect_statistics, write_scores
-from daunce_core.training import train_copies
+from daunce_core.access.torch_module.access import PerturbedCopies
+from daunce_core.access.torch_module.evaluation import evaluate_copies
+from daunce_core.access.torch_module.stacked import stack_copies, trainable_names
+from daunce_core.access.torch_module.training import train_copies
+from daunce_core.baselines.methods import baseline_scores, fit_checkpoints, tracin
+from daunce_core.conversion import from_dict, to_dict
+from daunce_core.evaluation.datasets import digits
+from daunce_core.evaluation.lds import lds_jobs, lds_subsets, linear_datamodeling_score
+from daunce_core.method.draws import PerturbationDraw
+from daunce_core.method.scores import collect_statistics, write_scores
 from flows.config import flow_daunce
 
 CACHE = RESULTS / "cache"
@@ -224,7 +226,7 @@ def ground_truth(spec: ModelSpec, train, queries, count: int, seeds: int) -> dic
 
 def seed_agreement(outcomes: np.ndarray) -> float | None:
     """Mean Spearman, over queries and seed pairs, between two seeds' outcomes (noise ceiling)."""
-    from daunce_core.metrics import spearman_columns
+    from daunce_core.evaluation.metrics import spearman_columns
 
     seeds = outcomes.shape[1]
     if seeds < 2:
@@ -316,7 +318,9 @@ def _context():
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = multiprocessing.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["__main__", "kronfluence", "trak", "daunce_core.peers"])
+        _CONTEXT.set_forkserver_preload(
+            ["__main__", "kronfluence", "trak", "daunce_core.baselines.peers"]
+        )
     return _CONTEXT
 
 

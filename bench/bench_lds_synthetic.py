@@ -1,6 +1,7 @@
 """LDS of DAUNCE variants against the exact influence function on a synthetic problem.
 
-Softmax regression (``daunce_core.problems.logistic_regression``: n = 80 train, m = 15 queries,
+Softmax regression (``daunce_core.evaluation.problems.logistic_regression``: n = 80 train, m = 15
+queries,
 4 features, 3 classes, L2 1e-2, float64). Ground truth: M subsets of half the training set,
 each retrained to convergence (full batch, 300 steps; one seed — the optimum is unique). Scores:
 the exact influence function, the gradient dot product, TRAK with one model (projected to 8
@@ -21,9 +22,9 @@ import time
 from common import format_table, machine_info, write_results
 
 from daunce_core import DaunceConfig, Objective, TrainConfig, attribute
-from daunce_core.baselines import gradient_dot, influence, trak
-from daunce_core.lds import lds_subsets, linear_datamodeling_score
-from daunce_core.problems import logistic_regression, retrained_outcomes
+from daunce_core.baselines.methods import gradient_dot, influence, trak
+from daunce_core.evaluation.lds import lds_subsets, linear_datamodeling_score
+from daunce_core.evaluation.problems import logistic_regression, retrained_outcomes
 
 BASELINES = {
     "gradient dot product": lambda p: gradient_dot(p.model, p.task, p.train, p.queries),

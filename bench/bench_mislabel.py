@@ -1,6 +1,7 @@
 """Mislabel detection on digits: can each method's self-score find 10% flipped labels?
 
-Data: sklearn digits, the embedded split (1597 training examples, `daunce_core.datasets.digits`).
+Data: sklearn digits, the embedded split (1597 training examples,
+`daunce_core.evaluation.datasets.digits`).
 In every setting 10% of the training labels are wrong (seeded); a model is trained on the noisy
 labels, every detector gives each training example one score, and we report
 
@@ -81,17 +82,17 @@ import torch
 from common import format_table, machine_info, machine_line, write_results
 
 from daunce_core import ClassificationTask, DaunceConfig, TrainConfig, attribute
-from daunce_core.baselines import (
+from daunce_core.baselines.exact import FlatModel, loss_hessian, per_example_gradients
+from daunce_core.baselines.methods import (
     baseline_scores,
     default_damping,
     fit_checkpoints,
     tracin,
     trak,
 )
-from daunce_core.config import from_dict, to_dict
-from daunce_core.datasets import digits
-from daunce_core.influence import FlatModel, loss_hessian, per_example_gradients
-from daunce_core.metrics import roc_auc
+from daunce_core.conversion import from_dict, to_dict
+from daunce_core.evaluation.datasets import digits
+from daunce_core.evaluation.metrics import roc_auc
 from flows.config import flow_daunce
 
 FRACTION = 0.1

@@ -105,7 +105,7 @@ def overhead(root: Path, k: int) -> list[dict]:
 
 def json_spec(run_dir: str) -> dict:
     """The copy spec recorded for a run (paths and digests of its inputs)."""
-    from daunce_core.lineage import Lineage, query_frame
+    from daunce_core.storage.lineage import Lineage, query_frame
 
     workspace = Path(run_dir).parent.parent
     with Lineage(workspace / "lineage.duckdb").connect(read_only=True) as con:

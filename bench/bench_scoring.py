@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import timed
 
-from daunce_core.scores import collect_statistics, write_scores
+from daunce_core.method.scores import collect_statistics, write_scores
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL = {"matmul": 4096, "throughput": (200, 200_000, 1_000), "peak": (200, 1_000_000, 1_000)}

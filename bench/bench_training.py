@@ -43,7 +43,7 @@ from common import format_table, machine_info, machine_line, median, timed, writ
 from torch import nn
 
 from daunce_core import ClassificationTask, DaunceConfig, PerturbedCopies, TrainConfig, fit
-from daunce_core.datasets import digits as embedded_digits
+from daunce_core.evaluation.datasets import digits as embedded_digits
 
 BASE_L2 = 1e-3
 BASE_TRAIN = TrainConfig(lr=0.1, epochs=30, batch_size=64)

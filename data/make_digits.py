@@ -1,14 +1,14 @@
 """Write the embedded default data: scikit-learn's digits as Parquet (train and queries).
 
 Run from the repository root: ``.venv/bin/python data/make_digits.py``. The split (200 queries)
-is the seeded permutation of ``daunce_core.datasets.digits``.
+is the seeded permutation of ``daunce_core.evaluation.datasets.digits``.
 """
 
 from pathlib import Path
 
 import polars as pl
 
-from daunce_core.datasets import digits
+from daunce_core.evaluation.datasets import digits
 
 
 def main() -> None:

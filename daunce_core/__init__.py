@@ -5,13 +5,13 @@ pipelines). Models are reached through a `Task`; `ClassificationTask` and `Regre
 ready-made. Scores are oriented ``[n_train, m_query]``.
 """
 
-from daunce_core.attribute import Attribution, attribute
-from daunce_core.config import DaunceConfig
+from daunce_core.access.task import ClassificationTask, RegressionTask, Task
+from daunce_core.access.torch_module.access import CopyLosses, PerturbedCopies
+from daunce_core.access.torch_module.training import fit
 from daunce_core.errors import DaunceError, DaunceWarning, TaskError
-from daunce_core.objectives import Objective
-from daunce_core.runner import CopyLosses, PerturbedCopies
-from daunce_core.task import ClassificationTask, RegressionTask, Task
-from daunce_core.training import TrainConfig, fit
+from daunce_core.method.attribute import Attribution, attribute
+from daunce_core.method.config import DaunceConfig, TrainConfig
+from daunce_core.method.objectives import Objective
 
 __all__ = [
     "Attribution",

@@ -21,11 +21,11 @@ import polars as pl
 from prefect import flow, unmapped
 from prefect.futures import as_completed
 
-from daunce_core.config import from_dict, to_dict
-from daunce_core.digest import digest_json, digest_path
+from daunce_core.conversion import from_dict, to_dict
 from daunce_core.errors import DaunceError
-from daunce_core.lineage import Lineage
-from daunce_core.store import PENDING, RunStore, remove_partials
+from daunce_core.storage.digest import digest_json, digest_path
+from daunce_core.storage.lineage import Lineage
+from daunce_core.storage.zarr_store import PENDING, RunStore, remove_partials
 from flows.config import RunConfig
 from tasks.common import CACHE_POLICY, Layout
 from tasks.copies import train_copies

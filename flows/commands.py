@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from daunce_core.errors import DaunceError
-from daunce_core.lineage import Lineage, query_frame
+from daunce_core.storage.lineage import Lineage, query_frame
 from flows.cli import prefect_environment
 
 
@@ -51,7 +51,7 @@ def add_queries(args) -> int:
     """``daunce add-queries CONFIG --queries PATH``: evaluate the stored copies on new queries."""
     import dataclasses
 
-    from daunce_core.sources import DataSource
+    from daunce_core.storage.sources import DataSource
 
     config = _load(args)
     sources = [*config.data.query_sources(), DataSource(path=str(Path(args.queries).resolve()))]
@@ -172,7 +172,7 @@ def runs(args) -> int:
 
 def status(args) -> int:
     """``daunce status``: a run's state, its copies done / diverged / pending, its artefacts."""
-    from daunce_core.store import DIVERGED, DONE, RunStore
+    from daunce_core.storage.zarr_store import DIVERGED, DONE, RunStore
 
     lineage = _lineage(args.workspace)
     run_id = args.run or _latest_run(lineage, completed=False)

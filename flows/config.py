@@ -38,11 +38,11 @@ from typing import Any
 
 import yaml
 
-from daunce_core.config import DaunceConfig, from_dict, to_dict
-from daunce_core.digest import digest_json, digest_path
+from daunce_core.conversion import from_dict, to_dict
 from daunce_core.errors import DaunceError
-from daunce_core.sources import DataSource
-from daunce_core.training import TrainConfig
+from daunce_core.method.config import DaunceConfig, TrainConfig
+from daunce_core.storage.digest import digest_json, digest_path
+from daunce_core.storage.sources import DataSource
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class ExecutionConfig:
 
 @dataclass(frozen=True)
 class BaselineConfig:
-    """A baseline method computed beside DAUNCE (`daunce_core.baselines.BASELINES`)."""
+    """A baseline method computed beside DAUNCE (`daunce_core.baselines.methods.BASELINES`)."""
 
     method: str
     options: dict = field(default_factory=dict)
@@ -112,7 +112,7 @@ class BaselineConfig:
         return cls(method=method)
 
     def __post_init__(self) -> None:
-        from daunce_core.baselines import BASELINES
+        from daunce_core.baselines.methods import BASELINES
 
         if self.method not in BASELINES:
             raise DaunceError(f"unknown baseline {self.method!r}; choose one of {list(BASELINES)}.")
@@ -165,7 +165,7 @@ class LDSConfig:
 
 @dataclass(frozen=True)
 class RemovalConfig:
-    """The subset-removal test (DESIGN §2), `daunce_core.removal`.
+    """The subset-removal test (DESIGN §2), `daunce_core.evaluation.removal`.
 
     Correctly answered queries are grouped by ``group_by`` (a label column; null: one group),
     at most ``per_group`` queries per group; for each group and method the ``sizes`` training

@@ -13,8 +13,8 @@ from pathlib import Path
 import polars as pl
 from prefect import flow
 
-from daunce_core.exports import write_parquet
-from daunce_core.lineage import Lineage
+from daunce_core.storage.exports import write_parquet
+from daunce_core.storage.lineage import Lineage
 from flows.attribute import run_attribute
 from flows.config import load_config
 

@@ -9,7 +9,7 @@ DAUNCE's scores, then:
   can grow later) — then the LDS of every method against it;
 * ``removal``: for each method and each group of correctly answered queries, the top-N
   training examples removed and the model retrained from several seeds, against random
-  removals of the same N (`daunce_core.removal`).
+  removals of the same N (`daunce_core.evaluation.removal`).
 
 Results go to Parquet under the run folder (``evaluations/``), with views in the lineage
 database (``lds_results``, ``lds_per_query``, ``removal_results``), and into its
@@ -28,13 +28,13 @@ import zarr
 from prefect import flow, unmapped
 from prefect.futures import as_completed
 
-from daunce_core.config import from_dict, to_dict
-from daunce_core.digest import digest_json, digest_path
+from daunce_core.conversion import from_dict, to_dict
 from daunce_core.errors import DaunceError
-from daunce_core.exports import write_parquet
-from daunce_core.lds import lds_subsets
-from daunce_core.lineage import Lineage
-from daunce_core.store import DONE, OutcomeStore, remove_partials
+from daunce_core.evaluation.lds import lds_subsets
+from daunce_core.storage.digest import digest_json, digest_path
+from daunce_core.storage.exports import write_parquet
+from daunce_core.storage.lineage import Lineage
+from daunce_core.storage.zarr_store import DONE, OutcomeStore, remove_partials
 from flows.attribute import (
     _call,
     _inputs,
@@ -297,8 +297,8 @@ def removal_flow(config: dict, overwrite: bool = False) -> dict:
 
 
 def _groups(run: RunConfig, spec: dict) -> list[np.ndarray]:
-    """Groups of the queries the base model answers correctly (`daunce_core.removal`)."""
-    from daunce_core.removal import correct_queries, query_groups
+    """Groups of the queries the base model answers correctly (`daunce_core.evaluation.removal`)."""
+    from daunce_core.evaluation.removal import correct_queries, query_groups
     from tasks.common import load_base_model
     from tasks.evaluation import retrain_context
 
@@ -321,7 +321,7 @@ def _groups(run: RunConfig, spec: dict) -> list[np.ndarray]:
 
 def _plans(run: RunConfig, sources: list[dict], groups, n: int, m: int) -> dict:
     """One removal plan per method, from its scores on the groups' queries."""
-    from daunce_core.removal import plan_removal
+    from daunce_core.evaluation.removal import plan_removal
     from tasks.evaluation import read_scores
 
     settings = run.evaluation.removal
@@ -424,7 +424,7 @@ def _run_removal_jobs(run, folder: Path, spec: dict, plans: dict, rows: dict, po
 
 
 def _removal(run: RunConfig, overwrite: bool) -> dict:
-    from daunce_core.removal import summarize_removal
+    from daunce_core.evaluation.removal import summarize_removal
 
     started, states = time.perf_counter(), []
     summary, _, policy, records = _prepare(run, overwrite, states)

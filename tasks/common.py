@@ -17,12 +17,13 @@ import torch
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from safetensors.torch import load_file
 
-from daunce_core.config import DaunceConfig, from_dict
+from daunce_core.access.task import task_from_spec
+from daunce_core.access.torch_module.access import PerturbedCopies
+from daunce_core.access.torch_module.models import build_model, load_parameters
+from daunce_core.conversion import from_dict
 from daunce_core.data import ExampleSet
-from daunce_core.models import build_model, load_parameters
-from daunce_core.runner import PerturbedCopies
-from daunce_core.sources import read_canonical
-from daunce_core.task import task_from_spec
+from daunce_core.method.config import DaunceConfig
+from daunce_core.storage.sources import read_canonical
 
 CACHE_POLICY = INPUTS + TASK_SOURCE
 """Cache on the task's inputs (paths and content digests) and its code."""

@@ -10,7 +10,7 @@ import torch
 from prefect import task
 from safetensors.torch import load_file, save_file
 
-from daunce_core.store import DIVERGED, DONE, PENDING, RunStore
+from daunce_core.storage.zarr_store import DIVERGED, DONE, PENDING, RunStore
 from tasks.common import CACHE_POLICY, Layout, copies_context
 
 

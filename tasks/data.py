@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from daunce_core.sources import DataSource, read_sources, write_canonical
+from daunce_core.storage.sources import DataSource, read_sources, write_canonical
 from tasks.common import CACHE_POLICY, artifact
 
 

@@ -20,16 +20,22 @@ import polars as pl
 import zarr
 from prefect import task
 
-from daunce_core.baselines import baseline_scores
-from daunce_core.config import from_dict
-from daunce_core.digest import digest_json
+from daunce_core.access.task import task_from_spec
+from daunce_core.access.torch_module.models import build_model
+from daunce_core.baselines.methods import baseline_scores
+from daunce_core.conversion import from_dict
 from daunce_core.errors import DaunceError
-from daunce_core.exports import top_table, write_parquet
-from daunce_core.lds import RetrainJob, group_effects, lds_of_effects, lds_subsets, retrain_jobs
-from daunce_core.models import build_model
-from daunce_core.store import DONE, OutcomeStore, RunStore
-from daunce_core.task import task_from_spec
-from daunce_core.training import TrainConfig
+from daunce_core.evaluation.lds import (
+    RetrainJob,
+    group_effects,
+    lds_of_effects,
+    lds_subsets,
+    retrain_jobs,
+)
+from daunce_core.method.config import TrainConfig
+from daunce_core.storage.digest import digest_json
+from daunce_core.storage.exports import top_table, write_parquet
+from daunce_core.storage.zarr_store import DONE, OutcomeStore, RunStore
 from tasks.common import CACHE_POLICY, artifact, load_base_model, load_split
 
 LDS_ORDER = 100_003
@@ -91,7 +97,7 @@ def ground_truth(pairs: list[list[int]], truth_dir: str, spec: dict, subsets: di
 
     The whole group is retrained when one of its jobs is pending (so a resumed group computes
     exactly what an uninterrupted one would); only pending jobs are written. ``subsets`` holds
-    ``alpha`` and ``seed`` of `daunce_core.lds.lds_subsets`.
+    ``alpha`` and ``seed`` of `daunce_core.evaluation.lds.lds_subsets`.
     """
     started = time.perf_counter()
     store = OutcomeStore(truth_dir)

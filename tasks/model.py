@@ -7,13 +7,14 @@ from pathlib import Path
 from prefect import task
 from safetensors.torch import save_file
 
-from daunce_core.config import DTYPES, from_dict
-from daunce_core.digest import digest_arrays, digest_model
-from daunce_core.models import build_model, load_parameters, save_parameters
-from daunce_core.objectives import Objective
-from daunce_core.signals import compute_base_signals
-from daunce_core.task import task_from_spec
-from daunce_core.training import TrainConfig, fit
+from daunce_core.access.task import task_from_spec
+from daunce_core.access.torch_module.models import build_model, load_parameters, save_parameters
+from daunce_core.access.torch_module.training import fit
+from daunce_core.conversion import from_dict
+from daunce_core.method.config import DTYPES, TrainConfig
+from daunce_core.method.objectives import Objective
+from daunce_core.method.signals import compute_base_signals
+from daunce_core.storage.digest import digest_arrays, digest_model
 from tasks.common import CACHE_POLICY, artifact, load_base_model, load_split
 
 

@@ -9,11 +9,11 @@ import numpy as np
 import polars as pl
 from prefect import task
 
-from daunce_core.digest import digest_json
 from daunce_core.errors import DaunceWarning
-from daunce_core.exports import example_influence_table, top_table, write_parquet
-from daunce_core.scores import collect_statistics, self_influence, write_scores
-from daunce_core.store import RunStore
+from daunce_core.method.scores import collect_statistics, self_influence, write_scores
+from daunce_core.storage.digest import digest_json
+from daunce_core.storage.exports import example_influence_table, top_table, write_parquet
+from daunce_core.storage.zarr_store import RunStore
 from tasks.common import CACHE_POLICY, Layout, artifact
 
 ROW_CHUNK, COL_CHUNK = 8192, 1024

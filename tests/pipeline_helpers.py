@@ -15,7 +15,7 @@ import torch
 import yaml
 import zarr
 
-from daunce_core.datasets import digits
+from daunce_core.evaluation.datasets import digits
 
 
 def exploding_data() -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from daunce_core import ClassificationTask, DaunceError, DaunceWarning, TrainConfig, fit
-from daunce_core.baselines import (
+from daunce_core.access.torch_module.models import build_model
+from daunce_core.baselines.exact import (
+    FlatModel,
+    exact_targets,
+    loss_hessian,
+    per_example_gradients,
+)
+from daunce_core.baselines.methods import (
     BASELINES,
     INFLUENCE_SHIFT,
     baseline_scores,
@@ -17,9 +24,7 @@ from daunce_core.baselines import (
     tracin,
     trak,
 )
-from daunce_core.influence import FlatModel, exact_targets, loss_hessian, per_example_gradients
-from daunce_core.models import build_model
-from daunce_core.problems import logistic_regression
+from daunce_core.evaluation.problems import logistic_regression
 
 
 def problem():

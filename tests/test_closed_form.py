@@ -2,7 +2,7 @@
 
 At ρ = 0.1 the copies stay in the linear-response regime, trained to their perturbed optimum
 (full batch, enough steps); the covariance then matches the exact sandwich that each variant
-targets (``daunce_core.influence``) in direction *and* magnitude, ``(ρ/γ)²/s`` included.
+targets (``daunce_core.baselines.exact``) in direction *and* magnitude, ``(ρ/γ)²/s`` included.
 """
 
 import functools
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from daunce_core import DaunceConfig, Objective, TrainConfig, attribute
-from daunce_core.influence import exact_targets
-from daunce_core.problems import linear_regression, logistic_regression
+from daunce_core.baselines.exact import exact_targets
+from daunce_core.evaluation.problems import linear_regression, logistic_regression
 
 RHO = 0.1
 K = 400

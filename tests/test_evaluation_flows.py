@@ -15,12 +15,12 @@ from pipeline_helpers import scores_of, write_config, write_data
 from prefect.testing.utilities import prefect_test_harness
 
 from daunce_core import ClassificationTask
+from daunce_core.access.torch_module.models import build_model
 from daunce_core.errors import DaunceError
-from daunce_core.lds import lds_subsets, linear_datamodeling_score, retrain_on_subsets
-from daunce_core.lineage import Lineage, query_frame
-from daunce_core.models import build_model
-from daunce_core.removal import correct_queries, query_groups, subset_removal
-from daunce_core.store import OutcomeStore
+from daunce_core.evaluation.lds import lds_subsets, linear_datamodeling_score, retrain_on_subsets
+from daunce_core.evaluation.removal import correct_queries, query_groups, subset_removal
+from daunce_core.storage.lineage import Lineage, query_frame
+from daunce_core.storage.zarr_store import OutcomeStore
 from flows.cli import main
 from flows.config import load_config
 from flows.evaluate import run_lds, run_removal

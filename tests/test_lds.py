@@ -8,10 +8,10 @@ from hypothesis import strategies as st
 from scipy.stats import spearmanr
 
 from daunce_core import ClassificationTask, DaunceError, TrainConfig
-from daunce_core.baselines import influence
-from daunce_core.lds import lds_subsets, linear_datamodeling_score, retrain_on_subsets
-from daunce_core.metrics import roc_auc, spearman_columns
-from daunce_core.problems import logistic_regression, retrained_outcomes
+from daunce_core.baselines.methods import influence
+from daunce_core.evaluation.lds import lds_subsets, linear_datamodeling_score, retrain_on_subsets
+from daunce_core.evaluation.metrics import roc_auc, spearman_columns
+from daunce_core.evaluation.problems import logistic_regression, retrained_outcomes
 
 
 @settings(max_examples=40, deadline=None)

@@ -5,9 +5,9 @@ import torch
 from torch.func import functional_call, grad
 
 from daunce_core import ClassificationTask, DaunceError, Objective
-from daunce_core.influence import FlatModel, per_example_gradients
-from daunce_core.objectives import per_example_objective
-from daunce_core.signals import compute_base_signals
+from daunce_core.baselines.exact import FlatModel, per_example_gradients
+from daunce_core.method.objectives import per_example_objective
+from daunce_core.method.signals import compute_base_signals
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from daunce_core import ClassificationTask, DaunceError, RegressionTask, Task
-from daunce_core.baselines import influence, trak
-from daunce_core.influence import FlatModel, per_example_gradients
-from daunce_core.peers import ekfac, trak_scores
-from daunce_core.problems import fit_exact, linear_regression, logistic_regression
+from daunce_core.baselines.exact import FlatModel, per_example_gradients
+from daunce_core.baselines.methods import influence, trak
+from daunce_core.baselines.peers import ekfac, trak_scores
+from daunce_core.evaluation.problems import fit_exact, linear_regression, logistic_regression
 
 pytest.importorskip("kronfluence")
 pytest.importorskip("trak")

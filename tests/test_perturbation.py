@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from daunce_core import DaunceError
-from daunce_core.perturbation import draw_perturbation, epoch_order
+from daunce_core.method.draws import draw_perturbation, epoch_order
 
 
 def test_draws_depend_only_on_seed_and_k():

@@ -12,12 +12,12 @@ from pipeline_helpers import exploding_data, losses_of, scores_of, write_config,
 from prefect.testing.utilities import prefect_test_harness
 
 from daunce_core import ClassificationTask, PerturbedCopies
-from daunce_core.digest import digest_rows
+from daunce_core.access.torch_module.models import build_model, save_parameters
 from daunce_core.errors import DaunceError
-from daunce_core.lineage import Lineage, query_frame
-from daunce_core.models import build_model, save_parameters
-from daunce_core.perturbation import draw_perturbation
-from daunce_core.sources import DataSource
+from daunce_core.method.draws import draw_perturbation
+from daunce_core.storage.digest import digest_rows
+from daunce_core.storage.lineage import Lineage, query_frame
+from daunce_core.storage.sources import DataSource
 from flows.attribute import claim_run_dir, run_attribute, workspace_lock
 from flows.cli import main
 from flows.config import ExportConfig, load_config

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from daunce_core import ClassificationTask, DaunceError, TrainConfig
-from daunce_core.baselines import influence
-from daunce_core.lds import retrain_jobs
-from daunce_core.problems import fit_exact
-from daunce_core.removal import (
+from daunce_core.baselines.methods import influence
+from daunce_core.evaluation.lds import retrain_jobs
+from daunce_core.evaluation.problems import fit_exact
+from daunce_core.evaluation.removal import (
     RemovalLabel,
     correct_queries,
     plan_removal,

@@ -11,7 +11,7 @@ import numpy as np
 import zarr
 from pipeline_helpers import scores_of, write_config, write_data
 
-from daunce_core.store import TEMPORARY
+from daunce_core.storage.zarr_store import TEMPORARY
 
 K = 16
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daunce_core.errors import DaunceError, DaunceWarning
-from daunce_core.scores import (
+from daunce_core.method.scores import (
     KINDS,
     LossMoments,
     collect_statistics,

@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 
 from daunce_core.errors import DaunceError
-from daunce_core.sources import DataSource, read_canonical, read_sources, write_canonical
+from daunce_core.storage.sources import DataSource, read_canonical, read_sources, write_canonical
 
 
 @pytest.fixture

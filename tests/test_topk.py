@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daunce_core.errors import DaunceError
-from daunce_core.topk import top_k
+from daunce_core.method.topk import top_k
 
 
 def oracle(scores, k, largest):

@@ -143,7 +143,7 @@ def test_model_initialisation_is_reproducible_from_concurrent_threads():
     """Mapped tasks build models in threads; each must get exactly its seed's initial weights."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from daunce_core.models import build_model
+    from daunce_core.access.torch_module.models import build_model
 
     recipe = {"kind": "mlp", "inputs": 64, "hidden": [256, 256], "outputs": 10}
     seeds = list(range(8)) * 4

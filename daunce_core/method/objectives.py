@@ -35,9 +35,9 @@ from typing import Literal
 
 import torch
 
+from daunce_core.access.task import Task
 from daunce_core.data import ExampleSet
 from daunce_core.errors import DaunceError
-from daunce_core.task import Task
 
 Variant = Literal["hessian", "efim", "trak"]
 Access = Literal["white_box", "black_box"]

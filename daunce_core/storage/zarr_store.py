@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from daunce_core.digest import digest_json
 from daunce_core.errors import DaunceError
+from daunce_core.storage.digest import digest_json
 
 PENDING, DONE, DIVERGED = 0, 1, 2
 ARRAYS = ("losses_train", "losses_query", "queries_done", "copy_status")

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from daunce_core.config import DaunceConfig
+from daunce_core.access.task import Task
+from daunce_core.access.torch_module.access import PerturbedCopies
 from daunce_core.errors import DaunceError
-from daunce_core.runner import PerturbedCopies
-from daunce_core.scores import collect_statistics, self_influence, write_scores
-from daunce_core.task import Task
+from daunce_core.method.config import DaunceConfig
+from daunce_core.method.scores import collect_statistics, self_influence, write_scores
 
 
 @dataclass

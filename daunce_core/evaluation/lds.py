@@ -3,7 +3,7 @@
 Ground truth: draw M subsets ``S_1..S_M`` of the training set, each of ``round(α·n)`` examples
 (α = 0.5), retrain the model from scratch on each with S seeds, and record every query's
 measurement. `retrain_on_subsets` trains all M × S models with the vectorised trainer of the
-perturbed copies (`daunce_core.training.train_copies`), in groups.
+perturbed copies (`daunce_core.access.torch_module.training.train_copies`), in groups.
 
 Score: for query j, the Spearman correlation over m = 1..M between the predicted group effect
 ``Σ_{i∈S_m} scores[i, j]`` and the true outcome averaged over seeds. Scores are oriented
@@ -21,14 +21,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from daunce_core.copies import stack_copies, trainable_names
+from daunce_core.access.task import Measurement, Task
+from daunce_core.access.torch_module.evaluation import evaluate_copies
+from daunce_core.access.torch_module.stacked import stack_copies, trainable_names
+from daunce_core.access.torch_module.training import train_copies
 from daunce_core.data import ExampleSet, num_examples
 from daunce_core.errors import DaunceError
-from daunce_core.evaluation import evaluate_copies
-from daunce_core.metrics import spearman_columns
-from daunce_core.perturbation import PerturbationDraw, stream_rng
-from daunce_core.task import Measurement, Task
-from daunce_core.training import TrainConfig, train_copies
+from daunce_core.evaluation.metrics import spearman_columns
+from daunce_core.method.config import TrainConfig
+from daunce_core.method.draws import PerturbationDraw, stream_rng
 
 _LDS_STREAM = 7
 

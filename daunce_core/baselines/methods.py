@@ -9,12 +9,12 @@ proponents, so any of them can be evaluated by the same LDS and subset-removal c
 * `trak` — TRAK (Park et al. 2023) with one model: margin gradients ``φ = ∇f`` projected by a
   Gaussian ``P`` (``[P_params, k]``), ``(1 − p_i) · φ_iᵀP (PᵀΦᵀΦP + δ)⁻¹ Pᵀφ_j``;
 * `tracin` — TracIn-CP (Pruthi et al. 2020) over checkpoints of one training run, which
-  `fit_checkpoints` keeps while training like `daunce_core.training.fit`.
+  `fit_checkpoints` keeps while training like `daunce_core.access.torch_module.training.fit`.
 
 They form per-example gradients (``[n, P]``), so they are meant for the small models of the
 benchmarks; DAUNCE itself never does. `baseline_scores` is the one entry point the pipeline
 calls, by method name (`BASELINES`); it also reaches the peer packages' methods of
-`daunce_core.peers` (kronfluence's EK-FAC, traker's TRAK ensembles).
+`daunce_core.baselines.peers` (kronfluence's EK-FAC, traker's TRAK ensembles).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from daunce_core.copies import trainable_names
-from daunce_core.data import ExampleSet, num_examples
-from daunce_core.errors import DaunceError, DaunceWarning
-from daunce_core.influence import (
+from daunce_core.access.task import Measurement, Task
+from daunce_core.access.torch_module.stacked import trainable_names
+from daunce_core.access.torch_module.training import fit
+from daunce_core.baselines.exact import (
     FlatModel,
     check_small,
     influence_function,
@@ -38,8 +38,9 @@ from daunce_core.influence import (
     measurement_fn,
     per_example_gradients,
 )
-from daunce_core.task import Measurement, Task
-from daunce_core.training import TrainConfig, fit
+from daunce_core.data import ExampleSet, num_examples
+from daunce_core.errors import DaunceError, DaunceWarning
+from daunce_core.method.config import TrainConfig
 
 
 def _grads(
@@ -185,7 +186,8 @@ def fit_checkpoints(
     seed: int = 0,
     count: int = 5,
 ) -> list[Checkpoint]:
-    """Train ``model`` in place like `daunce_core.training.fit`, keeping ``count`` checkpoints.
+    """Train ``model`` in place like `daunce_core.access.torch_module.training.fit`, keeping
+    ``count`` checkpoints.
 
     Checkpoints are evenly spaced over the optimiser steps. The last one is the end of
     training, bitwise equal to ``fit``'s result with the same arguments (and to ``model``
@@ -274,11 +276,11 @@ def baseline_scores(
       `fit_checkpoints` from ``make_model(seed)`` with ``train_config``, ``l2`` and ``seed`` (a
       warning if they do not end at ``model``). ``checkpoints`` (5), ``measurement``
       (``"loss"``).
-    * ``"ekfac"`` — `daunce_core.peers.ekfac` (kronfluence), curvature EK-FAC Fisher
+    * ``"ekfac"`` — `daunce_core.baselines.peers.ekfac` (kronfluence), curvature EK-FAC Fisher
       ``+ l2 + damping``. ``damping`` (None: kronfluence's heuristic, 0.1 × each layer's mean
       eigenvalue, in place of ``l2 + damping``), ``fisher`` (``"sampled"`` or ``"empirical"``),
       ``measurement`` (``"loss"``), ``batch_size`` (256).
-    * ``"trak_ensemble"`` — `daunce_core.peers.trak_scores` (traker) over ``model`` and
+    * ``"trak_ensemble"`` — `daunce_core.baselines.peers.trak_scores` (traker) over ``model`` and
       ``models − 1`` more trained by ``fit`` from ``make_model(seed + i)`` with seed ``seed + i``.
       ``models`` (5), ``projection_dim`` (512), ``damping`` (traker's ``lambda_reg``, 0).
 
@@ -321,7 +323,7 @@ def baseline_scores(
             seed=seed,
         )
     if method == "ekfac":
-        from daunce_core.peers import ekfac
+        from daunce_core.baselines.peers import ekfac
 
         return ekfac(
             model,
@@ -347,7 +349,7 @@ def baseline_scores(
             models, [lr for _, lr in checkpoints], task, train, queries, opts["measurement"]
         )
     # trak_ensemble
-    from daunce_core.peers import trak_scores
+    from daunce_core.baselines.peers import trak_scores
 
     count = int(opts["models"])
     if count < 1:

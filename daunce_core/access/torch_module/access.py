@@ -17,16 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from daunce_core.config import DaunceConfig
-from daunce_core.copies import trainable_names
+from daunce_core.access.task import Task, check_per_example
+from daunce_core.access.torch_module.evaluation import evaluate_copies
+from daunce_core.access.torch_module.stacked import trainable_names
+from daunce_core.access.torch_module.training import TrainedCopies, train_copies
 from daunce_core.data import as_example_set, cast_floating, check_compatible, num_examples, take
 from daunce_core.errors import DaunceWarning, TaskError
-from daunce_core.evaluation import evaluate_copies
-from daunce_core.objectives import per_example_objective
-from daunce_core.perturbation import draw_perturbation
-from daunce_core.signals import BaseSignals, compute_base_signals
-from daunce_core.task import Task, check_per_example
-from daunce_core.training import TrainedCopies, train_copies
+from daunce_core.method.config import DaunceConfig
+from daunce_core.method.draws import draw_perturbation
+from daunce_core.method.objectives import per_example_objective
+from daunce_core.method.signals import BaseSignals, compute_base_signals
 
 
 @dataclass
@@ -56,7 +56,7 @@ class PerturbedCopies:
         queries: query examples (``m`` rows), same columns.
         config: the run's configuration.
         base_l2: the base model's own L2 strength; the default proximal λ.
-        signals: base signals computed earlier (`daunce_core.signals.compute_base_signals` of
+        signals: base signals computed earlier (`daunce_core.method.signals.compute_base_signals` of
             the same model, data and objective); computed here when None.
     """
 

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from daunce_core.access.task import Task
 from daunce_core.data import ExampleSet
 from daunce_core.errors import TaskError
-from daunce_core.task import Task
 
 Stacked = dict[str, torch.Tensor]
 

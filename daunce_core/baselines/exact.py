@@ -44,10 +44,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 
-from daunce_core.copies import trainable_names
+from daunce_core.access.task import Measurement, Task
+from daunce_core.access.torch_module.stacked import trainable_names
 from daunce_core.data import ExampleSet, batch_slices, num_examples, take
 from daunce_core.errors import DaunceError
-from daunce_core.task import Measurement, Task
 
 
 class FlatModel:

@@ -1,13 +1,15 @@
 """Adapters to the peer packages DAUNCE is compared with: kronfluence (EK-FAC) and traker (TRAK).
 
 Both packages are optional (``pip install 'daunce[peers]'``) and imported only when called. Each
-adapter takes a model and a `daunce_core.task.Task` like every other attribution method here and
+adapter takes a model and a `daunce_core.access.task.Task` like every other attribution method here
+and
 returns a score matrix oriented ``[n_train, m_query]`` with positive values for proponents
 (training on ``i`` lowers query ``j``'s loss, or raises its margin), so the peers are evaluated by
 the same LDS and subset-removal code as DAUNCE.
 
 * `ekfac` — the influence function with kronfluence's EK-FAC curvature (Grosse et al. 2023):
-  ``(1/n) ∇L_iᵀ (F_EKFAC + l2 + δ)⁻¹ ∇M_j``, on the scale of `daunce_core.baselines.influence`.
+  ``(1/n) ∇L_iᵀ (F_EKFAC + l2 + δ)⁻¹ ∇M_j``, on the scale of
+`daunce_core.baselines.methods.influence`.
 * `trak_scores` — TRAK (Park et al. 2023) with the authors' ``trak`` package, an ensemble over
   one or more independently trained models, CPU projector.
 
@@ -33,10 +35,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from daunce_core.copies import trainable_names
+from daunce_core.access.task import MEASUREMENTS, Measurement, Task
+from daunce_core.access.torch_module.stacked import trainable_names
 from daunce_core.data import ExampleSet, num_examples
 from daunce_core.errors import DaunceError, DaunceWarning
-from daunce_core.task import MEASUREMENTS, Measurement, Task
 
 FISHERS = ("sampled", "empirical")
 
@@ -194,7 +196,7 @@ def ekfac(
     The score is ``(1/n) ∇L_iᵀ (F + l2 + δ)⁻¹ ∇M_j`` with ``F`` kronfluence's EK-FAC
     approximation of the Fisher of the mean training loss (Kronecker-factored eigenbasis per
     layer, eigenvalues refitted in that basis). kronfluence's own score has no ``1/n``; it is
-    divided out here so the scores sit on the scale of `daunce_core.baselines.influence`
+    divided out here so the scores sit on the scale of `daunce_core.baselines.methods.influence`
     (which uses the exact Hessian ``H + l2 + δ``). EK-FAC is exact when the per-layer Fisher is a
     Kronecker product diagonal in the factors' eigenbasis — e.g. one linear layer with a scalar
     least-squares output and a label noise of constant magnitude; see `tests/test_peers.py`.
@@ -341,7 +343,7 @@ def trak_scores(
     with ``p`` each training example's probability of its label. traker rescales each model's
     ``(XᵀX)⁻¹`` by its mean absolute entry (for float16 safety), so scores are TRAK's up to a
     positive factor per model: rank and sign are TRAK's, magnitudes are not comparable with
-    `daunce_core.baselines.trak`. The query measurement is the margin (TRAK's).
+    `daunce_core.baselines.methods.trak`. The query measurement is the margin (TRAK's).
 
     Args:
         models: one trained model or several (the ensemble); not modified.

@@ -1,25 +1,73 @@
-"""The configuration of a DAUNCE run, and config dataclasses from and to plain dicts.
+"""The configuration of a DAUNCE run: how copies are drawn, trained and scored.
 
-`DaunceConfig` is frozen and checked on construction; `from_dict` builds any nested config
-dataclass from YAML or JSON data, with errors that name the field and the fix.
+`DaunceConfig` (with its copies' training recipe, `TrainConfig`) is frozen and checked on
+construction; `daunce_core.conversion` builds it from YAML or JSON data.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import typing
+import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
+from daunce_core.access.task import MEASUREMENTS, Measurement
 from daunce_core.errors import DaunceError
-from daunce_core.objectives import Objective
-from daunce_core.task import MEASUREMENTS, Measurement
-from daunce_core.training import TrainConfig
+from daunce_core.method.objectives import Objective
 
 SCORE_KINDS = ("correlation", "covariance")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How each copy is trained.
+
+    Attributes:
+        optimizer: ``"sgd"`` (with momentum; the paper's vision recipe) or ``"adamw"`` (LLMs).
+        lr: peak learning rate (> 0).
+        momentum: SGD momentum (paper: 0.9).
+        betas: AdamW betas.
+        weight_decay: the optimiser's own decay towards zero (default 0; for an L2 penalty or a
+            proximal term pass ``l2`` to `train_copies` instead).
+        schedule: ``"cosine"`` (decay to 0 over the run) or ``"constant"``.
+        epochs: passes over each copy's subset (may be fractional); ignored if ``steps`` is set.
+        steps: exact number of optimiser steps (overrides ``epochs``).
+        batch_size: examples per step and copy.
+    """
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    epochs: float = 1.0
+    steps: int | None = None
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise DaunceError(f"optimizer must be 'sgd' or 'adamw'; got {self.optimizer!r}.")
+        if self.schedule not in ("cosine", "constant"):
+            raise DaunceError(f"schedule must be 'cosine' or 'constant'; got {self.schedule!r}.")
+        if not (self.lr > 0 and self.batch_size >= 1 and 0 <= self.momentum < 1):
+            raise DaunceError(
+                f"need lr > 0, batch_size >= 1 and 0 <= momentum < 1; got lr={self.lr}, "
+                f"batch_size={self.batch_size}, momentum={self.momentum}."
+            )
+        if self.steps is None and not self.epochs > 0:
+            raise DaunceError(f"epochs must be > 0 (or set steps); got {self.epochs}.")
+        if self.steps is not None and self.steps < 1:
+            raise DaunceError(f"steps must be >= 1; got {self.steps}.")
+
+    def total_steps(self, subset_size: int) -> int:
+        """Optimiser steps for a subset of ``subset_size`` examples."""
+        if self.steps is not None:
+            return self.steps
+        per_epoch = math.ceil(subset_size / self.batch_size)
+        return max(1, math.ceil(self.epochs * per_epoch))
 
 
 @dataclass(frozen=True)
@@ -94,60 +142,3 @@ class DaunceConfig:
     def torch_dtype(self) -> torch.dtype:
         """The torch dtype named by ``dtype``."""
         return DTYPES[self.dtype]
-
-
-def to_dict(value: Any) -> Any:
-    """A config dataclass as plain dicts and lists."""
-    if dataclasses.is_dataclass(value):
-        return {f.name: to_dict(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, tuple | list):
-        return [to_dict(v) for v in value]
-    return value
-
-
-def from_dict(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from ``data``; errors name the field (``where``) and the fix."""
-    if not isinstance(data, dict):
-        raise DaunceError(f"config field {where or '(top)'} must be a mapping; got {data!r}.")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise DaunceError(
-            f"unknown config field(s) {[_join(where, u) for u in unknown]}; "
-            f"known fields of {where or 'the config'}: {sorted(known)}."
-        )
-    values = {
-        name: _convert(hints[name], value, _join(where, name)) for name, value in data.items()
-    }
-    try:
-        return cls(**values)
-    except DaunceError as error:
-        raise DaunceError(f"config field {where or '(top)'}: {error}") from error
-    except TypeError as error:
-        raise DaunceError(f"config field {where or '(top)'} is incomplete: {error}.") from error
-
-
-def _item(cls: type, value: Any, where: str) -> Any:
-    """A list item: a mapping, or a plain string for a dataclass whose ``from_name`` takes one."""
-    if isinstance(value, str) and hasattr(cls, "from_name"):
-        return cls.from_name(value)
-    return from_dict(cls, value, where)
-
-
-def _join(where: str, name: str) -> str:
-    return f"{where}.{name}" if where else name
-
-
-def _convert(hint: Any, value: Any, where: str) -> Any:
-    if isinstance(value, list):
-        for arg in (hint, *typing.get_args(hint)):
-            inner = typing.get_args(arg)
-            if typing.get_origin(arg) is list and inner and dataclasses.is_dataclass(inner[0]):
-                return [_item(inner[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-    for cls in (hint, *typing.get_args(hint)):
-        if isinstance(cls, type) and dataclasses.is_dataclass(cls):
-            return value if value is None else from_dict(cls, value, where)
-    if typing.get_origin(hint) is tuple and isinstance(value, list):
-        return tuple(value)
-    return value

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from daunce_core.copies import Stacked, copy_outputs_fn, map_copies
+from daunce_core.access.task import Measurement, Task, check_per_example
+from daunce_core.access.torch_module.stacked import Stacked, copy_outputs_fn, map_copies
 from daunce_core.data import ExampleSet, batch_slices, num_examples, take
-from daunce_core.task import Measurement, Task, check_per_example
 
 
 def evaluate_copies(

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from daunce_core.access.task import Task, check_per_example
 from daunce_core.data import ExampleSet, batch_slices, num_examples, take
-from daunce_core.objectives import Objective, objective_value
-from daunce_core.task import Task, check_per_example
+from daunce_core.method.objectives import Objective, objective_value
 
 BaseSignals = dict[str, torch.Tensor]
 

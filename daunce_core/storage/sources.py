@@ -145,7 +145,7 @@ def write_canonical(columns: dict[str, np.ndarray], ids: np.ndarray, folder: str
     """
     import polars as pl
 
-    from daunce_core.digest import digest_arrays, digest_rows
+    from daunce_core.storage.digest import digest_arrays, digest_rows
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 One trainer serves every training DAUNCE needs: the K perturbed copies (Algorithm 1, line 4),
 the base model, and (later) the ground-truth retrainings of the evaluation. Each copy visits its
 own subset of the examples in its own order; all copies of a group take their steps in lockstep,
-vectorised over copies (`daunce_core.copies`). A copy whose objective becomes non-finite is
+vectorised over copies (`daunce_core.access.torch_module.stacked`). A copy whose objective becomes
+non-finite is
 marked diverged (reported by index), frozen, and left for the caller to exclude — it never
 touches the other copies, whose parameter slices are independent.
 """
@@ -13,13 +14,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from daunce_core.copies import (
+from daunce_core.access.torch_module.stacked import (
     Stacked,
     copy_outputs_fn,
     map_copies,
@@ -28,7 +28,8 @@ from daunce_core.copies import (
 )
 from daunce_core.data import ExampleSet, num_examples, take
 from daunce_core.errors import DaunceError
-from daunce_core.perturbation import PerturbationDraw, draw_perturbation, epoch_order
+from daunce_core.method.config import TrainConfig
+from daunce_core.method.draws import PerturbationDraw, draw_perturbation, epoch_order
 
 ExampleObjective = Callable[[torch.Tensor, ExampleSet, dict], torch.Tensor]
 """``(outputs [B, ...], batch, side) -> per-example objective [B]`` of one copy."""
@@ -36,56 +37,6 @@ ExampleObjective = Callable[[torch.Tensor, ExampleSet, dict], torch.Tensor]
 StepCallback = Callable[[int, Stacked, float], None]
 """``(steps_done, params, lr)``, called after every optimiser step: ``params`` the live stacked
 parameters (``name -> [G, ...]``; clone what you keep), ``lr`` the learning rate the step used."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How each copy is trained.
-
-    Attributes:
-        optimizer: ``"sgd"`` (with momentum; the paper's vision recipe) or ``"adamw"`` (LLMs).
-        lr: peak learning rate (> 0).
-        momentum: SGD momentum (paper: 0.9).
-        betas: AdamW betas.
-        weight_decay: the optimiser's own decay towards zero (default 0; for an L2 penalty or a
-            proximal term pass ``l2`` to `train_copies` instead).
-        schedule: ``"cosine"`` (decay to 0 over the run) or ``"constant"``.
-        epochs: passes over each copy's subset (may be fractional); ignored if ``steps`` is set.
-        steps: exact number of optimiser steps (overrides ``epochs``).
-        batch_size: examples per step and copy.
-    """
-
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    schedule: Literal["cosine", "constant"] = "cosine"
-    epochs: float = 1.0
-    steps: int | None = None
-    batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adamw"):
-            raise DaunceError(f"optimizer must be 'sgd' or 'adamw'; got {self.optimizer!r}.")
-        if self.schedule not in ("cosine", "constant"):
-            raise DaunceError(f"schedule must be 'cosine' or 'constant'; got {self.schedule!r}.")
-        if not (self.lr > 0 and self.batch_size >= 1 and 0 <= self.momentum < 1):
-            raise DaunceError(
-                f"need lr > 0, batch_size >= 1 and 0 <= momentum < 1; got lr={self.lr}, "
-                f"batch_size={self.batch_size}, momentum={self.momentum}."
-            )
-        if self.steps is None and not self.epochs > 0:
-            raise DaunceError(f"epochs must be > 0 (or set steps); got {self.epochs}.")
-        if self.steps is not None and self.steps < 1:
-            raise DaunceError(f"steps must be >= 1; got {self.steps}.")
-
-    def total_steps(self, subset_size: int) -> int:
-        """Optimiser steps for a subset of ``subset_size`` examples."""
-        if self.steps is not None:
-            return self.steps
-        per_epoch = math.ceil(subset_size / self.batch_size)
-        return max(1, math.ceil(self.epochs * per_epoch))
 
 
 @dataclass
@@ -176,12 +127,13 @@ def train_copies(
 
     Args:
         model: the model; its current parameters are the starting point unless ``init`` is set.
-        task: the model protocol (`daunce_core.task.Task`).
+        task: the model protocol (`daunce_core.access.task.Task`).
         data: all examples, ``n`` rows; batches are gathered by index.
         draws: one draw per copy (subset and ξ); the visiting order follows ``(seed, k)``.
         objective: per-example objective of one copy, see `ExampleObjective`.
         config: optimiser, schedule, length and batch size.
-        names: trainable parameter names (`daunce_core.copies.trainable_names`).
+        names: trainable parameter names
+        (`daunce_core.access.torch_module.stacked.trainable_names`).
         side: extra per-example tensors gathered with the batch: ``[n, ...]`` shared by all
             copies, and ``"xi"`` taken per copy from the draws.
         l2: weight of the quadratic penalty (0 disables it).

@@ -9,10 +9,11 @@ The evaluation is split into pure steps so that a pipeline can spread the retrai
 
 1. `correct_queries` and `query_groups` choose the groups (e.g. one group per class label of the
    correctly answered queries, so that each removal targets its own group's proponents);
-2. `plan_removal` lists every retraining as a `daunce_core.lds.RetrainJob` with its label
+2. `plan_removal` lists every retraining as a `daunce_core.evaluation.lds.RetrainJob` with its label
    (`RemovalLabel`); `RemovalPlan.batches` cuts the jobs into slices that can be trained
    together (one keep size each);
-3. `daunce_core.lds.retrain_jobs` (``outcome="error"``) retrains any slice of the jobs, anywhere:
+3. `daunce_core.evaluation.lds.retrain_jobs` (``outcome="error"``) retrains any slice of the jobs,
+   anywhere:
    a job's outcome does not depend on the other jobs it is trained with;
 4. `summarize_removal` turns the ``[J, m_query]`` 0/1 errors into the flipped fractions.
 
@@ -51,12 +52,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from daunce_core.access.task import Task
 from daunce_core.data import ExampleSet, batch_slices, num_examples, take
 from daunce_core.errors import DaunceError
-from daunce_core.lds import RetrainJob, retrain_jobs
-from daunce_core.perturbation import stream_rng
-from daunce_core.task import Task
-from daunce_core.training import TrainConfig
+from daunce_core.evaluation.lds import RetrainJob, retrain_jobs
+from daunce_core.method.config import TrainConfig
+from daunce_core.method.draws import stream_rng
 
 KINDS = ("full", "top", "random")
 """Job kinds: no removal (the per-seed reference), top-N removal, random removal of N."""
@@ -184,7 +185,7 @@ class RemovalPlan:
     the same number of examples are therefore contiguous (see `batches`).
 
     Attributes:
-        jobs: the retrainings, for `daunce_core.lds.retrain_jobs`.
+        jobs: the retrainings, for `daunce_core.evaluation.lds.retrain_jobs`.
         labels: ``labels[j]`` describes ``jobs[j]``.
         groups: the query groups (int64 query indices).
         sizes: the removal sizes N.
@@ -226,7 +227,8 @@ class RemovalPlan:
         """Contiguous slices of at most ``group_size`` jobs that keep the same number of examples.
 
         Jobs trained together must keep equally many examples, so pass each slice's jobs to
-        `daunce_core.lds.retrain_jobs` (with the same or a larger ``group_size``) separately,
+        `daunce_core.evaluation.lds.retrain_jobs` (with the same or a larger ``group_size``)
+        separately,
         possibly in separate tasks, and write its outcomes into the rows of that slice.
         """
         if group_size < 1:
@@ -417,7 +419,7 @@ def summarize_removal(plan: RemovalPlan, errors: np.ndarray) -> RemovalResult:
     Args:
         plan: the plan the jobs came from.
         errors: ``[J, m_query]`` 0/1 outcomes, ``errors[j, q] = 1`` if job ``j`` answers query
-            ``q`` wrongly (`daunce_core.lds.retrain_jobs` with ``outcome="error"``).
+            ``q`` wrongly (`daunce_core.evaluation.lds.retrain_jobs` with ``outcome="error"``).
     """
     errors = np.asarray(errors, dtype=np.float64)
     if errors.shape != (len(plan.jobs), plan.m_query):

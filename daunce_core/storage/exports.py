@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from daunce_core.topk import top_k
+from daunce_core.method.topk import top_k
 
 
 def top_table(

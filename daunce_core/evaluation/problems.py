@@ -1,7 +1,7 @@
 """Small synthetic problems with closed-form influence: linear and logistic regression.
 
 Used by the tests and ``bench/bench_convergence.py`` to check DAUNCE against the exact forms of
-`daunce_core.influence`, and handy for users who want to see the method converge.
+`daunce_core.baselines.exact`, and handy for users who want to see the method converge.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from daunce_core.access.task import ClassificationTask, RegressionTask, Task
 from daunce_core.data import ExampleSet
-from daunce_core.task import ClassificationTask, RegressionTask, Task
 
 
 @dataclass
@@ -87,13 +87,13 @@ def retrained_outcomes(problem: Problem, subsets, steps: int = 300, lr: float = 
     """LDS ground truth of a problem: its model refitted on each subset, outcomes ``[M, 1, m]``.
 
     Full-batch training from a fresh model to the (unique, convex) optimum of each subset, with
-    the problem's own L2; see `daunce_core.lds.retrain_on_subsets`.
+    the problem's own L2; see `daunce_core.evaluation.lds.retrain_on_subsets`.
     """
     import copy
 
-    from daunce_core.lds import retrain_on_subsets
-    from daunce_core.models import seeded
-    from daunce_core.training import TrainConfig
+    from daunce_core.access.torch_module.models import seeded
+    from daunce_core.evaluation.lds import retrain_on_subsets
+    from daunce_core.method.config import TrainConfig
 
     def fresh(seed: int) -> nn.Module:
         model = copy.deepcopy(problem.model)

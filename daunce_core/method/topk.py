@@ -2,7 +2,8 @@
 
 Holds :func:`top_k`, which reads a score matrix ``scores[i, j]`` of shape
 ``(n_train, m_query)`` (influence of training example ``i`` on query ``j``, the orientation fixed
-project-wide; see :mod:`daunce_core.scores` and the paper's equation (6)) in tiles and keeps a
+project-wide; see :mod:`daunce_core.method.scores` and the paper's equation (6)) in tiles and keeps
+a
 running best ``k`` per query. Memory is ``O(row_chunk · col_chunk + m · k)`` whatever ``n`` is.
 """
 
