@@ -186,8 +186,7 @@ def fit_checkpoints(
     seed: int = 0,
     count: int = 5,
 ) -> list[Checkpoint]:
-    """Train ``model`` in place like `daunce_core.access.torch_module.training.fit`, keeping
-    ``count`` checkpoints.
+    """Train ``model`` in place like `fit`, keeping ``count`` checkpoints.
 
     Checkpoints are evenly spaced over the optimiser steps. The last one is the end of
     training, bitwise equal to ``fit``'s result with the same arguments (and to ``model``
