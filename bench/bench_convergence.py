@@ -12,7 +12,7 @@ schedule="constant")`` (full batch on each copy's subset of s = r·n examples). 
 ``exact_targets(..., scale=ρ²/s)`` (black box: variant hessian, observed labels,
 ``scale=3(1 − r)/s``, the subsampling sandwich).
 
-Each case trains K_max = 800 copies once (``PerturbedCopies.run(range(800))``) and scores the
+Each case trains K_max = 800 copies once (``TorchModuleAccess.run(range(800))``) and scores the
 first K rows for K in {25, 50, 100, 200, 400, 800}: copy k depends only on ``(seed, k)``, so the
 first K rows are exactly a K-copy run. Per K: Pearson correlation with the target over all
 train × query pairs, slope ``est·tgt / tgt·tgt``, relative Frobenius error ``‖est − tgt‖/‖tgt‖``,
@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from common import format_table, machine_info, machine_line, write_results
 
-from daunce_core import DaunceConfig, Objective, PerturbedCopies, TrainConfig
+from daunce_core import ComputeConfig, DaunceConfig, Objective, TorchModuleAccess, TrainConfig
 from daunce_core.baselines.exact import exact_targets
 from daunce_core.evaluation.problems import Problem, linear_regression, logistic_regression
 from daunce_core.method.scores import collect_statistics, score_matrix, self_influence
@@ -110,9 +110,16 @@ def losses(prob: Problem, case: Case, k_max: int):
         train=TrainConfig(lr=0.5, steps=150, batch_size=size, schedule="constant"),
         dtype="float64",
         score="covariance",
-        group_size=k_max,
     )
-    copies = PerturbedCopies(prob.model, prob.task, prob.train, prob.queries, config, prob.l2)
+    copies = TorchModuleAccess(
+        prob.model,
+        prob.task,
+        prob.train,
+        prob.queries,
+        config,
+        prob.l2,
+        compute=ComputeConfig(group_size=k_max),
+    )
     return copies.run(range(k_max))
 
 

@@ -29,7 +29,7 @@ method needs beyond it is counted:
   checkpoints come with that excluded training; only the scoring is timed); EK-FAC via
   kronfluence (its default damping heuristic, and δ = 0); TRAK via traker with 1 and with 5
   models (the 4 extra models' training is counted).
-* DAUNCE (`daunce_core.access.torch_module.access.PerturbedCopies`, the steps of
+* DAUNCE (`daunce_core.access.torch_module.access.TorchModuleAccess`, the steps of
   `daunce_core.method.attribute`): the paper
   form (`DaunceConfig()` defaults: hessian, observed labels, r = 0.3, γ = ρ = 1, SGD lr 0.01, 1
   epoch), and DESIGN §1's forms — sampled labels, r = 1, ρ = 0.1, proximal λ = the base L2,
@@ -89,7 +89,7 @@ from common import RESULTS, format_table, machine_info, machine_line, write_resu
 from torch import nn
 
 from daunce_core import ClassificationTask, DaunceConfig, Objective, TrainConfig
-from daunce_core.access.torch_module.access import PerturbedCopies
+from daunce_core.access.torch_module.access import TorchModuleAccess
 from daunce_core.access.torch_module.evaluation import evaluate_copies
 from daunce_core.access.torch_module.stacked import stack_copies, trainable_names
 from daunce_core.access.torch_module.training import train_copies
@@ -431,13 +431,13 @@ class DaunceJob:
         config = replace(self.config, num_models=max(self.ks))
         peak = PeakMemory()
         clock = Clock()
-        copies = PerturbedCopies(
+        copies = TorchModuleAccess(
             bench.model, TASK, bench.train, bench.queries, config, base_l2=bench.spec.l2
         )
         wall, cpu = clock.lap()
         margins = None
         if self.margin:
-            margins = PerturbedCopies(
+            margins = TorchModuleAccess(
                 bench.model,
                 TASK,
                 bench.train,
@@ -452,7 +452,7 @@ class DaunceJob:
             while done < k_target:
                 ks = list(range(done, min(k_target, done + self.group_cap)))
                 clock.lap()
-                trained = copies.train_group(ks)
+                trained = copies.train(ks)
                 rows = copies.evaluate(ks, trained)
                 step_wall, step_cpu = clock.lap()
                 wall, cpu = wall + step_wall, cpu + step_cpu
@@ -460,7 +460,7 @@ class DaunceJob:
                 query_rows.append(rows.query)
                 diverged += int(rows.diverged.sum())
                 if margins is not None:
-                    values = margins.measure_queries(trained.params, 0)
+                    values = margins.measure_queries(trained, 0)
                     values[rows.diverged] = np.nan
                     margin_rows.append(values)
                 done = ks[-1] + 1

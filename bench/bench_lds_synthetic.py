@@ -21,7 +21,7 @@ import time
 
 from common import format_table, machine_info, write_results
 
-from daunce_core import DaunceConfig, Objective, TrainConfig, attribute
+from daunce_core import ComputeConfig, DaunceConfig, Objective, TrainConfig, attribute
 from daunce_core.baselines.methods import gradient_dot, influence, trak
 from daunce_core.evaluation.lds import lds_subsets, linear_datamodeling_score
 from daunce_core.evaluation.problems import logistic_regression, retrained_outcomes
@@ -85,11 +85,18 @@ def main() -> None:
             objective=objective,
             score=score,
             dtype="float64",
-            group_size=k,
             train=TrainConfig(lr=0.5, steps=150, batch_size=size, schedule="constant"),
         )
         started = time.perf_counter()
-        result = attribute(prob.model, prob.task, prob.train, prob.queries, config, base_l2=prob.l2)
+        result = attribute(
+            prob.model,
+            prob.task,
+            prob.train,
+            prob.queries,
+            config,
+            base_l2=prob.l2,
+            compute=ComputeConfig(group_size=k),
+        )
         lds = linear_datamodeling_score(result.scores, subsets, outcomes)
         rows.append(
             {

@@ -7,7 +7,7 @@ Prefect server started by each process):
    again (every task served from the cache).
 2. Overhead per copy: the attribute flow with K copies, one task per copy (group_size 1) and
    with groups of 16, in this process, against the library computing the same copies
-   (``PerturbedCopies.run``) in this process; inputs (data, base model, signals) are cached for
+   (``TorchModuleAccess.run``) in this process; inputs (data, base model, signals) are cached for
    both, so the difference is Prefect's tasks, the Zarr writes and the scoring and exports.
 3. Kill and resume: a run killed (SIGKILL) when half its copies are done, then rerun, against
    an uninterrupted run of the same configuration; total wall seconds of the processes.
@@ -61,7 +61,7 @@ def demo_times(root: Path) -> dict:
 def overhead(root: Path, k: int) -> list[dict]:
     from pipeline_helpers import write_config, write_data
 
-    from daunce_core import ClassificationTask, PerturbedCopies
+    from daunce_core import ClassificationTask, TorchModuleAccess
     from flows.attribute import run_attribute
     from flows.cli import prefect_environment
     from flows.config import load_config
@@ -87,7 +87,7 @@ def overhead(root: Path, k: int) -> list[dict]:
         train = load_split(spec["train"]["uri"], spec["train"]["digest"])
         queries = load_split(spec["queries"]["uri"], spec["queries"]["digest"])
         started = time.perf_counter()
-        PerturbedCopies(
+        TorchModuleAccess(
             model, ClassificationTask(), train, queries, config.daunce, base_l2=config.model.l2
         ).run(range(k))
         library_seconds = time.perf_counter() - started

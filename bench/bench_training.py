@@ -4,8 +4,9 @@ Model: an MLP 64 → 64 → 10 (ReLU) on sklearn digits (pixels / 16, float32; a
 1500 training examples, the other 297 as queries), trained with
 ``daunce_core.fit(..., TrainConfig(lr=0.1, epochs=30, batch_size=64), l2=1e-3)``.
 
-Measured: ``PerturbedCopies(model, task, train, queries, DaunceConfig(num_models=K,
-group_size=G, vectorize=V, dtype=D, train=TrainConfig(lr=0.01, epochs=1, batch_size=64)),
+Measured: ``TorchModuleAccess(model, task, train, queries, DaunceConfig(num_models=K,
+dtype=D, train=TrainConfig(lr=0.01, epochs=1, batch_size=64)), compute=ComputeConfig(group_size=G,
+vectorize=V))
 base_l2=1e-3).run(range(K))`` at K = 64 (other settings at their defaults: hessian variant,
 observed labels, r = 0.3, so each copy takes 8 SGD steps on its 450 examples and is then
 evaluated on all 1500 + 297 examples), for
@@ -22,8 +23,8 @@ other processes spreads over all configurations; the minimum is reported too. Re
 per run and per copy, the speed-up over the reference (each copy alone) measured in the same
 process, and the max |difference| of the train and query losses against the reference (same
 copies, so they must agree to float tolerance). Training and evaluation are also timed apart
-(median of 3), by calling ``PerturbedCopies.train_group`` and ``PerturbedCopies.evaluate`` group
-by group, as ``PerturbedCopies.run`` does.
+(median of 3), by calling ``TorchModuleAccess.train`` and ``TorchModuleAccess.evaluate`` group
+by group, as ``TorchModuleAccess.run`` does.
 
 Usage: ``.venv/bin/python bench/bench_training.py [--quick] [--repeats N]`` (``--quick``: K = 8,
 one timed run); writes ``bench/results/training.json`` (``training_quick.json`` with ``--quick``).
@@ -42,7 +43,14 @@ import torch
 from common import format_table, machine_info, machine_line, median, timed, write_results
 from torch import nn
 
-from daunce_core import ClassificationTask, DaunceConfig, PerturbedCopies, TrainConfig, fit
+from daunce_core import (
+    ClassificationTask,
+    ComputeConfig,
+    DaunceConfig,
+    TorchModuleAccess,
+    TrainConfig,
+    fit,
+)
 from daunce_core.evaluation.datasets import digits as embedded_digits
 
 BASE_L2 = 1e-3
@@ -52,7 +60,7 @@ COPY_TRAIN = TrainConfig(lr=0.01, epochs=1, batch_size=64)
 
 @dataclass(frozen=True)
 class Setting:
-    """One timed configuration of `PerturbedCopies`."""
+    """One timed configuration of `TorchModuleAccess`."""
 
     vectorize: bool
     group_size: int
@@ -101,29 +109,24 @@ def base_model(train: dict, queries: dict, task: ClassificationTask) -> tuple[nn
     return model, info
 
 
-def make_copies(model, task, train, queries, k: int, setting: Setting) -> PerturbedCopies:
-    config = DaunceConfig(
-        num_models=k,
-        group_size=setting.group_size,
-        vectorize=setting.vectorize,
-        dtype=setting.dtype,
-        train=COPY_TRAIN,
-    )
-    return PerturbedCopies(model, task, train, queries, config, base_l2=BASE_L2)
+def make_copies(model, task, train, queries, k: int, setting: Setting) -> TorchModuleAccess:
+    config = DaunceConfig(num_models=k, dtype=setting.dtype, train=COPY_TRAIN)
+    compute = ComputeConfig(group_size=setting.group_size, vectorize=setting.vectorize)
+    return TorchModuleAccess(model, task, train, queries, config, base_l2=BASE_L2, compute=compute)
 
 
-def groups_of(copies: PerturbedCopies, k: int) -> list[list[int]]:
-    size = copies.config.group_size
+def groups_of(copies: TorchModuleAccess, k: int) -> list[list[int]]:
+    size = copies.compute.group_size
     return [list(range(k))[i : i + size] for i in range(0, k, size)]
 
 
-def train_phase(copies: PerturbedCopies, ks: list[int]):
-    """Training alone: `PerturbedCopies.train_group` on copies ``ks``."""
-    return copies.train_group(ks)
+def train_phase(copies: TorchModuleAccess, ks: list[int]):
+    """Training alone: `TorchModuleAccess.train` on copies ``ks``."""
+    return copies.train(ks)
 
 
-def eval_phase(copies: PerturbedCopies, ks: list[int], trained):
-    """Evaluation alone: `PerturbedCopies.evaluate` of the trained copies ``ks``."""
+def eval_phase(copies: TorchModuleAccess, ks: list[int], trained):
+    """Evaluation alone: `TorchModuleAccess.evaluate` of the trained copies ``ks``."""
     return copies.evaluate(ks, trained)
 
 

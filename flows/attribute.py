@@ -24,10 +24,12 @@ from prefect.futures import as_completed
 from daunce_core.conversion import from_dict, to_dict
 from daunce_core.errors import DaunceError
 from daunce_core.storage.digest import digest_json, digest_path
+from daunce_core.storage.layout import RunLayout, Workspace, remove_partials
 from daunce_core.storage.lineage import Lineage
-from daunce_core.storage.zarr_store import PENDING, RunStore, remove_partials
+from daunce_core.storage.records import CopyRecords
+from daunce_core.storage.zarr_store import RunStore
 from flows.config import RunConfig
-from tasks.common import CACHE_POLICY, Layout
+from tasks.common import CACHE_POLICY
 from tasks.copies import train_copies
 from tasks.data import prepare_data
 from tasks.model import base_model, base_signals
@@ -52,7 +54,7 @@ def code_version() -> str:
 
 def claim_run_dir(run_dir: Path, config: RunConfig, overwrite: bool) -> None:
     """Refuse to reuse ``run_dir`` for a different configuration unless ``overwrite``."""
-    marker = run_dir / "run.json"
+    marker = RunLayout(run_dir).identity
     identity = config.identity()
     if marker.exists() and json.loads(marker.read_text())["identity"] != identity:
         if not overwrite:
@@ -75,7 +77,7 @@ def workspace_lock(workspace: Path):
     Cleaning up orphan temporary files is safe only while no other run writes in the workspace.
     """
     workspace.mkdir(parents=True, exist_ok=True)
-    with open(workspace / ".lock", "w") as handle:
+    with open(Workspace(workspace).lock, "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as error:
@@ -90,7 +92,7 @@ def workspace_lock(workspace: Path):
 
 
 def _key_storage(workspace: Path):
-    return CACHE_POLICY.configure(key_storage=str(workspace / ".prefect" / "cache-keys"))
+    return CACHE_POLICY.configure(key_storage=str(Workspace(workspace).prefect / "cache-keys"))
 
 
 def _task_runner(config: RunConfig):
@@ -149,13 +151,13 @@ def _cache_key(name: str, inputs) -> str:
     return digest_json({"task": name, "inputs": inputs})
 
 
-def _prepare(config: RunConfig, layout: Layout, policy, records: dict, states: list) -> None:
+def _prepare(config: RunConfig, layout: Workspace, policy, records: dict, states: list) -> None:
     """Both splits in canonical form, in folders named by their sources and content."""
     splits = {"train": [config.data.train], "queries": config.data.query_sources()}
     for split, sources in splits.items():
         sources = [to_dict(source) for source in sources]
         content = digest_json([digest_path(source["path"]) for source in sources])
-        folder = layout.shared("data", digest_json({"sources": sources, "content": content}))
+        folder = layout.data(digest_json({"sources": sources, "content": content}))
         task = prepare_data.with_options(cache_policy=policy)
         _call(
             records,
@@ -170,7 +172,7 @@ def _prepare(config: RunConfig, layout: Layout, policy, records: dict, states: l
         )
 
 
-def _model(config: RunConfig, layout: Layout, policy, records: dict, states: list) -> None:
+def _model(config: RunConfig, layout: Workspace, policy, records: dict, states: list) -> None:
     """The base model, in a folder named by its recipe, its training data and checkpoint."""
     checkpoint = config.model.checkpoint
     checkpoint_digest = digest_path(checkpoint) if checkpoint else None
@@ -182,7 +184,7 @@ def _model(config: RunConfig, layout: Layout, policy, records: dict, states: lis
             "checkpoint": checkpoint_digest,
         }
     )
-    path = layout.shared("models", key) / "base.safetensors"
+    path = layout.base_model(key)
     task = base_model.with_options(cache_policy=policy)
     _call(
         records,
@@ -198,13 +200,13 @@ def _model(config: RunConfig, layout: Layout, policy, records: dict, states: lis
     )
 
 
-def _signals(config: RunConfig, layout: Layout, policy, records: dict, states: list) -> None:
+def _signals(config: RunConfig, layout: Workspace, policy, records: dict, states: list) -> None:
     """The base signals, keyed by only what they depend on (not the copies' settings)."""
     objective = config.daunce.objective
     spec = {
         "variant": objective.variant,
         "dtype": config.daunce.dtype,
-        "batch_size": config.daunce.eval_batch_size,
+        "batch_size": config.compute.eval_batch_size,
     }
     key = digest_json(
         {
@@ -215,7 +217,7 @@ def _signals(config: RunConfig, layout: Layout, policy, records: dict, states: l
             "dtype": config.daunce.dtype,
         }
     )
-    path = layout.shared("signals", key) / "signals.safetensors"
+    path = layout.signals(key)
     task = base_signals.with_options(cache_policy=policy)
     _call(
         records,
@@ -232,7 +234,7 @@ def _signals(config: RunConfig, layout: Layout, policy, records: dict, states: l
     )
 
 
-def _inputs(config: RunConfig, layout: Layout, policy, states: list) -> dict:
+def _inputs(config: RunConfig, layout: Workspace, policy, states: list) -> dict:
     """Prepare the data, the base model and its signals (content-addressed); return records."""
     records: dict = {}
     _prepare(config, layout, policy, records, states)
@@ -243,7 +245,7 @@ def _inputs(config: RunConfig, layout: Layout, policy, states: list) -> dict:
 
 
 def _copy_spec(config: RunConfig, records: dict) -> dict:
-    """Everything the copies depend on (paths and digests), minus K."""
+    """Everything the copies depend on (paths and digests), minus K, and how to compute them."""
     daunce = to_dict(config.daunce)
     daunce.pop("num_models")
 
@@ -251,7 +253,9 @@ def _copy_spec(config: RunConfig, records: dict) -> dict:
         return {"uri": record["uri"], "digest": record["digest"]}
 
     return {
+        "kind": config.model.access,
         "daunce": daunce,
+        "compute": to_dict(config.compute),
         "recipe": config.model.recipe,
         "task": config.task,
         "l2": config.model.l2,
@@ -262,36 +266,59 @@ def _copy_spec(config: RunConfig, records: dict) -> dict:
     }
 
 
-def _run_copies(config: RunConfig, run_dir: Path, spec: dict, policy) -> list[dict]:
-    """Train the pending copies in groups, mapped over the task runner, reporting progress."""
-    size, total = config.daunce.group_size, config.daunce.num_models
-    groups = [list(range(i, min(i + size, total))) for i in range(0, total, size)]
-    task = train_copies.with_options(cache_policy=policy, retries=config.execution.retries)
-    # A group with a pending copy in the store runs even if Prefect cached it (its rows were
-    # deleted, or never written); the others may be served from cache.
-    status = RunStore(Layout.of_run(run_dir).store).status()
-    stale = [g for g in groups if (status[g] == PENDING).any()]
-    fresh = [g for g in groups if not (status[g] == PENDING).any()]
-    futures = [
-        *(
-            task.with_options(refresh_cache=True).map(
-                stale, run_dir=unmapped(str(run_dir)), spec=unmapped(spec)
-            )
-            if stale
-            else []
-        ),
-        *(task.map(fresh, run_dir=unmapped(str(run_dir)), spec=unmapped(spec)) if fresh else []),
-    ]
+def groups_of(ks: list[int], size: int) -> list[list[int]]:
+    """``ks`` cut into consecutive groups of at most ``size``."""
+    return [ks[i : i + size] for i in range(0, len(ks), size)]
+
+
+def map_groups(task, groups: list, label: str, total: int, **shared) -> list[tuple]:
+    """Map ``task`` over ``groups`` on the flow's task runner; print progress as each finishes.
+
+    Returns ``(group, result, state name)`` per group, in the order they finished.
+    """
+    futures = task.map(groups, **{k: unmapped(v) for k, v in shared.items()}) if groups else []
+    order = {id(f): g for f, g in zip(futures, groups, strict=True)}
     results, done = [], 0
     for future in as_completed(futures):
-        result = future.result()
-        done += len(result["ks"])
-        print(f"copies {result['ks'][0]}-{result['ks'][-1]} ready ({done}/{total})")
-        if future.state.name == "Cached":
-            result = result | {"trained": []}
-        key = _cache_key("train-copies", [result["ks"], str(run_dir), spec])
-        results.append(result | {"state": future.state.name, "cache_key": key})
+        group, result = order[id(future)], future.result()
+        done += len(group)
+        print(f"{label} {_span(group)} ready ({done}/{total})")
+        results.append((group, result, future.state.name))
     return results
+
+
+def _span(group: list) -> str:
+    return f"{group[0]}-{group[-1]}" if len(group) > 1 else f"{group[0]}"
+
+
+def _run_copies(config: RunConfig, run_dir: Path, spec: dict, query_digests: list) -> list[dict]:
+    """Bring every copy to done, in groups mapped over the task runner, reporting progress.
+
+    The groups' tasks are not cached by Prefect: each copy's record is its done signal, so a
+    group of finished copies costs a few reads, and a group with one unfinished copy trains
+    that copy alone.
+    """
+    total = config.daunce.num_models
+    records = CopyRecords(RunLayout(run_dir).copies)
+    unfinished = [k for k in range(total) if not _finished(records, k)]
+    print(f"{total - len(unfinished)} of {total} copies already done")
+    groups = groups_of(unfinished, config.compute.group_size)
+    groups += groups_of([k for k in range(total) if k not in set(unfinished)], 256)
+    task = train_copies.with_options(retries=config.execution.retries)
+    mapped = map_groups(
+        task, groups, "copies", total, run_dir=str(run_dir), spec=spec, query_digests=query_digests
+    )
+    return [
+        result | {"state": state, "cache_key": _cache_key("train-copies", [group, spec])}
+        for group, result, state in mapped
+    ]
+
+
+def _finished(records: CopyRecords, k: int) -> bool:
+    try:
+        return records.read(k).finished
+    except DaunceError:
+        return False
 
 
 @flow(name="attribute", log_prints=True)
@@ -304,9 +331,9 @@ def attribute_flow(config: dict, overwrite: bool = False) -> dict:
 
 def _locked_attribute(run: RunConfig, overwrite: bool) -> dict:
     workspace = Path(run.workspace)
-    run_dir = workspace / "runs" / run.run_id()
+    run_dir = Workspace(workspace).run(run.run_id()).root
     claim_run_dir(run_dir, run, overwrite)
-    lineage = Lineage(workspace / "lineage.duckdb")
+    lineage = Lineage(Workspace(workspace).lineage)
     lineage.start_run(
         run.run_id(),
         run.name,
@@ -323,15 +350,15 @@ def _locked_attribute(run: RunConfig, overwrite: bool) -> dict:
         lineage.finish_run(run.run_id(), "failed", time.perf_counter() - started, repr(error))
         raise
     lineage.finish_run(run.run_id(), "completed", time.perf_counter() - started)
-    lineage.create_views(workspace / "runs")
+    lineage.create_views(Workspace(workspace).runs)
     summary = summary | {"seconds": time.perf_counter() - started}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    RunLayout(run_dir).summary.write_text(json.dumps(summary, indent=1))
     return summary
 
 
 def _remove_orphans(run_dir: Path, workspace: Path) -> list[str]:
     """Temporary files a killed process left in the run folder or the shared artefacts."""
-    folders = (run_dir, *(workspace / kind for kind in ("data", "models", "signals")))
+    folders = (run_dir, *Workspace(workspace).scratch_folders())
     return [path for folder in folders for path in remove_partials(folder)]
 
 
@@ -339,7 +366,7 @@ def _copy_states(copies: list[dict]) -> list[dict]:
     return [
         {
             "task": "train-copies",
-            "key": f"{c['ks'][0]}-{c['ks'][-1]}",
+            "key": _span(c["ks"]),
             "status": c["state"],
             "cache_key": c["cache_key"],
             "seconds": c["seconds"],
@@ -358,7 +385,7 @@ def _outputs(run: RunConfig, run_dir: Path, records: dict, states: list, policy,
         str(run_dir),
         run.daunce.score,
         rows,
-        marker=run_dir / "store" / "scores.key",
+        marker=RunLayout(run_dir).scores.with_suffix(".key"),
     )
     splits = {"train": records["train"], "queries": records["queries"]}
     return _call(
@@ -371,7 +398,7 @@ def _outputs(run: RunConfig, run_dir: Path, records: dict, states: list, policy,
         scores,
         splits,
         run.exports.top_k,
-        marker=run_dir / "exports" / "exports.key",
+        marker=RunLayout(run_dir).exports / "exports.key",
     )
 
 
@@ -390,21 +417,26 @@ def _record(lineage: Lineage, run_id: str, records: dict, exports: list, states:
     lineage.record(run_id, artifacts, tasks)
 
 
+def _rows_digest(run: RunConfig, run_dir: Path, spec: dict) -> str:
+    """Digest of the loss rows the scores read: every copy's row digest and status."""
+    records = CopyRecords(RunLayout(run_dir).copies).read_many(range(run.daunce.num_models))
+    rows = [(r.status, r.rows_digest, r.queries_key) for r in records]
+    return digest_json({"rows": rows, "spec": {k: v for k, v in spec.items() if k != "compute"}})
+
+
 def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage) -> dict:
-    layout, policy, states = Layout(workspace, run.run_id()), _key_storage(workspace), []
+    layout, policy, states = Workspace(workspace), _key_storage(workspace), []
     orphans = _remove_orphans(run_dir, workspace)
     records = _inputs(run, layout, policy, states)
     n, m = records["train"]["count"], records["queries"]["count"]
-    store = RunStore(layout.store)
-    store.ensure(run.daunce.num_models, n, m)
+    store = RunStore(RunLayout(run_dir).store)
+    store.ensure(run.daunce.num_models, n, m, run.daunce.dtype)
     spec = _copy_spec(run, records)
+    store.check_copies_key(digest_json({k: v for k, v in spec.items() if k in IDENTITY_KEYS}))
     index = pl.read_parquet(Path(records["queries"]["uri"]) / "index.parquet")
-    copies_key = digest_json({k: v for k, v in spec.items() if k != "queries"})
-    if store.check_inputs(copies_key, index["digest"].to_list()):
-        print("the queries changed: every copy is measured again on all of them")
-    copies = _run_copies(run, run_dir, spec, policy)
+    copies = _run_copies(run, run_dir, spec, index["digest"].to_list())
     states += _copy_states(copies)
-    rows = digest_json({"status": store.status().tolist(), "spec": spec})
+    rows = _rows_digest(run, run_dir, spec)
     exports = _outputs(run, run_dir, records, states, policy, rows)
     _record(lineage, run.run_id(), records, exports, states)
     return {
@@ -415,10 +447,16 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
         "excluded": records["scores"]["excluded"],
         "orphans_removed": len(orphans),
         "trained_now": sum(len(c["trained"]) for c in copies),
+        "retrained_lost": sorted(k for c in copies for k in c["retrained_lost"]),
+        "remeasured": sorted(k for c in copies for k in c["remeasured"]),
         "flow_process": os.getpid(),
         "copy_processes": sorted({c["process"] for c in copies if c["trained"]}),
         "states": {f"{s['task']}[{s['key']}]": s["status"] for s in states},
     }
+
+
+IDENTITY_KEYS = ("kind", "daunce", "recipe", "task", "l2", "train", "model", "signals")
+"""The copy spec's entries that determine the copies (not the queries, not how computed)."""
 
 
 def run_attribute(config: RunConfig, overwrite: bool = False) -> dict:
@@ -429,7 +467,7 @@ def run_attribute(config: RunConfig, overwrite: bool = False) -> dict:
     """
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-    results = Path(config.workspace).resolve() / ".prefect" / "results"
+    results = Workspace(config.workspace).prefect / "results"
     flow_with_runner = attribute_flow.with_options(task_runner=_task_runner(config))
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(results)}):
         return flow_with_runner(to_dict(config), overwrite=overwrite)

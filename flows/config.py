@@ -9,6 +9,7 @@ data:
 task: {kind: classification, input: x, label: y}
 model:
   recipe: {kind: mlp, inputs: 64, hidden: [64], outputs: 10}
+  access: torch                    # how the model is reached (daunce_core.access.KINDS)
   checkpoint: null                 # a trained model (safetensors / state dict); null = train
   l2: 0.001                        # its L2 strength (DAUNCE's default proximal λ)
   seed: 0
@@ -18,6 +19,7 @@ daunce:                            # daunce_core.DaunceConfig; unset fields: FLO
   objective: {variant: hessian, labels: sampled, rho: 0.1}
 exports: {top_k: 20}
 execution: {task_runner: threads, workers: 2, retries: 2}
+compute: {group_size: 32, vectorize: true, eval_batch_size: 1024, device: auto}
 evaluation:                        # `daunce lds` / `daunce removal`; not part of the run's identity
   baselines: [gradient_dot, {method: trak, options: {projection_dim: 512}}]
   scores: [{name: mine, path: my_scores.npy}]   # score matrices of your own, [n_train, m_query]
@@ -27,7 +29,9 @@ evaluation:                        # `daunce lds` / `daunce removal`; not part o
 
 The run's identity (its folder name and cache keys) covers everything that determines the
 copies' losses; ``daunce.num_models`` and the query set are left out so that a run can be
-extended with more copies or new queries without starting over.
+extended with more copies or new queries without starting over, and ``compute`` and
+``execution`` (group size, vectorisation, batch size, device, workers) are left out so that
+changing how a run is computed reuses it.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ from typing import Any
 
 import yaml
 
+from daunce_core.access import KINDS, check_objective
 from daunce_core.conversion import from_dict, to_dict
 from daunce_core.errors import DaunceError
-from daunce_core.method.config import DaunceConfig, TrainConfig
+from daunce_core.method.config import ComputeConfig, DaunceConfig, TrainConfig
 from daunce_core.storage.digest import digest_json, digest_path
 from daunce_core.storage.sources import DataSource
 
@@ -63,13 +68,22 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The base model: a recipe, and a checkpoint or a training recipe."""
+    """The base model: how it is reached (``access``), a recipe, a checkpoint or a recipe.
+
+    ``access`` names a `daunce_core.access.KINDS` entry (``torch``: a torch module trained and
+    evaluated here); it decides which objectives the run may use.
+    """
 
     recipe: dict
     checkpoint: str | None = None
     l2: float = 0.0
     seed: int = 0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.1, epochs=30))
+    access: str = "torch"
+
+    def __post_init__(self) -> None:
+        if self.access not in KINDS:
+            raise DaunceError(f"model.access must be one of {sorted(KINDS)}; got {self.access!r}.")
 
 
 @dataclass(frozen=True)
@@ -267,9 +281,14 @@ class RunConfig:
     exports: ExportConfig = field(default_factory=ExportConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+    def __post_init__(self) -> None:
+        access = KINDS[self.model.access]
+        check_objective(access.kind, access.capabilities, self.daunce.objective)
 
     def identity(self) -> dict:
-        """What names the run: everything but K, the queries and how it is executed.
+        """What names the run: everything but K, the queries and how it is computed.
 
         Files enter by content, not location: the training data and the checkpoint are
         replaced by their digests, so moving them (or the checkout) keeps the run's name.
@@ -282,7 +301,7 @@ class RunConfig:
         checkpoint = plain["model"]["checkpoint"]
         if checkpoint:
             plain["model"]["checkpoint"] = digest_path(checkpoint)
-        for key in ("name", "workspace", "exports", "execution", "evaluation"):
+        for key in ("name", "workspace", "exports", "execution", "evaluation", "compute"):
             plain.pop(key)
         return plain
 
@@ -311,9 +330,24 @@ def load_config(path: str | Path, **overrides: Any) -> RunConfig:
     raw.update({k: v for k, v in overrides.items() if v is not None})
     if not isinstance(raw.get("daunce", {}), dict):
         raise DaunceError(f"config field daunce must be a mapping; got {raw['daunce']!r}.")
+    _refuse_moved(raw)
     model_train = raw.get("model", {}).get("train") if isinstance(raw.get("model"), dict) else None
     raw["daunce"] = flow_daunce(raw.get("daunce"), model_train)
     return from_dict(RunConfig, raw, "")
+
+
+MOVED_TO_COMPUTE = ("group_size", "vectorize", "eval_batch_size", "device")
+"""Settings of how copies are computed: the ``compute`` section, not part of a run's identity."""
+
+
+def _refuse_moved(raw: dict) -> None:
+    moved = sorted(set(raw.get("daunce") or {}) & set(MOVED_TO_COMPUTE))
+    if moved:
+        fields = ", ".join(f"daunce.{name}" for name in moved)
+        raise DaunceError(
+            f"{fields} moved to the compute section (how copies are computed never changes a "
+            f"run's identity): write compute: {{{moved[0]}: ...}} instead."
+        )
 
 
 def _resolve_paths(raw: dict, base: Path) -> dict:

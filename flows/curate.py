@@ -8,12 +8,11 @@ writes a report: ``<run>/reports/curation.md`` and ``curation.parquet``, plus a 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import polars as pl
 from prefect import flow
 
 from daunce_core.storage.exports import write_parquet
+from daunce_core.storage.layout import RunLayout, Workspace
 from daunce_core.storage.lineage import Lineage
 from flows.attribute import run_attribute
 from flows.config import load_config
@@ -42,14 +41,14 @@ def curate_flow(config_path: str, flag_top: int = 20) -> dict:
     """Attribute the data of ``config_path``; flag the ``flag_top`` most self-influential."""
     config = load_config(config_path)
     summary = run_attribute(config)
-    run_dir = Path(summary["run_dir"])
-    aggregates = pl.read_parquet(run_dir / "exports" / "example_influence.parquet")
+    run = RunLayout(summary["run_dir"])
+    aggregates = pl.read_parquet(run.export("example_influence"))
     flagged = aggregates.sort("self_influence", descending=True).head(flag_top)
-    reports = run_dir / "reports"
+    reports = run.reports
     reports.mkdir(exist_ok=True)
     write_parquet(flagged, reports / "curation.parquet")
     (reports / "curation.md").write_text(_report(flagged, summary["run_id"], aggregates.height))
-    Lineage(Path(config.workspace) / "lineage.duckdb").record_evaluation(
+    Lineage(Workspace(config.workspace).lineage).record_evaluation(
         summary["run_id"],
         "curation.flagged",
         float(flagged.height),

@@ -33,8 +33,9 @@ from daunce_core.errors import DaunceError
 from daunce_core.evaluation.lds import lds_subsets
 from daunce_core.storage.digest import digest_json, digest_path
 from daunce_core.storage.exports import write_parquet
+from daunce_core.storage.layout import RunLayout, Workspace, remove_partials
 from daunce_core.storage.lineage import Lineage
-from daunce_core.storage.zarr_store import DONE, OutcomeStore, remove_partials
+from daunce_core.storage.zarr_store import DONE, OutcomeStore
 from flows.attribute import (
     _call,
     _inputs,
@@ -45,7 +46,6 @@ from flows.attribute import (
     workspace_lock,
 )
 from flows.config import RunConfig
-from tasks.common import Layout
 from tasks.evaluation import baseline, ground_truth, lds_of_scores, score_source
 
 
@@ -72,14 +72,14 @@ def retrain_spec(run: RunConfig, records: dict, outcome: str) -> dict:
 
 def _methods(run: RunConfig, run_dir: Path, spec: dict, policy, states: list) -> list[dict]:
     """Score sources of every method: DAUNCE's, each configured baseline's, the user's files."""
-    marker = run_dir / "store" / "scores.key"
+    marker = RunLayout(run_dir).scores.with_suffix(".key")
     sources = [
-        score_source("daunce", str(run_dir / "store" / "scores"))
+        score_source("daunce", str(RunLayout(run_dir).scores))
         | {"digest": marker.read_text() if marker.exists() else "missing"}
     ]
     records: dict = {}
     for config in run.evaluation.baselines:
-        out_dir = run_dir / "baselines" / config.name
+        out_dir = RunLayout(run_dir).baseline(config.name).root
         record = _call(
             records,
             states,
@@ -109,17 +109,17 @@ def _prepare(run: RunConfig, overwrite: bool, states: list) -> tuple:
     """The attribute run (cached when done), then the records of its inputs."""
     summary = _locked_attribute(run, overwrite)
     workspace = Path(run.workspace)
-    layout, policy = Layout(workspace, run.run_id()), _key_storage(workspace)
+    layout, policy = Workspace(workspace), _key_storage(workspace)
     records = _inputs(run, layout, policy, states)
     return summary, layout, policy, records
 
 
-def _ground_truth(run: RunConfig, layout: Layout, spec: dict, policy, states: list) -> tuple:
+def _ground_truth(run: RunConfig, layout: Workspace, spec: dict, policy, states: list) -> tuple:
     """Retrain the pending LDS jobs, mapped in groups; return the truth folder and the grid."""
     lds = run.evaluation.lds
     subsets = {"alpha": lds.alpha, "seed": lds.seed}
     key = digest_json({"spec": {k: v for k, v in spec.items() if k != "run_id"}, **subsets})
-    truth_dir = layout.shared("truth", key)
+    truth_dir = layout.truth(key)
     remove_partials(truth_dir)
     store = OutcomeStore(truth_dir)
     n, m = spec["num_train"], _num_queries(spec)
@@ -250,14 +250,14 @@ def _write_lds(run, run_dir: Path, spec: dict, results: list, outcome: str, trut
             for r in results
         ]
     )
-    folder = run_dir / "evaluations"
-    write_parquet(summary, folder / f"lds-{outcome}.parquet")
-    write_parquet(per_query, folder / f"lds_per_query-{outcome}.parquet")
+    run_layout = RunLayout(run_dir)
+    write_parquet(summary, run_layout.evaluation(f"lds-{outcome}"))
+    write_parquet(per_query, run_layout.evaluation(f"lds_per_query-{outcome}"))
     return {"lds": summary, "per_query": per_query}
 
 
 def _record_lds(run: RunConfig, results: list, outcome: str, truth_dir: Path, frames) -> None:
-    lineage = Lineage(Path(run.workspace) / "lineage.duckdb")
+    lineage = Lineage(Workspace(run.workspace).lineage)
     for r in results:
         lineage.record_evaluation(
             run.run_id(),
@@ -267,13 +267,13 @@ def _record_lds(run: RunConfig, results: list, outcome: str, truth_dir: Path, fr
             method=r["name"],
             stderr=r["stderr"],
         )
-    lineage.create_views(Path(run.workspace) / "runs")
+    lineage.create_views(Workspace(run.workspace).runs)
 
 
 def _with_results(run: RunConfig, fn, overwrite: bool) -> dict:
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-    results = Path(run.workspace).resolve() / ".prefect" / "results"
+    results = Workspace(run.workspace).prefect / "results"
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(results)}):
         return fn.with_options(task_runner=_task_runner(run))(to_dict(run), overwrite=overwrite)
 
@@ -352,7 +352,7 @@ def _job_key(job) -> str:
 
 def _removal_store(run_dir: Path, spec: dict, plans: dict) -> tuple[Path, dict]:
     """The run's removal store, grown to hold every job of every plan; job key → row."""
-    folder = run_dir / "removal"
+    folder = RunLayout(run_dir).removal
     remove_partials(folder)
     index_path = folder / "jobs.json"
     key = digest_json({k: v for k, v in spec.items() if k != "run_id"})
@@ -451,8 +451,8 @@ def _removal(run: RunConfig, overwrite: bool) -> dict:
         groups=pl.lit(len(groups)),
         seeds=pl.lit(run.evaluation.removal.seeds),
     )
-    write_parquet(frame, run_dir / "evaluations" / "removal.parquet")
-    lineage = Lineage(Path(run.workspace) / "lineage.duckdb")
+    write_parquet(frame, RunLayout(run_dir).evaluation("removal"))
+    lineage = Lineage(Workspace(run.workspace).lineage)
     for row in table:
         if row["kind"] != "full":
             lineage.record_evaluation(
@@ -467,7 +467,7 @@ def _removal(run: RunConfig, overwrite: bool) -> dict:
                 method=row["method"],
                 stderr=row["stderr"],
             )
-    lineage.create_views(Path(run.workspace) / "runs")
+    lineage.create_views(Workspace(run.workspace).runs)
     return {
         "run_id": run.run_id(),
         "run_dir": str(run_dir),

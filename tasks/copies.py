@@ -1,23 +1,17 @@
-"""Perturbed copies: train a group, evaluate its losses into rows of the Zarr loss arrays."""
+"""Perturbed copies: bring a group to done, its loss rows in the run's Zarr store."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import time
 
-import torch
 from prefect import task
-from safetensors.torch import load_file, save_file
+from prefect.cache_policies import NO_CACHE
 
-from daunce_core.storage.zarr_store import DIVERGED, DONE, PENDING, RunStore
-from tasks.common import CACHE_POLICY, Layout, copies_context
-
-
-def _save_copies(layout: Layout, ks: list[int], params: dict) -> None:
-    layout.copy(ks[0]).parent.mkdir(parents=True, exist_ok=True)
-    for g, k in enumerate(ks):
-        save_file({name: p[g].contiguous() for name, p in params.items()}, str(layout.copy(k)))
+from daunce_core.storage.copies import RunCopies
+from daunce_core.storage.layout import RunLayout
+from tasks.common import copy_access
 
 
 def _run_name() -> str:
@@ -27,69 +21,25 @@ def _run_name() -> str:
     return f"train-copies-{ks[0]}-{ks[-1]}"
 
 
-def _lost(store: RunStore, layout: Layout, k: int, status: int) -> bool:
-    """A finished copy that needs new query columns but whose parameters are gone: retrain it.
-
-    The copies are a cache, the seeds the truth: copy k is recomputed from (seed, k).
-    """
-    behind = store.queries_done([k])[0] < store.open("losses_query").shape[1]
-    return status == DONE and behind and not layout.copy(k).exists()
-
-
-def _add_new_queries(store: RunStore, layout: Layout, ks, status, context: str) -> list[int]:
-    """Evaluate finished copies on queries added since they were trained; return their ids."""
-    counts = dict(zip(ks, store.queries_done(ks), strict=True))
-    total = store.open("losses_query").shape[1]
-    behind = [k for k in ks if status[k] == DONE and counts[k] < total]
-    for start in sorted({int(counts[k]) for k in behind}):
-        group = [k for k in behind if counts[k] == start]
-        files = [load_file(str(layout.copy(k))) for k in group]
-        params = {name: torch.stack([f[name] for f in files]) for name in files[0]}
-        values = copies_context(context).measure_queries(params, start)
-        for row, k in enumerate(group):
-            store.write_query_columns(k, start, values[row])
-    return behind
-
-
 @task(
     name="train-copies",
     task_run_name=_run_name,
-    cache_policy=CACHE_POLICY,
-    persist_result=True,
+    cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=[2, 10],
 )
-def train_copies(ks: list[int], run_dir: str, spec: dict) -> dict:
-    """Train copies ``ks`` together and write their loss rows; copies already done are skipped.
+def train_copies(ks: list[int], run_dir: str, spec: dict, query_digests: list[str]) -> dict:
+    """Bring copies ``ks`` to done: train, measure or verify only what is missing.
 
-    Idempotent: rows are written before the copies are marked done, so a copy killed mid-way is
-    still pending and is redone, from its seed, on the next run. ``spec`` holds the digests of
-    everything the copies depend on (data, base model, signals, configuration).
+    Not cached by Prefect: each copy's record (`daunce_core.storage.records`) is its one done
+    signal, so a group whose copies are all done and intact costs a few file reads. ``spec``
+    holds the digests of everything the copies depend on (data, base model, signals, settings)
+    and how they are computed; ``query_digests`` the per-example digests of the queries.
     """
     started = time.perf_counter()
-    layout = Layout.of_run(run_dir)
-    store = RunStore(layout.store)
-    status = dict(zip(ks, store.status(ks), strict=True))
-    todo = [k for k in ks if status[k] == PENDING or _lost(store, layout, k, status[k])]
-    context = json.dumps(spec, sort_keys=True)
-    if todo:
-        # The whole group is retrained (vectorised copies are computed exactly as in an
-        # uninterrupted run); only its pending rows are written.
-        copies = copies_context(context)
-        trained = copies.train_group(ks)
-        rows = copies.evaluate(ks, trained)
-        keep = [g for g, k in enumerate(ks) if k in todo]
-        params = {name: p[keep] for name, p in trained.params.items()}
-        _save_copies(layout, todo, params)
-        store.write_rows(todo, rows.train[keep], rows.query[keep], rows.diverged[keep])
-        status = dict(zip(ks, store.status(ks), strict=True))
-    behind = _add_new_queries(store, layout, ks, status, context)
-    diverged = [k for k in ks if status[k] == DIVERGED]
-    return {
-        "ks": list(ks),
-        "trained": todo,
+    access = copy_access(spec)
+    report = RunCopies(access, RunLayout(run_dir), query_digests).complete(ks)
+    return dataclasses.asdict(report) | {
         "process": os.getpid(),
-        "queries_added_to": behind,
-        "diverged": diverged,
         "seconds": time.perf_counter() - started,
     }

@@ -9,9 +9,6 @@ larger grid (more subsets, more seeds) trains only the new ones.
 
 from __future__ import annotations
 
-import functools
-import json
-import threading
 import time
 from pathlib import Path
 
@@ -35,17 +32,17 @@ from daunce_core.evaluation.lds import (
 from daunce_core.method.config import TrainConfig
 from daunce_core.storage.digest import digest_json
 from daunce_core.storage.exports import top_table, write_parquet
+from daunce_core.storage.layout import RunLayout
 from daunce_core.storage.zarr_store import DONE, OutcomeStore, RunStore
-from tasks.common import CACHE_POLICY, artifact, load_base_model, load_split
+from tasks.common import CACHE_POLICY, artifact, load_base_model, load_split, per_thread
 
 LDS_ORDER = 100_003
 """Job ``(m, s)`` of the LDS grid visits its subset in the order keyed ``m·LDS_ORDER + s``."""
 
 
-@functools.lru_cache(maxsize=8)
-def _context(spec_json: str, thread: int):
+@per_thread
+def retrain_context(spec: dict) -> dict:
     """Model builder, task, data and recipe of a retraining spec (once per process and thread)."""
-    spec = json.loads(spec_json)
     recipe, seed = spec["recipe"], spec["model_seed"]
     return {
         "make_model": lambda s: build_model(recipe, seed=seed + s),
@@ -55,11 +52,6 @@ def _context(spec_json: str, thread: int):
         "config": from_dict(TrainConfig, spec["train_recipe"], "model.train"),
         "l2": spec["l2"],
     }
-
-
-def retrain_context(spec: dict) -> dict:
-    """`_context` for ``spec``, one per thread (training swaps a module's parameters)."""
-    return _context(json.dumps(spec, sort_keys=True), threading.get_ident())
 
 
 def _retrain(spec: dict, jobs: list[RetrainJob]) -> np.ndarray:
@@ -243,8 +235,8 @@ def baseline(name: str, method: str, options: dict, out_dir: str, spec: dict, to
     if not np.isfinite(scores).all():
         raise DaunceError(f"the baseline {name!r} produced non-finite scores; check its options.")
     seconds = time.perf_counter() - started
-    out = Path(out_dir)
-    store = RunStore(out / "store")
+    out = RunLayout(out_dir)
+    store = RunStore(out.store)
     n, m = scores.shape
     array = store.create_scores(n, m, 8192, 1024)
     array[:] = scores.astype(np.float32)
@@ -254,7 +246,7 @@ def baseline(name: str, method: str, options: dict, out_dir: str, spec: dict, to
     )
     for view, largest in (("top_proponents", True), ("top_opponents", False)):
         frame = top_table(array, spec["run_id"], train_ids, query_ids, top_k, largest, name)
-        write_parquet(frame, out / "exports" / f"{view}.parquet")
+        write_parquet(frame, out.export(view))
     digest = digest_json({"method": method, "options": options, "spec": spec})
     record = artifact(
         store.root / "scores",

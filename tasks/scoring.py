@@ -13,8 +13,9 @@ from daunce_core.errors import DaunceWarning
 from daunce_core.method.scores import collect_statistics, self_influence, write_scores
 from daunce_core.storage.digest import digest_json
 from daunce_core.storage.exports import example_influence_table, top_table, write_parquet
+from daunce_core.storage.layout import RunLayout
 from daunce_core.storage.zarr_store import RunStore
-from tasks.common import CACHE_POLICY, Layout, artifact
+from tasks.common import CACHE_POLICY, artifact
 
 ROW_CHUNK, COL_CHUNK = 8192, 1024
 
@@ -25,7 +26,7 @@ def compute_scores(run_dir: str, kind: str, rows_digest: str) -> dict:
 
     ``rows_digest`` (of which copies are done) keys the cache: new rows, new scores.
     """
-    store = RunStore(Layout.of_run(run_dir).store)
+    store = RunStore(RunLayout(run_dir).store)
     a, b = store.open("losses_train"), store.open("losses_query")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DaunceWarning)
@@ -56,7 +57,7 @@ def export_tables(run_dir: str, run_id: str, scores: dict, splits: dict, top_k: 
 
     ``splits`` maps ``train`` and ``queries`` to their canonical data records.
     """
-    layout = Layout.of_run(run_dir)
+    layout = RunLayout(run_dir)
     store = RunStore(layout.store)
     matrix = store.open("scores")
     train_ids, query_ids = (

@@ -49,7 +49,13 @@ def write_data(folder: Path, n: int = 240, m: int = 30) -> dict:
 def write_config(
     path: Path, workspace: Path, data: dict, task_runner: str = "threads", **daunce
 ) -> Path:
-    """A run configuration with a small MLP and ``daunce`` overrides."""
+    """A run configuration with a small MLP and ``daunce`` overrides.
+
+    Overrides named in `flows.config.MOVED_TO_COMPUTE` (``group_size``, ...) go to ``compute``.
+    """
+    compute = {
+        k: daunce.pop(k) for k in ("group_size", "vectorize", "eval_batch_size") if k in daunce
+    }
     config = {
         "name": "t",
         "workspace": str(workspace),
@@ -60,7 +66,8 @@ def write_config(
             "l2": 1e-3,
             "train": {"lr": 0.1, "epochs": 5, "batch_size": 32},
         },
-        "daunce": {"num_models": 8, "group_size": 4, "train": {"lr": 0.01, "epochs": 1}} | daunce,
+        "daunce": {"num_models": 8, "train": {"lr": 0.01, "epochs": 1}} | daunce,
+        "compute": {"group_size": 4} | compute,
         "exports": {"top_k": 5},
         "execution": {"workers": 2, "retries": 0, "task_runner": task_runner},
     }

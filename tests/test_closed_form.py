@@ -10,7 +10,7 @@ import functools
 import numpy as np
 import pytest
 
-from daunce_core import DaunceConfig, Objective, TrainConfig, attribute
+from daunce_core import ComputeConfig, DaunceConfig, Objective, TrainConfig, attribute
 from daunce_core.baselines.exact import exact_targets
 from daunce_core.evaluation.problems import linear_regression, logistic_regression
 
@@ -32,9 +32,11 @@ def run(prob, objective, *, r=1.0, num_models=K, score="covariance", lr=0.5):
         train=TrainConfig(lr=lr, steps=150, batch_size=size, schedule="constant"),
         dtype="float64",
         score=score,
-        group_size=num_models,
     )
-    return attribute(prob.model, prob.task, prob.train, prob.queries, config, base_l2=prob.l2)
+    compute = ComputeConfig(group_size=num_models)
+    return attribute(
+        prob.model, prob.task, prob.train, prob.queries, config, base_l2=prob.l2, compute=compute
+    )
 
 
 def agreement(estimate, target):

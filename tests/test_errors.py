@@ -10,10 +10,10 @@ from daunce_core import (
     DaunceConfig,
     DaunceError,
     Objective,
-    PerturbedCopies,
     RegressionTask,
     Task,
     TaskError,
+    TorchModuleAccess,
     TrainConfig,
     attribute,
 )
@@ -35,14 +35,14 @@ class ReducedLossTask(ClassificationTask):
 
 def test_loss_reduced_over_the_batch_is_refused_with_the_fix():
     with pytest.raises(TaskError, match=r"one value per example.*reduction='none'"):
-        PerturbedCopies(torch.nn.Linear(4, 3), ReducedLossTask(), data(), data(5), small_config())
+        TorchModuleAccess(torch.nn.Linear(4, 3), ReducedLossTask(), data(), data(5), small_config())
 
 
 def test_nan_in_the_data_names_the_rows():
     bad = data()
     bad["x"][[3, 11], 0] = float("nan")
     with pytest.raises(DaunceError, match=r"train\['x'\] holds NaN.*first rows \[3, 11\]"):
-        PerturbedCopies(torch.nn.Linear(4, 3), ClassificationTask(), bad, data(5), small_config())
+        TorchModuleAccess(torch.nn.Linear(4, 3), ClassificationTask(), bad, data(5), small_config())
 
 
 def test_columns_of_different_lengths_are_refused():
@@ -55,7 +55,9 @@ def test_columns_of_different_lengths_are_refused():
 def test_empty_data_is_refused():
     empty = {"x": torch.zeros(0, 4), "y": torch.zeros(0, dtype=torch.long)}
     with pytest.raises(DaunceError, match="queries has no examples"):
-        PerturbedCopies(torch.nn.Linear(4, 3), ClassificationTask(), data(), empty, small_config())
+        TorchModuleAccess(
+            torch.nn.Linear(4, 3), ClassificationTask(), data(), empty, small_config()
+        )
 
 
 def test_model_that_does_not_fit_the_data_is_refused_with_the_fix():

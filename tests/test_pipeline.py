@@ -11,7 +11,7 @@ import pytest
 from pipeline_helpers import exploding_data, losses_of, scores_of, write_config, write_data
 from prefect.testing.utilities import prefect_test_harness
 
-from daunce_core import ClassificationTask, PerturbedCopies
+from daunce_core import ClassificationTask, TorchModuleAccess
 from daunce_core.access.torch_module.models import build_model, save_parameters
 from daunce_core.errors import DaunceError
 from daunce_core.method.draws import draw_perturbation
@@ -50,7 +50,7 @@ def test_end_to_end_then_served_from_cache(harness, data, tmp_path):
     spec_model = load_base_model(config.model.recipe, _artifact(config, "model/base"))
     train = load_split(_artifact(config, "data/train"), _digest(config, "data/train"))
     queries = load_split(_artifact(config, "data/queries"), _digest(config, "data/queries"))
-    rows = PerturbedCopies(
+    rows = TorchModuleAccess(
         spec_model, ClassificationTask(), train, queries, config.daunce, base_l2=config.model.l2
     ).run(range(8))
     stored_train, stored_query = losses_of(first["run_dir"])

@@ -10,12 +10,13 @@ from pipeline_helpers import exploding_data
 
 from daunce_core import (
     ClassificationTask,
+    ComputeConfig,
     DaunceConfig,
     DaunceError,
     DaunceWarning,
     Objective,
-    PerturbedCopies,
     RegressionTask,
+    TorchModuleAccess,
     TrainConfig,
     attribute,
     fit,
@@ -31,9 +32,17 @@ def mlp_problem(dtype=torch.float32, n=48, m=10):
     return model.to(dtype), {"x": x[:n], "y": y[:n]}, {"x": x[n:], "y": y[n:]}
 
 
-def losses(config, problem=None):
+def losses(config, problem=None, **compute):
     model, train, queries = problem or mlp_problem()
-    copies = PerturbedCopies(model, ClassificationTask(), train, queries, config, base_l2=1e-3)
+    copies = TorchModuleAccess(
+        model,
+        ClassificationTask(),
+        train,
+        queries,
+        config,
+        base_l2=1e-3,
+        compute=ComputeConfig(**compute),
+    )
     return copies.run(range(config.num_models))
 
 
@@ -49,8 +58,8 @@ def losses(config, problem=None):
 def test_vectorised_copies_equal_one_at_a_time(objective, train):
     common = {"num_models": 6, "objective": objective, "train": train, "dtype": "float64"}
     problem = mlp_problem(torch.float64)
-    batched = losses(DaunceConfig(**common, group_size=6), problem)
-    alone = losses(DaunceConfig(**common, group_size=1, vectorize=False), problem)
+    batched = losses(DaunceConfig(**common), problem, group_size=6)
+    alone = losses(DaunceConfig(**common), problem, group_size=1, vectorize=False)
     np.testing.assert_allclose(batched.train, alone.train, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(batched.query, alone.query, rtol=1e-10, atol=1e-12)
     assert np.ptp(batched.train, axis=0).max() > 1e-6  # the copies really differ
@@ -58,16 +67,16 @@ def test_vectorised_copies_equal_one_at_a_time(objective, train):
 
 def test_float32_vectorised_copies_agree_within_float_tolerance():
     common = {"num_models": 8, "train": TrainConfig(lr=0.05, epochs=2, batch_size=8)}
-    batched = losses(DaunceConfig(**common, group_size=8))
-    alone = losses(DaunceConfig(**common, group_size=1, vectorize=False))
+    batched = losses(DaunceConfig(**common), group_size=8)
+    alone = losses(DaunceConfig(**common), group_size=1, vectorize=False)
     np.testing.assert_allclose(batched.train, alone.train, rtol=1e-4, atol=1e-5)
 
 
 def test_copies_do_not_depend_on_grouping_or_order():
-    config = DaunceConfig(num_models=7, group_size=3, train=TrainConfig(lr=0.05, epochs=1))
-    grouped = losses(config)
+    config = DaunceConfig(num_models=7, train=TrainConfig(lr=0.05, epochs=1))
+    grouped = losses(config, group_size=3)
     model, train, queries = mlp_problem()
-    copies = PerturbedCopies(model, ClassificationTask(), train, queries, config, base_l2=1e-3)
+    copies = TorchModuleAccess(model, ClassificationTask(), train, queries, config, base_l2=1e-3)
     reversed_ = copies.run([6, 5, 4, 3, 2, 1, 0])
     np.testing.assert_allclose(reversed_.train[::-1], grouped.train, rtol=1e-5, atol=1e-6)
 
@@ -75,8 +84,8 @@ def test_copies_do_not_depend_on_grouping_or_order():
 def test_evaluation_does_not_depend_on_batch_size():
     common = {"num_models": 4, "train": TrainConfig(lr=0.05, epochs=1), "dtype": "float64"}
     problem = mlp_problem(torch.float64)
-    small = losses(DaunceConfig(**common, eval_batch_size=7), problem)
-    large = losses(DaunceConfig(**common, eval_batch_size=4096), problem)
+    small = losses(DaunceConfig(**common), problem, eval_batch_size=7)
+    large = losses(DaunceConfig(**common), problem, eval_batch_size=4096)
     np.testing.assert_allclose(small.train, large.train, rtol=1e-12)
 
 
@@ -86,7 +95,7 @@ def test_diverged_copies_are_reported_by_index_and_left_out_of_the_scores():
     config = DaunceConfig(
         num_models=8, subset_ratio=0.3, train=TrainConfig(lr=0.1, epochs=3, batch_size=6)
     )
-    copies = PerturbedCopies(model, RegressionTask(), train, queries, config)
+    copies = TorchModuleAccess(model, RegressionTask(), train, queries, config)
     poisoned = [k for k, d in enumerate(copies.draws(range(8))) if 5 in d.subset]
     assert 0 < len(poisoned) < 8
     with pytest.warns(DaunceWarning, match=re.escape(f"perturbed copies {poisoned} diverged")):

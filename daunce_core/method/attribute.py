@@ -16,9 +16,9 @@ import numpy as np
 from torch import nn
 
 from daunce_core.access.task import Task
-from daunce_core.access.torch_module.access import PerturbedCopies
+from daunce_core.access.torch_module.access import TorchModuleAccess
 from daunce_core.errors import DaunceError
-from daunce_core.method.config import DaunceConfig
+from daunce_core.method.config import ComputeConfig, DaunceConfig
 from daunce_core.method.scores import collect_statistics, self_influence, write_scores
 
 
@@ -72,6 +72,7 @@ def attribute(
     config: DaunceConfig | None = None,
     *,
     base_l2: float = 0.0,
+    compute: ComputeConfig | None = None,
 ) -> Attribution:
     """Attribute ``queries`` to ``train`` examples with DAUNCE.
 
@@ -82,9 +83,12 @@ def attribute(
         queries: query examples, same columns (``m`` rows).
         config: the run's configuration (default: `DaunceConfig()`).
         base_l2: the L2 strength the base model was trained with (default proximal λ).
+        compute: group size, vectorisation, batch size and device (default `ComputeConfig()`).
     """
     config = config or DaunceConfig()
-    copies = PerturbedCopies(model, task, train, queries, config, base_l2=base_l2)
+    copies = TorchModuleAccess(
+        model, task, train, queries, config, base_l2=base_l2, compute=compute
+    )
     rows = copies.run(range(config.num_models))
     stats = collect_statistics(rows.train, rows.query)
     scores = write_scores(rows.train, rows.query, stats, kind=config.score)

@@ -87,9 +87,9 @@ class DaunceConfig:
         dtype: ``"float32"`` or ``"float64"`` for the copies' training and losses.
         antithetic: pair copies ``(2p, 2p+1)`` with ``ξ`` and ``1 − ξ`` on the same subset.
         seed: the run's seed; copy k's draws depend only on ``(seed, k)``.
-        group_size: copies trained at once (vectorised); memory grows with it.
-        vectorize: train and evaluate a group with ``vmap`` (False: one copy after another).
-        eval_batch_size: examples per forward pass when evaluating losses.
+
+    How the copies are computed (group size, vectorisation, batch size of evaluation, device)
+    is `ComputeConfig`'s: it never changes which copies a run holds.
     """
 
     num_models: int = 64
@@ -102,9 +102,6 @@ class DaunceConfig:
     dtype: Literal["float32", "float64"] = "float32"
     antithetic: bool = False
     seed: int = 0
-    group_size: int = 32
-    vectorize: bool = True
-    eval_batch_size: int = 1024
 
     def __post_init__(self) -> None:
         if self.num_models < 2:
@@ -122,8 +119,6 @@ class DaunceConfig:
         if self.prox is not None and self.prox < 0:
             raise DaunceError(f"prox (λ) must be >= 0 or None; got {self.prox}.")
         self._check_choices()
-        if self.group_size < 1 or self.eval_batch_size < 1:
-            raise DaunceError("group_size and eval_batch_size must be >= 1.")
         if self.antithetic and self.num_models % 2:
             raise DaunceError(
                 f"antithetic copies come in pairs; num_models must be even, got {self.num_models}."
@@ -142,3 +137,43 @@ class DaunceConfig:
     def torch_dtype(self) -> torch.dtype:
         """The torch dtype named by ``dtype``."""
         return DTYPES[self.dtype]
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How copies are computed: never part of a run's identity (the copies are the same).
+
+    Attributes:
+        group_size: copies trained at once (vectorised); memory grows with it.
+        vectorize: train and evaluate a group with ``vmap`` (False: one copy after another).
+        eval_batch_size: examples per forward pass when evaluating losses.
+        device: ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda"``.
+    """
+
+    group_size: int = 32
+    vectorize: bool = True
+    eval_batch_size: int = 1024
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1 or self.eval_batch_size < 1:
+            raise DaunceError(
+                f"group_size and eval_batch_size must be >= 1; got {self.group_size} and "
+                f"{self.eval_batch_size}."
+            )
+        if self.device not in DEVICES:
+            raise DaunceError(f"device must be one of {DEVICES}; got {self.device!r}.")
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The device named by ``device``; ``cuda`` without a GPU is refused."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise DaunceError(
+                "device 'cuda' was asked for but torch sees no GPU here; use device: auto or cpu."
+            )
+        return torch.device(self.device)

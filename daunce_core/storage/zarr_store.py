@@ -1,22 +1,21 @@
-"""The Zarr arrays of one run: loss matrices, per-copy completion marks, scores.
+"""The Zarr arrays of one run (loss matrices, scores) and of retraining outcomes.
 
-Layout under the store's folder (float32 losses and scores, NaN fill so unwritten rows show):
+Layout under a run's store folder (NaN fill, so unwritten rows show):
 
 ==================  =============  ===========================================================
 array               shape          chunks / meaning
 ==================  =============  ===========================================================
 ``losses_train``    ``(K, n)``     ``(1, 65536)``: row k = copy k's loss on every train example
 ``losses_query``    ``(K, m)``     ``(1, 65536)``: row k = copy k's measurement on every query
-``copy_status``     ``(K,)``       ``(1,)``: 0 pending, 1 done, 2 diverged (written after rows)
-``queries_done``    ``(K,)``       ``(1,)``: how many leading query columns row k holds
 ``scores``          ``(n, m)``     ``scores[i, j]`` = influence of train i on query j
 ``self_influence``  ``(n,)``       variance of each training loss over the valid copies
 ==================  =============  ===========================================================
 
-Each copy owns the chunks of its own row and its own status chunk, so copies written by
-different workers never share a chunk; the status is written last, so a copy killed mid-write is
-simply still pending. Zarr writes each chunk to a temporary file and renames it into place; a
-killed writer can leave an orphan ``*.partial`` file, which `RunStore.remove_partials` clears.
+Losses are stored in the run's dtype (float32 or float64), scores in float32. Each copy owns
+the chunks of its own row, so copies written by different workers never share a chunk; whether
+a row is complete is its copy's record (`daunce_core.storage.records`), written after the row.
+Zarr writes each chunk to a temporary file and renames it into place; a killed writer can leave
+an orphan ``*.partial`` file (`daunce_core.storage.layout.remove_partials`).
 """
 
 from __future__ import annotations
@@ -27,10 +26,9 @@ import numpy as np
 import zarr
 
 from daunce_core.errors import DaunceError
-from daunce_core.storage.digest import digest_json
 
-PENDING, DONE, DIVERGED = 0, 1, 2
-ARRAYS = ("losses_train", "losses_query", "queries_done", "copy_status")
+PENDING, DONE = 0, 1
+LOSSES = ("losses_train", "losses_query")
 ROW_CHUNK = 65536
 
 
@@ -63,56 +61,41 @@ class RunStore:
             overwrite=True,
         )
 
-    def ensure(self, num_models: int, n: int, m: int) -> None:
+    def ensure(self, num_models: int, n: int, m: int, dtype: str = "float32") -> None:
         """Create the loss arrays for ``num_models`` copies, or resize them.
 
-        K may only grow (copies are never dropped); the number of queries may change (the
-        flow re-measures the query columns when the queries changed, `check_inputs`).
+        K may only grow (copies are never dropped); the number of queries may change (each
+        copy's record says which queries its row covers).
 
         Raises:
             DaunceError: fewer copies than stored, or a different number of training examples.
         """
-        if not all(self.exists(name) for name in ARRAYS):
-            # Created together; a kill between two creations leaves no copy done, so start over.
-            self._create("losses_train", (num_models, n), (1, min(n, ROW_CHUNK)), "float32", np.nan)
-            self._create("losses_query", (num_models, m), (1, min(m, ROW_CHUNK)), "float32", np.nan)
-            self._create("queries_done", (num_models,), (1,), "int64", 0)
-            self._create("copy_status", (num_models,), (1,), "int8", PENDING)
+        if not all(self.exists(name) for name in LOSSES):
+            # Created together; a kill between the two creations leaves no copy done.
+            for name, width in (("losses_train", n), ("losses_query", m)):
+                chunks = (1, max(1, min(width, ROW_CHUNK)))
+                self._create(name, (num_models, width), chunks, dtype, np.nan)
             return
         stored_k, stored_n = self.open("losses_train").shape
         if num_models < stored_k:
             raise DaunceError(
                 f"the run holds {stored_k} perturbed copies; num_models={num_models} would drop "
-                f"some. Set daunce.num_models to at least {stored_k} (e.g. after `daunce extend`)."
+                f"some. Set daunce.num_models to at least {stored_k} in the configuration (e.g. "
+                "after `daunce extend`), or pass --num-models to `daunce extend`."
             )
         if n != stored_n:
             raise DaunceError(
                 f"the run holds losses for {stored_n} training examples, the data has {n}; "
                 "different training data makes a different run: give it another name."
             )
-        self._grow(num_models, n, m)
-
-    def _grow(self, num_models: int, n: int, m: int) -> None:
-        for name, shape in (
-            ("losses_train", (num_models, n)),
-            ("losses_query", (num_models, m)),
-            ("copy_status", (num_models,)),
-            ("queries_done", (num_models,)),
-        ):
+        for name, shape in (("losses_train", (num_models, n)), ("losses_query", (num_models, m))):
             array = self.open(name, "r+")
             if array.shape != shape:
                 array.resize(shape)
 
-    def check_inputs(self, copies_key: str, query_digests: list[str]) -> bool:
-        """Tie the stored rows to the inputs that made them; return True if queries were reset.
-
-        ``copies_key`` digests everything the copies depend on (base model, training data,
-        settings). Rows made from other inputs are refused, with the fix. ``query_digests`` are
-        the per-example digests of the current queries, in order: if the queries the rows hold
-        are not a prefix of them (the query file changed), every row's query columns are marked
-        unevaluated, so they are measured again from the stored copies.
-        """
-        train, query = self.open("losses_train", "r+"), self.open("losses_query", "r+")
+    def check_copies_key(self, copies_key: str) -> None:
+        """Tie the stored rows to the inputs that made them (``copies_key``); refuse others."""
+        train = self.open("losses_train", "r+")
         stored = train.attrs.get("copies_key")
         if stored is not None and stored != copies_key:
             raise DaunceError(
@@ -121,49 +104,29 @@ class RunStore:
                 "--overwrite to start this run over."
             )
         train.attrs["copies_key"] = copies_key
-        count = int(query.attrs.get("queries_count", 0))
-        held = digest_json(query_digests[:count])
-        reset = count > 0 and (count > len(query_digests) or query.attrs.get("queries") != held)
-        if reset:
-            done = self.open("queries_done", "r+")
-            done[:] = np.zeros(done.shape, dtype=np.int64)
-        query.attrs.update(
-            {"queries": digest_json(query_digests), "queries_count": len(query_digests)}
-        )
-        return reset
 
-    def status(self, ks=None) -> np.ndarray:
-        """Status of copies ``ks`` (default all), int8: 0 pending, 1 done, 2 diverged.
+    @property
+    def num_queries(self) -> int:
+        """m, the number of query columns."""
+        return int(self.open("losses_query").shape[1])
 
-        Each copy's status is its own chunk (so writers never share one): reading all of them
-        costs one read per copy, so pass ``ks`` when only some are needed.
-        """
-        return self._read("copy_status", ks)
+    def read_row(self, k: int, queries: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row ``k`` of both loss arrays (the first ``queries`` query columns)."""
+        train = np.asarray(self.open("losses_train")[k])
+        query = np.asarray(self.open("losses_query")[k, :queries])
+        return train, query
 
-    def queries_done(self, ks=None) -> np.ndarray:
-        """How many leading query columns the rows of copies ``ks`` (default all) hold."""
-        return self._read("queries_done", ks)
-
-    def _read(self, name: str, ks) -> np.ndarray:
-        array = self.open(name)
-        if ks is None:
-            return np.asarray(array[:])
-        return np.asarray(array.get_orthogonal_selection(np.asarray(ks, dtype=np.int64)))
-
-    def write_rows(self, ks, train: np.ndarray, query: np.ndarray, diverged: np.ndarray) -> None:
-        """Write rows ``ks`` of both loss arrays, then mark them done (or diverged)."""
+    def write_rows(self, ks, train: np.ndarray, query: np.ndarray) -> None:
+        """Write rows ``ks`` of both loss arrays (``query`` may cover the leading columns)."""
         a, b = self.open("losses_train", "r+"), self.open("losses_query", "r+")
-        status, counts = self.open("copy_status", "r+"), self.open("queries_done", "r+")
         for row, k in enumerate(ks):
-            a[k] = train[row].astype(np.float32)
-            b[k, : query.shape[1]] = query[row].astype(np.float32)
-            counts[k] = query.shape[1]
-            status[k] = DIVERGED if diverged[row] else DONE
+            a[k] = train[row].astype(a.dtype)
+            b[k, : query.shape[1]] = query[row].astype(b.dtype)
 
     def write_query_columns(self, k: int, start: int, values: np.ndarray) -> None:
-        """Write query columns ``start:`` of row ``k`` (new queries), then record the count."""
-        self.open("losses_query", "r+")[k, start : start + len(values)] = values.astype(np.float32)
-        self.open("queries_done", "r+")[k] = start + len(values)
+        """Write query columns ``start:`` of row ``k`` (new queries)."""
+        array = self.open("losses_query", "r+")
+        array[k, start : start + len(values)] = values.astype(array.dtype)
 
     def create_scores(self, n: int, m: int, row_chunk: int, col_chunk: int) -> zarr.Array:
         """A fresh ``scores`` array ``(n, m)`` whose chunks are the scoring tiles."""
@@ -177,28 +140,6 @@ class RunStore:
             "self_influence", values.shape, (min(len(values), ROW_CHUNK),), "float32", np.nan
         )
         array[:] = values.astype(np.float32)
-
-    def remove_partials(self) -> list[str]:
-        """Delete orphan temporary files left by a killed writer; return their paths."""
-        return remove_partials(self.root)
-
-
-TEMPORARY = ("*.partial", "*.partial.*", ".tmp*")
-"""Names of temporary files: zarr chunks and our Parquet/NPZ writes (``*.partial``),
-safetensors saves (``.tmp*``). Each is renamed into place when complete."""
-
-
-def remove_partials(folder: str | Path) -> list[str]:
-    """Delete orphan temporary files (`TEMPORARY`) below ``folder``; return their paths."""
-    folder = Path(folder)
-    if not folder.exists():
-        return []
-    orphans = sorted(
-        {str(p) for pattern in TEMPORARY for p in folder.rglob(pattern) if p.is_file()}
-    )
-    for path in orphans:
-        Path(path).unlink(missing_ok=True)
-    return orphans
 
 
 class OutcomeStore:

@@ -1,6 +1,6 @@
 """Perturbed copies of one base model, trained and evaluated by index (Algorithm 1, lines 1–4).
 
-`PerturbedCopies` holds everything shared by the K copies — the base model in the run's dtype,
+`TorchModuleAccess` holds everything shared by the K copies — the base model in the run's dtype,
 the data, the base signals — and produces the loss rows of any set of copy indices. Because each
 copy depends only on ``(seed, k)``, rows can be computed in any grouping, on any worker, in any
 order, and a missing row can be recomputed alone: this is what the pipeline maps over.
@@ -11,43 +11,31 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from daunce_core.access.base import Capabilities, CopyLosses, ModelAccess
 from daunce_core.access.task import Task, check_per_example
 from daunce_core.access.torch_module.evaluation import evaluate_copies
 from daunce_core.access.torch_module.stacked import trainable_names
 from daunce_core.access.torch_module.training import TrainedCopies, train_copies
 from daunce_core.data import as_example_set, cast_floating, check_compatible, num_examples, take
 from daunce_core.errors import DaunceWarning, TaskError
-from daunce_core.method.config import DaunceConfig
+from daunce_core.method.config import ComputeConfig, DaunceConfig
 from daunce_core.method.draws import draw_perturbation
 from daunce_core.method.objectives import per_example_objective
 from daunce_core.method.signals import BaseSignals, compute_base_signals
 
 
-@dataclass
-class CopyLosses:
-    """Loss rows of some perturbed copies.
+class TorchModuleAccess(ModelAccess):
+    """A torch ``nn.Module`` reached through a `Task`: copies trained at once with ``vmap``.
 
-    Attributes:
-        ks: the copy indices, ``[G]``.
-        train: losses on the training set, ``[G, n]`` float64 (rows of ``A``); NaN if diverged.
-        query: measurements on the queries, ``[G, m]`` float64 (rows of ``B``); NaN if diverged.
-        diverged: ``[G]`` bool.
-    """
-
-    ks: np.ndarray
-    train: np.ndarray
-    query: np.ndarray
-    diverged: np.ndarray
-
-
-class PerturbedCopies:
-    """Trains and evaluates DAUNCE's perturbed copies of ``model``.
+    The first `ModelAccess` kind: white-box, deterministic, every objective. Trained copies are
+    `TrainedCopies` (stacked parameters ``name -> [G, ...]``), saved one safetensors file each.
 
     Args:
         model: the trained base model ``θ0`` (not modified; a copy is cast to the run's dtype).
@@ -56,9 +44,15 @@ class PerturbedCopies:
         queries: query examples (``m`` rows), same columns.
         config: the run's configuration.
         base_l2: the base model's own L2 strength; the default proximal λ.
-        signals: base signals computed earlier (`daunce_core.method.signals.compute_base_signals` of
-            the same model, data and objective); computed here when None.
+        signals: base signals computed earlier (`daunce_core.method.signals.compute_base_signals`
+            of the same model, data and objective); computed here when None.
+        compute: how copies are computed (group size, vectorisation, batch size, device).
     """
+
+    kind = "torch"
+    capabilities = Capabilities(
+        gradients=True, fine_tuning=True, custom_objective=True, deterministic=True
+    )
 
     def __init__(
         self,
@@ -69,20 +63,24 @@ class PerturbedCopies:
         config: DaunceConfig,
         base_l2: float = 0.0,
         signals: BaseSignals | None = None,
+        compute: ComputeConfig | None = None,
     ) -> None:
+        self.check(config.objective)
         dtype = config.torch_dtype
         self.config, self.task = config, task
-        self.model = copy.deepcopy(model).to(dtype).eval()
-        self.train = cast_floating(as_example_set(train, "train"), dtype)
-        self.queries = cast_floating(as_example_set(queries, "queries"), dtype)
+        self.compute = compute or ComputeConfig()
+        device = self.compute.torch_device
+        self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+        self.train_set = _on(cast_floating(as_example_set(train, "train"), dtype), device)
+        self.query_set = _on(cast_floating(as_example_set(queries, "queries"), dtype), device)
         self.names = trainable_names(self.model, task)
         self._probe()
         self.signals = None
         if config.objective.needs_base_signals:
             self.signals = signals or compute_base_signals(
-                self.model, task, self.train, config.objective, config.eval_batch_size
+                self.model, task, self.train_set, config.objective, self.compute.eval_batch_size
             )
-            self.signals = {k: v.to(dtype) for k, v in self.signals.items()}
+            self.signals = {k: v.to(device=device, dtype=dtype) for k, v in self.signals.items()}
         params = dict(self.model.named_parameters())
         self.anchor = {name: params[name].detach() for name in self.names}
         lam = base_l2 if config.prox is None else config.prox
@@ -90,8 +88,8 @@ class PerturbedCopies:
 
     def _probe(self) -> None:
         """Fail early, with the fix, if the model cannot run on the data or reduces losses."""
-        check_compatible(self.train, self.queries)
-        probe = take(self.train, slice(0, 2))
+        check_compatible(self.train_set, self.query_set)
+        probe = take(self.train_set, slice(0, 2))
         try:
             with torch.no_grad():
                 losses = self.task.per_example_loss(self.model, probe)
@@ -99,19 +97,19 @@ class PerturbedCopies:
             raise TaskError(
                 f"the model could not compute losses on the first training examples "
                 f"({type(error).__name__}: {error}); check that the model's input matches the "
-                f"data columns {sorted(self.train)} and that the Task reads the right keys."
+                f"data columns {sorted(self.train_set)} and that the Task reads the right keys."
             ) from error
         check_per_example(losses, num_examples(probe), "Task.loss_from_outputs")
 
     @property
     def num_train(self) -> int:
         """n, the number of training examples."""
-        return num_examples(self.train)
+        return num_examples(self.train_set)
 
     @property
     def num_queries(self) -> int:
         """m, the number of queries."""
-        return num_examples(self.queries)
+        return num_examples(self.query_set)
 
     def draws(self, ks: Sequence[int]):
         """The perturbation draws of copies ``ks``."""
@@ -134,10 +132,11 @@ class PerturbedCopies:
         )
 
     def run(self, ks: Sequence[int]) -> CopyLosses:
-        """Train copies ``ks`` (in groups of ``group_size``) and evaluate their losses."""
+        """Train copies ``ks`` (in groups of ``compute.group_size``) and evaluate their losses."""
+        size = self.compute.group_size
         parts = [
-            self._run_group(list(ks[i : i + self.config.group_size]))
-            for i in range(0, len(ks), self.config.group_size)
+            self.evaluate(list(ks[i : i + size]), self.train(list(ks[i : i + size])))
+            for i in range(0, len(ks), size)
         ]
         result = CopyLosses(
             ks=np.concatenate([p.ks for p in parts]),
@@ -156,16 +155,16 @@ class PerturbedCopies:
             )
         return result
 
-    def _run_group(self, ks: list[int]) -> CopyLosses:
-        return self.evaluate(ks, self.train_group(ks))
+    def train(self, ks: Sequence[int]) -> TrainedCopies:
+        """Train copies ``ks`` together (one group: ``vmap`` over all of them) from ``θ0``.
 
-    def train_group(self, ks: Sequence[int]) -> TrainedCopies:
-        """Train copies ``ks`` together (one group: ``vmap`` over all of them) from ``θ0``."""
+        A copy's result does not depend on which other copies share its group.
+        """
         c = self.config
         return train_copies(
             self.model,
             self.task,
-            self.train,
+            self.train_set,
             self.draws(ks),
             self._objective,
             c.train,
@@ -174,25 +173,46 @@ class PerturbedCopies:
             l2=self.l2,
             anchor=self.anchor,
             seed=c.seed,
-            vectorize=c.vectorize,
+            vectorize=self.compute.vectorize,
         )
 
     def evaluate(self, ks: Sequence[int], trained: TrainedCopies) -> CopyLosses:
         """Loss rows of trained copies ``ks``; non-finite rows are marked diverged and NaN."""
-        train = self._measure(trained.params, self.train, "loss")
-        query = self._measure(trained.params, self.queries, self.config.measurement)
+        train = self._measure(trained.params, self.train_set, "loss")
+        query = self._measure(trained.params, self.query_set, self.config.measurement)
         finite = np.isfinite(train).all(axis=1) & np.isfinite(query).all(axis=1)
-        diverged = trained.diverged | ~finite
+        diverged = np.asarray(trained.diverged) | ~finite
         train[diverged], query[diverged] = np.nan, np.nan
         return CopyLosses(np.asarray(ks), train, query, diverged)
 
-    def measure_queries(self, params, start: int) -> np.ndarray:
-        """Measurements of copies with ``params`` on queries ``start:`` only, ``[G, m − start]``.
+    def measure_queries(self, trained: TrainedCopies, start: int) -> np.ndarray:
+        """Measurements of trained copies on queries ``start:`` only, ``[G, m − start]``.
 
         For queries added after the copies were trained: only loss evaluation, no training.
         """
-        queries = take(self.queries, slice(start, self.num_queries))
-        return self._measure(params, queries, self.config.measurement)
+        queries = take(self.query_set, slice(start, self.num_queries))
+        return self._measure(trained.params, queries, self.config.measurement)
+
+    def save_copy(self, trained: TrainedCopies, g: int, path: Path) -> None:
+        """Write copy ``g``'s parameters to ``path`` (safetensors, renamed into place)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        tensors = {name: p[g].detach().cpu().contiguous() for name, p in trained.params.items()}
+        save_file(tensors, str(partial))
+        partial.replace(path)
+
+    def load_copies(self, paths: Sequence[Path]) -> TrainedCopies:
+        """Copies saved by `save_copy`, stacked in order (none diverged)."""
+        device = self.compute.torch_device
+        files = [load_file(str(path)) for path in paths]
+        params = {name: torch.stack([f[name] for f in files]).to(device) for name in files[0]}
+        count = len(files)
+        return TrainedCopies(
+            params=params,
+            diverged=np.zeros(count, dtype=bool),
+            steps=0,
+            final_objective=np.full(count, np.nan),
+        )
 
     def _measure(self, params, data, measurement) -> np.ndarray:
         values = evaluate_copies(
@@ -201,7 +221,12 @@ class PerturbedCopies:
             params,
             data,
             measurement=measurement,
-            batch_size=self.config.eval_batch_size,
-            vectorize=self.config.vectorize,
+            batch_size=self.compute.eval_batch_size,
+            vectorize=self.compute.vectorize,
         )
-        return values.double().numpy()
+        return values.double().cpu().numpy()
+
+
+def _on(examples: dict, device: torch.device) -> dict:
+    """An example set with every tensor on ``device``."""
+    return {name: value.to(device) for name, value in examples.items()}

@@ -1,0 +1,150 @@
+"""Model access: how DAUNCE reaches a model, whatever kind it is (DESIGN §3, "Access kinds").
+
+The paper changes only the Perturb and Train steps between access kinds (§5); everything else —
+draws from ``(seed, k)``, the ``K × n`` / ``K × m`` loss arrays, scoring, exports, lineage, LDS
+and removal — is shared. So one protocol, `ModelAccess`, stands between the pipeline and a model.
+Each kind is one module under ``daunce_core/access/`` that brings its own copy trainer and loss
+evaluation, and declares what it can do (`Capabilities`):
+
+=====================  ==============================  =====================================
+kind                   module                          capabilities
+=====================  ==============================  =====================================
+``torch``              `access.torch_module`           all four
+``hf_lora`` (planned)  ``access/hf_lora/``             all four (LoRA adapters as copies)
+``api`` (planned)      ``access/api/``                 fine-tuning only (not deterministic)
+``prompt`` (planned)   ``access/prompt/``              deterministic loss queries only
+=====================  ==============================  =====================================
+
+`check_objective` refuses, before anything runs, an objective that needs a capability the
+model lacks, naming what is missing and what would work instead.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from daunce_core.errors import DaunceError
+from daunce_core.method.objectives import Objective
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a kind of model access can do.
+
+    Attributes:
+        gradients: logits and their gradients are reachable (the white-box first-order term).
+        fine_tuning: the model's parameters (or an adapter) can be trained into copies.
+        custom_objective: the copy trainer minimises an objective DAUNCE defines (the
+            white-box objectives, and the squared ``efim``/``trak`` black-box forms); a
+            fine-tuning API minimises plain NLL only.
+        deterministic: the same ``(seed, k)`` always gives the same copy, so a lost copy may be
+            trained again; a paid, non-deterministic service's copy may not.
+    """
+
+    gradients: bool
+    fine_tuning: bool
+    custom_objective: bool
+    deterministic: bool
+
+
+def requirements(objective: Objective) -> dict[str, str]:
+    """The capabilities ``objective`` needs, each with the reason."""
+    needs = {}
+    if objective.access == "white_box":
+        why = "the white-box objectives' first-order term is computed from the base logits"
+        needs["gradients"] = why
+        needs["fine_tuning"] = "white-box copies are trained by gradient steps on parameters"
+        needs["custom_objective"] = "the white-box objective is not plain NLL"
+    elif objective.variant != "hessian":
+        needs["custom_objective"] = (
+            f"the black-box {objective.variant!r} objective (a squared loss) is not plain NLL"
+        )
+    return needs
+
+
+def check_objective(kind: str, capabilities: Capabilities, objective: Objective) -> None:
+    """Raise a `DaunceError` naming what a ``kind`` model cannot do for ``objective``."""
+    missing = {
+        name: why
+        for name, why in requirements(objective).items()
+        if not getattr(capabilities, name)
+    }
+    if not missing:
+        return
+    reasons = "; ".join(f"{name} ({why})" for name, why in missing.items())
+    raise DaunceError(
+        f"a {kind!r} model cannot run objective variant={objective.variant!r}, "
+        f"access={objective.access!r}: it lacks {reasons}. Use objective access: black_box with "
+        "variant: hessian (the paper's Table 2 form: copies fine-tuned on random subsets), "
+        "which needs fine-tuning only."
+    )
+
+
+@dataclass
+class CopyLosses:
+    """Loss rows of some perturbed copies.
+
+    Attributes:
+        ks: the copy indices, ``[G]``.
+        train: losses on the training set, ``[G, n]`` float64 (rows of ``A``); NaN if diverged.
+        query: measurements on the queries, ``[G, m]`` float64 (rows of ``B``); NaN if diverged.
+        diverged: ``[G]`` bool.
+    """
+
+    ks: np.ndarray
+    train: np.ndarray
+    query: np.ndarray
+    diverged: np.ndarray
+
+
+class ModelAccess(ABC):
+    """One kind of model access: trains perturbed copies by index and evaluates their losses.
+
+    Copy ``k`` depends only on ``(seed, k)`` (for deterministic kinds), so copies can be trained
+    in any grouping, on any worker, in any order. Trained copies are an opaque handle of the
+    kind (stacked parameters, adapters, fine-tuned model ids) that `save_copy` writes to one
+    file per copy and `load_copies` reads back.
+    """
+
+    kind: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    @property
+    @abstractmethod
+    def num_train(self) -> int:
+        """n, the number of training examples."""
+
+    @property
+    @abstractmethod
+    def num_queries(self) -> int:
+        """m, the number of queries."""
+
+    @abstractmethod
+    def train(self, ks: Sequence[int]) -> Any:
+        """Train copies ``ks`` from the base model; return the kind's handle of them."""
+
+    @abstractmethod
+    def evaluate(self, ks: Sequence[int], trained: Any) -> CopyLosses:
+        """Loss rows of trained copies ``ks`` on every training example and query."""
+
+    @abstractmethod
+    def measure_queries(self, trained: Any, start: int) -> np.ndarray:
+        """Measurements of trained copies on queries ``start:`` only, ``[G, m − start]``."""
+
+    @abstractmethod
+    def save_copy(self, trained: Any, g: int, path: Path) -> None:
+        """Write the ``g``-th copy of ``trained`` to ``path`` (atomically)."""
+
+    @abstractmethod
+    def load_copies(self, paths: Sequence[Path]) -> Any:
+        """Read copies saved by `save_copy`, in order, as one handle."""
+
+    def check(self, objective: Objective) -> None:
+        """Refuse ``objective`` if this kind lacks a capability it needs (`check_objective`)."""
+        check_objective(self.kind, self.capabilities, objective)
