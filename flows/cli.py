@@ -99,15 +99,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``daunce`` console script."""
+    """Entry point of the ``daunce`` console script.
+
+    Returns:
+        The exit status: 0, 2 after a `DaunceError` (its message on stderr), or 141 (128 +
+        SIGPIPE, as the shell reports a program killed by it) when the reader of the output
+        went away (``daunce sql ... | head -1``), quietly.
+    """
     args = _parser().parse_args(argv)
     try:
         from flows import commands
 
-        return getattr(commands, args.command.replace("-", "_"))(args) or 0
+        status = getattr(commands, args.command.replace("-", "_"))(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, not at exit, past this handler
+        return status
     except DaunceError as error:
         print(f"daunce: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the flush at exit cannot fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (captured by a test, closed)
+        pass
 
 
 if __name__ == "__main__":

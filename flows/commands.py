@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from daunce_core.errors import DaunceError
@@ -151,6 +153,11 @@ def _lineage(workspace: str, must_exist: bool = True) -> Lineage:
     return Lineage(path)
 
 
+def _exports_root(lineage: Lineage) -> Path:
+    """The folder whose runs' Parquet exports the views read: ``<workspace>/runs``."""
+    return lineage.path.parent / "runs"
+
+
 def _latest_run(lineage: Lineage, completed: bool) -> str:
     where = "WHERE status = 'completed'" if completed else ""
     with lineage.connect(read_only=True) as con:
@@ -198,47 +205,158 @@ def status(args) -> int:
     return 0
 
 
+TOP_SQL = (
+    "SELECT t.rank, t.train_id, t.score, e.* EXCLUDE (run_id, split, example_id, digest) "
+    "FROM {table} t LEFT JOIN examples e ON e.run_id = t.run_id AND e.split = 'train' AND "
+    "e.example_id = t.train_id WHERE t.run_id = ? AND t.method = ? AND t.query_id = ? AND "
+    "t.rank <= ? ORDER BY t.rank"
+)
+"""A query's top-k rows of ``{table}`` (proponents or opponents) with the examples' columns."""
+
+FLAT = "(score = 0 OR NOT isfinite(score))"
+"""SQL: a score that ranks nothing (zero, or infinite / NaN)."""
+
+
 def top(args) -> int:
-    """``daunce top --query ID``: the best (or worst) training examples for one query."""
+    """``daunce top --query ID``: the best (or worst) training examples for one query.
+
+    Rows whose score is zero or not finite are left out (their order would be the training
+    index order, not a ranking); a query all of whose scores are so is said to have no ranking.
+    A ``-k`` above what the run exported is noted on stderr, naming ``exports.top_k``.
+    """
+    if args.k < 1:
+        raise DaunceError(f"-k must be at least 1; got {args.k}.")
     lineage = _lineage(args.workspace)
     run_id = args.run or _latest_run(lineage, completed=True)
     table = "top_opponents" if args.opponents else "top_proponents"
-    query = (
-        f"SELECT t.rank, t.train_id, t.score, e.* EXCLUDE (run_id, split, "
-        f"example_id, digest) FROM {table} t LEFT JOIN examples e ON e.run_id = t.run_id AND "
-        f"e.split = 'train' AND e.example_id = t.train_id WHERE t.run_id = ? AND t.method = ? "
-        f"AND t.query_id = ? AND t.rank <= ? ORDER BY t.rank"
-    )
-    if args.k < 1:
-        raise DaunceError(f"-k must be at least 1; got {args.k}.")
+    with _top_connection(lineage) as con:
+        frame = query_frame(
+            con, TOP_SQL.format(table=table), [run_id, args.method, args.query, args.k]
+        )
+        if frame.height == 0:
+            _no_rows(con, table, run_id, args)
+        limit = _export_limit(con, table, run_id, args) if frame.height < args.k else None
+        ranked = frame.filter(frame["score"].is_finite() & (frame["score"] != 0))
+        flat_query = ranked.height == 0 and _all_flat(con, run_id, args)
+    return _print_top(frame, ranked, flat_query, limit, run_id, args)
+
+
+@contextmanager
+def _top_connection(lineage: Lineage):
+    """A confined connection; a workspace without top-k exports becomes a `DaunceError`."""
     import duckdb
 
     try:
-        with lineage.connect(read_only=True) as con:
-            frame = query_frame(con, query, [run_id, args.method, args.query, args.k])
-            if frame.height == 0:
-                methods, low, high = con.execute(
-                    f"SELECT string_agg(DISTINCT method, ', ' ORDER BY method), min(query_id), "
-                    f"max(query_id) FROM {table} WHERE run_id = ?",
-                    [run_id],
-                ).fetchone()
-    except duckdb.CatalogException as error:  # no run of the workspace has exported scores yet
+        with lineage.query_connection(_exports_root(lineage)) as con:
+            yield con
+    except (duckdb.CatalogException, duckdb.PermissionException) as error:
         raise DaunceError(
-            f"this workspace has no top-k exports yet ({error}); run `daunce run <config>` first."
+            f"this workspace has no top-k exports on disk ({error}); run `daunce run <config>` "
+            "first."
         ) from error
-    if frame.height == 0 and low is None:
+
+
+def _no_rows(con, table: str, run_id: str, args) -> None:
+    """Raise the `DaunceError` that says why a query has no top-k rows."""
+    methods, low, high = con.execute(
+        f"SELECT string_agg(DISTINCT method, ', ' ORDER BY method), min(query_id), "
+        f"max(query_id) FROM {table} WHERE run_id = ?",
+        [run_id],
+    ).fetchone()
+    if low is None:
         raise DaunceError(
             f"run {run_id} has no top-k exports; see `daunce runs` for the completed runs."
         )
-    if frame.height == 0:
-        raise DaunceError(
-            f"query id {args.query} has no {args.method} scores in run {run_id} (query ids "
-            f"{low}..{high}; methods: {methods}); pick one of those."
-        )
+    raise DaunceError(
+        f"query id {args.query} has no {args.method} scores in run {run_id} (query ids "
+        f"{low}..{high}; methods: {methods}); pick one of those."
+    )
+
+
+def _export_limit(con, table: str, run_id: str, args) -> tuple[int, object] | None:
+    """``(rows exported per query, exports.top_k of the run's configuration)`` if below -k."""
+    exported = con.execute(
+        f"SELECT max(rank) FROM {table} WHERE run_id = ? AND method = ?", [run_id, args.method]
+    ).fetchone()[0]
+    if exported is None or exported >= args.k:
+        return None
+    row = con.execute("SELECT config FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    try:
+        configured = json.loads(row[0])["exports"]["top_k"]
+    except (TypeError, KeyError, ValueError):
+        configured = None
+    return exported, configured
+
+
+def _all_flat(con, run_id: str, args) -> bool:
+    """Whether every exported score of the query, proponents and opponents, is flat."""
+    row = con.execute(
+        f"SELECT bool_and({FLAT}) FROM (SELECT score FROM top_proponents WHERE run_id = $1 AND "
+        f"method = $2 AND query_id = $3 UNION ALL SELECT score FROM top_opponents WHERE "
+        f"run_id = $1 AND method = $2 AND query_id = $3)",
+        [run_id, args.method, args.query],
+    ).fetchone()
+    return bool(row[0])
+
+
+def _print_top(frame, ranked, flat_query: bool, limit, run_id: str, args) -> int:
+    """Print the ranked rows (or why there are none) and the notes about what was left out."""
     name = "opponents" if args.opponents else "proponents"
+    if ranked.height == 0:
+        print(_no_ranking(flat_query, run_id, args))
+        return 0
     print(f"{name} of query {args.query} by {args.method} ({run_id})")
-    _show(frame)
+    _show(ranked)
+    if ranked.height < frame.height:
+        _note(
+            f"{frame.height - ranked.height} of the top {frame.height} have score 0 (or not "
+            "finite) and are left out: tied scores have no order but the training index."
+        )
+    if limit is not None:
+        _note(_limit_text(limit, name, run_id, args))
     return 0
+
+
+def _no_ranking(flat_query: bool, run_id: str, args) -> str:
+    """Why query ``args.query`` has no ranking to show."""
+    if not flat_query:
+        sign, other = ("negative", "proponents") if args.opponents else ("positive", "opponents")
+        flag = "" if args.opponents else " --opponents"
+        return (
+            f"no training example has a {sign} {args.method} score for query {args.query} in "
+            f"run {run_id} (the top ones score 0, tied, in training index order); see its "
+            f"{other}: daunce top --query {args.query}{flag}"
+        )
+    why = (
+        "its loss does not vary across the perturbed copies"
+        if args.method == "daunce"
+        else f"{args.method} gives every training example the same score"
+    )
+    return (
+        f"query {args.query} has no ranking in run {run_id}: its {args.method} scores do not "
+        f"vary across copies (all are 0 or not finite) — {why}, so no training example ranks "
+        "above another. See `daunce status` for diverged copies; a query the base model fits "
+        "exactly has no loss to vary."
+    )
+
+
+def _limit_text(limit: tuple[int, object], name: str, run_id: str, args) -> str:
+    """The note for a ``-k`` above the number of rows the run exported per query."""
+    exported, configured = limit
+    if isinstance(configured, int) and exported < configured:
+        return f"run {run_id} ranks only {exported} training examples (all it has)."
+    return (
+        f"run {run_id} exported only the top {exported} {name} per query "
+        f"(exports.top_k = {configured if configured is not None else exported}); to list "
+        f"{args.k}, set exports.top_k: {args.k} (or more) in the run's configuration and rerun "
+        "the command that made them (`daunce run CONFIG`; `daunce lds` or `daunce removal` for "
+        "a baseline) — only the exports are recomputed."
+    )
+
+
+def _note(text: str) -> None:
+    """A note on stderr, apart from the table on stdout."""
+    print(f"daunce: note: {text}", file=sys.stderr)
 
 
 def _show(frame) -> None:
@@ -255,16 +373,25 @@ def _show(frame) -> None:
 
 
 def sql(args) -> int:
-    """``daunce sql "SELECT ..."``: a read-only query; table, CSV or JSON out."""
+    """``daunce sql "SELECT ..."``: one read-only query; table, CSV or JSON out.
+
+    The query runs confined (see `Lineage.query`): a single SELECT over the lineage tables and
+    the views over the workspace's Parquet exports, with no other file or network access.
+    """
     return _print_query(_lineage(args.workspace), args.query, args.format)
 
 
 def _print_query(lineage: Lineage, query: str, fmt: str) -> int:
+    """Run ``query`` confined to ``lineage`` and its workspace's exports; print it as ``fmt``."""
     import duckdb
 
     try:
-        with lineage.connect(read_only=True) as con:
-            frame = query_frame(con, query)
+        frame = lineage.query(query, _exports_root(lineage))
+    except duckdb.PermissionException as error:
+        raise DaunceError(
+            f"the query failed: {error}. daunce sql reads only the lineage tables and the views "
+            "over this workspace's Parquet exports (or those files themselves)."
+        ) from error
     except duckdb.Error as error:
         raise DaunceError(f"the query failed: {error}") from error
     if fmt == "csv":

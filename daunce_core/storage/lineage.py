@@ -2,14 +2,19 @@
 
 One writer process (the flow's) writes this file; it opens the database for each write and
 closes it at once, so that read-only readers (``daunce sql``) are locked out only for moments —
-DuckDB lets no other process open a file that one process holds open. Users' results (top-k
-tables, aggregates) live in Parquet files; views over them make
-``SELECT * FROM top_proponents WHERE query_id = 17`` work in this database.
+DuckDB lets no other process open a file that one process holds open. A connection that finds the
+file locked retries with backoff for ``Lineage.lock_timeout`` seconds (``LOCK_TIMEOUT``, or the
+``DAUNCE_LINEAGE_LOCK_TIMEOUT`` environment variable). Users' results (top-k tables, aggregates)
+live in Parquet files; views over them make ``SELECT * FROM top_proponents WHERE query_id = 17``
+work in this database. Users' own SQL runs through `Lineage.query`: one read-only query, confined
+to this database and those Parquet files.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -58,39 +63,106 @@ VIEWS = {
 baselines, told apart by ``method``), and the evaluation results."""
 
 
+LOCK_TIMEOUT = 30.0
+"""Seconds a connection waits for another process to release the database (default)."""
+
+LOCK_TIMEOUT_VARIABLE = "DAUNCE_LINEAGE_LOCK_TIMEOUT"
+"""Environment variable that overrides `LOCK_TIMEOUT` (seconds, e.g. ``120``)."""
+
+ALLOWED_SQL = (
+    "one read-only query (SELECT, WITH ... SELECT, FROM ..., VALUES, DESCRIBE, SHOW or "
+    "SUMMARIZE) over the lineage tables and the views over the workspace's Parquet exports"
+)
+"""What `Lineage.query` runs; everything else (ATTACH, COPY, INSTALL, LOAD, PRAGMA, SET, CREATE,
+INSERT, EXPORT, CALL, several statements, ...) is refused."""
+
+_CORRUPT = (
+    "not a valid DuckDB database file",
+    "Could not read enough bytes",
+    "Corrupt database file",
+    "checksum",
+)
+_LOCKED = ("Could not set lock on file", "Conflicting lock")
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 class Lineage:
-    """The lineage database at ``path`` (created with its schema on first use)."""
+    """The lineage database at ``path`` (created with its schema on first use).
 
-    def __init__(self, path: str | Path) -> None:
+    Args:
+        path: The DuckDB file (``<workspace>/lineage.duckdb``).
+        lock_timeout: Seconds to wait while another process holds the file; default
+            ``$DAUNCE_LINEAGE_LOCK_TIMEOUT``, else `LOCK_TIMEOUT` (30).
+    """
+
+    def __init__(self, path: str | Path, lock_timeout: float | None = None) -> None:
         self.path = Path(path)
+        self.lock_timeout = _lock_timeout() if lock_timeout is None else float(lock_timeout)
 
     @contextmanager
-    def connect(self, read_only: bool = False, attempts: int = 50):
-        """A short-lived connection; waits (up to ~10 s) while another process holds the file."""
+    def connect(self, read_only: bool = False):
+        """A short-lived connection (writers also create the schema).
+
+        Raises:
+            DaunceError: If the file is corrupt, or another process still holds it after
+                ``lock_timeout`` seconds of retries with backoff.
+        """
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        for attempt in range(attempts):
-            try:
-                con = duckdb.connect(str(self.path), read_only=read_only)
-                break
-            except duckdb.IOException as error:
-                if attempt == attempts - 1:
-                    raise DaunceError(
-                        f"the lineage database {self.path} is held open by another process "
-                        f"({error}); close that connection (a notebook, another daunce sql) "
-                        "and retry."
-                    ) from error
-                time.sleep(0.2)
+        con = self._open(read_only)
         try:
             if not read_only:
                 con.execute(SCHEMA)
             yield con
+        except duckdb.Error as error:  # a damaged block shows only when it is read
+            if _corrupt(error, self.path):
+                raise _open_error(self.path, error) from error
+            raise
         finally:
             con.close()
+
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """Open the file, retrying with backoff (0.05 s doubling to 1 s) while it is locked."""
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.05
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.Error as error:
+                if not any(text in str(error) for text in _LOCKED):
+                    raise _open_error(self.path, error) from error
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _lock_error(self.path, error, self.lock_timeout) from error
+            time.sleep(min(delay, left))
+            delay = min(2 * delay, 1.0)
+
+    @contextmanager
+    def query_connection(self, parquet_root: str | Path):
+        """A read-only connection confined to this database and the exports below ``parquet_root``.
+
+        Views over the Parquet files found now (temporary ones, shadowing the stored views) are
+        created first; then only those files may be read (``allowed_paths``), all other file and
+        network access is off (``enable_external_access = false``, no extension autoloading)
+        and the configuration is locked, so no statement can undo it.
+        """
+        with self.connect(read_only=True) as con:
+            _confine(con, view_files(parquet_root))
+            yield con
+
+    def query(self, sql: str, parquet_root: str | Path):
+        """Run a user's ``sql`` (see `ALLOWED_SQL`) on a confined connection; a polars frame.
+
+        Raises:
+            DaunceError: If ``sql`` is not a single read-only query, naming what is allowed.
+            duckdb.Error: If the query fails (a missing table, a file outside the workspace).
+        """
+        with self.query_connection(parquet_root) as con:
+            check_read_only(con, sql)
+            return query_frame(con, sql)
 
     def start_run(self, run_id: str, name: str, config: dict, digest: str, **facts) -> None:
         """Record a run as ``running`` (replacing an earlier record of the same run)."""
@@ -202,6 +274,126 @@ class Lineage:
                         f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM "
                         f"read_parquet({present!r}, union_by_name = true)"
                     )
+
+
+def view_files(parquet_root: str | Path) -> dict[str, list[str]]:
+    """The Parquet files (absolute paths) behind each view of `VIEWS` that has any now."""
+    root = Path(parquet_root).resolve()
+    found = {
+        view: sorted({str(path) for pattern in patterns for path in root.glob(pattern)})
+        for view, patterns in VIEWS.items()
+    }
+    return {view: files for view, files in found.items() if files}
+
+
+def check_read_only(con, sql: str) -> None:
+    """Refuse ``sql`` unless DuckDB's parser finds exactly one SELECT statement in it.
+
+    Raises:
+        DaunceError: Naming the statement found and `ALLOWED_SQL`.
+    """
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as error:
+        raise DaunceError(f"the query does not parse: {error}") from error
+    kinds = [statement.type.name for statement in statements]
+    if kinds != ["SELECT"]:
+        found = " + ".join(kinds) or "no statement"
+        raise DaunceError(
+            f"daunce sql runs {ALLOWED_SQL}; got {found}. Statements such as ATTACH, COPY, "
+            "INSTALL, LOAD, PRAGMA, SET, CREATE, INSERT, EXPORT or CALL are refused; to save a "
+            "result, use --format csv or json and redirect the output to a file."
+        )
+
+
+def _confine(con, files: dict[str, list[str]]) -> None:
+    """Views over ``files``, then no file access beyond them and a locked configuration."""
+    for view, paths in files.items():
+        con.execute(
+            f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM "
+            f"read_parquet({_sql_list(paths)}, union_by_name = true)"
+        )
+    allowed = [path for paths in files.values() for path in paths]
+    con.execute(f"SET allowed_paths = {_sql_list(allowed)}")
+    for setting in (
+        "enable_external_access = false",
+        "autoinstall_known_extensions = false",
+        "autoload_known_extensions = false",
+        "lock_configuration = true",
+    ):
+        con.execute(f"SET {setting}")
+
+
+def _sql_list(values: list[str]) -> str:
+    """A SQL list literal of strings (quotes doubled)."""
+    quoted = ("'" + value.replace("'", "''") + "'" for value in values)
+    return "[" + ", ".join(quoted) + "]"
+
+
+def _lock_timeout() -> float:
+    """`LOCK_TIMEOUT`, or the seconds ``$DAUNCE_LINEAGE_LOCK_TIMEOUT`` names."""
+    text = os.environ.get(LOCK_TIMEOUT_VARIABLE, "").strip()
+    if not text:
+        return LOCK_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise DaunceError(
+            f"{LOCK_TIMEOUT_VARIABLE}={text!r} is not a number of seconds >= 0; set it to e.g. "
+            "60, or unset it for the default of 30."
+        )
+    return seconds
+
+
+def _open_error(path: Path, error: duckdb.Error) -> DaunceError:
+    """The error for a file DuckDB cannot open for another reason than a lock."""
+    if _corrupt(error, path):
+        return DaunceError(
+            f"the lineage database {path} is corrupt ({error}). It holds only the record of the "
+            f"runs; their results under {path.parent / 'runs'} are intact. Move it aside or "
+            f"delete it (rm {path}), then rerun `daunce run CONFIG` for each run you want "
+            "listed again (cached results are reused, nothing is recomputed)."
+        )
+    return DaunceError(
+        f"cannot open the lineage database {path} ({error}); check that it is a readable "
+        "DuckDB file of this DuckDB version and that you may write its folder."
+    )
+
+
+def _corrupt(error: duckdb.Error, path: Path) -> bool:
+    """Whether DuckDB's ``error`` says the database ``path`` is damaged (not one, short, bad block).
+
+    An error that names another file (a damaged Parquet export, say) is not about ``path``.
+    """
+    named = re.search(r'file "([^"]+)"', str(error))
+    if named and Path(named.group(1)).resolve() != path.resolve():
+        return False
+    return any(text in str(error) for text in _CORRUPT)
+
+
+def _lock_error(path: Path, error: duckdb.Error, timeout: float) -> DaunceError:
+    """The error for a file another process still holds open after ``timeout`` seconds."""
+    match = re.search(r"\(PID (\d+)\)", str(error))
+    holder = _describe_process(int(match.group(1))) if match else "another process"
+    return DaunceError(
+        f"the lineage database {path} is held open by {holder} (still after {timeout:g} s: "
+        f"{error}); close that connection (a notebook's duckdb.connect, another daunce sql) and "
+        f"retry, or wait longer with {LOCK_TIMEOUT_VARIABLE}=<seconds>."
+    )
+
+
+def _describe_process(pid: int) -> str:
+    """``process <pid> (<command line>)``, the command line where /proc tells it."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return f"process {pid}"
+    command = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+    if len(command) > 120:
+        command = command[:117] + "..."
+    return f"process {pid} ({command})" if command else f"process {pid}"
 
 
 def query_frame(con, sql: str, params: list | None = None):
