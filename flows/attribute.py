@@ -16,20 +16,21 @@ import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import polars as pl
-from prefect import flow, unmapped
-from prefect.futures import as_completed
+from prefect import flow
 
 from daunce_core.conversion import from_dict, to_dict
 from daunce_core.errors import DaunceError
 from daunce_core.storage.digest import digest_json, digest_path
-from daunce_core.storage.layout import RunLayout, Workspace, remove_partials
+from daunce_core.storage.layout import RunLayout, Workspace, manifest_of, remove_partials
 from daunce_core.storage.lineage import Lineage
+from daunce_core.storage.manifest import read_manifest, write_manifest
 from daunce_core.storage.records import CopyRecords
 from daunce_core.storage.zarr_store import RunStore
 from flows.config import RunConfig
-from tasks.common import CACHE_POLICY
+from flows.fanout import groups_of, map_groups
 from tasks.copies import train_copies
 from tasks.data import prepare_data
 from tasks.model import base_model, base_signals
@@ -91,10 +92,6 @@ def workspace_lock(workspace: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _key_storage(workspace: Path):
-    return CACHE_POLICY.configure(key_storage=str(Workspace(workspace).prefect / "cache-keys"))
-
-
 def _task_runner(config: RunConfig):
     execution = config.execution
     if execution.task_runner == "dask":
@@ -114,29 +111,31 @@ def _task_runner(config: RunConfig):
     return ThreadPoolTaskRunner(max_workers=execution.workers)
 
 
-def _call(records: dict, states: list, name: str, task, *args, marker: Path) -> dict:
-    """Run ``task``, keep its result under ``name`` and its state for the lineage.
+def _call(records: dict, states: list, name: str, task, *args, artefact: Path) -> Any:
+    """Run ``task`` unless its artefact is done for these inputs; keep its record as ``name``.
 
-    ``marker`` holds the digest of the inputs that produced the artefact on disk. A cached
-    result is accepted only when the marker matches: if the artefact was deleted, or rewritten
-    by other inputs since (another ``top_k``, another score kind), the task runs again.
+    The artefact's manifest (`daunce_core.storage.manifest`, beside ``artefact``) is its one
+    done signal: its inputs' digest and the content digest of every file the record names. A
+    deleted, damaged or overwritten artefact, or one made from other inputs, is computed again.
     """
     started = time.perf_counter()
     key = _cache_key(task.name, args)
-    current = marker.exists() and marker.read_text() == key
-    state = (task if current else task.with_options(refresh_cache=True))(*args, return_state=True)
-    records[name] = state.result()
-    _write_atomic(marker, key)
+    manifest = manifest_of(artefact)
+    record, status = read_manifest(manifest, key), "Cached"
+    if record is None:
+        record, status = task(*args), "Completed"
+        write_manifest(manifest, key, record)
+    records[name] = record
     states.append(
         {
             "task": task.name,
-            "status": state.name,
+            "status": status,
             "key": name,
             "cache_key": key,
             "seconds": time.perf_counter() - started,
         }
     )
-    return records[name]
+    return record
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -147,32 +146,31 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _cache_key(name: str, inputs) -> str:
-    """Digest of a task's name and inputs: what its INPUTS cache policy hashes (for lineage)."""
+    """Digest of a task's name and inputs: its artefact's key (manifest and lineage)."""
     return digest_json({"task": name, "inputs": inputs})
 
 
-def _prepare(config: RunConfig, layout: Workspace, policy, records: dict, states: list) -> None:
+def _prepare(config: RunConfig, layout: Workspace, records: dict, states: list) -> None:
     """Both splits in canonical form, in folders named by their sources and content."""
     splits = {"train": [config.data.train], "queries": config.data.query_sources()}
     for split, sources in splits.items():
         sources = [to_dict(source) for source in sources]
         content = digest_json([digest_path(source["path"]) for source in sources])
         folder = layout.data(digest_json({"sources": sources, "content": content}))
-        task = prepare_data.with_options(cache_policy=policy)
         _call(
             records,
             states,
             split,
-            task,
+            prepare_data,
             sources,
             split,
             str(folder),
             content,
-            marker=folder / "prepared.key",
+            artefact=folder,
         )
 
 
-def _model(config: RunConfig, layout: Workspace, policy, records: dict, states: list) -> None:
+def _model(config: RunConfig, layout: Workspace, records: dict, states: list) -> None:
     """The base model, in a folder named by its recipe, its training data and checkpoint."""
     checkpoint = config.model.checkpoint
     checkpoint_digest = digest_path(checkpoint) if checkpoint else None
@@ -185,22 +183,21 @@ def _model(config: RunConfig, layout: Workspace, policy, records: dict, states: 
         }
     )
     path = layout.base_model(key)
-    task = base_model.with_options(cache_policy=policy)
     _call(
         records,
         states,
         "model",
-        task,
+        base_model,
         to_dict(config.model),
         config.task,
         records["train"],
         str(path),
         checkpoint_digest,
-        marker=path.with_suffix(".key"),
+        artefact=path,
     )
 
 
-def _signals(config: RunConfig, layout: Workspace, policy, records: dict, states: list) -> None:
+def _signals(config: RunConfig, layout: Workspace, records: dict, states: list) -> None:
     """The base signals, keyed by only what they depend on (not the copies' settings)."""
     objective = config.daunce.objective
     spec = {
@@ -218,29 +215,28 @@ def _signals(config: RunConfig, layout: Workspace, policy, records: dict, states
         }
     )
     path = layout.signals(key)
-    task = base_signals.with_options(cache_policy=policy)
     _call(
         records,
         states,
         "signals",
-        task,
+        base_signals,
         to_dict(config.model),
         config.task,
         spec,
         records["model"],
         records["train"],
         str(path),
-        marker=path.with_suffix(".key"),
+        artefact=path,
     )
 
 
-def _inputs(config: RunConfig, layout: Workspace, policy, states: list) -> dict:
+def _inputs(config: RunConfig, layout: Workspace, states: list) -> dict:
     """Prepare the data, the base model and its signals (content-addressed); return records."""
     records: dict = {}
-    _prepare(config, layout, policy, records, states)
-    _model(config, layout, policy, records, states)
+    _prepare(config, layout, records, states)
+    _model(config, layout, records, states)
     if config.daunce.objective.needs_base_signals:
-        _signals(config, layout, policy, records, states)
+        _signals(config, layout, records, states)
     return records
 
 
@@ -266,27 +262,6 @@ def _copy_spec(config: RunConfig, records: dict) -> dict:
     }
 
 
-def groups_of(ks: list[int], size: int) -> list[list[int]]:
-    """``ks`` cut into consecutive groups of at most ``size``."""
-    return [ks[i : i + size] for i in range(0, len(ks), size)]
-
-
-def map_groups(task, groups: list, label: str, total: int, **shared) -> list[tuple]:
-    """Map ``task`` over ``groups`` on the flow's task runner; print progress as each finishes.
-
-    Returns ``(group, result, state name)`` per group, in the order they finished.
-    """
-    futures = task.map(groups, **{k: unmapped(v) for k, v in shared.items()}) if groups else []
-    order = {id(f): g for f, g in zip(futures, groups, strict=True)}
-    results, done = [], 0
-    for future in as_completed(futures):
-        group, result = order[id(future)], future.result()
-        done += len(group)
-        print(f"{label} {_span(group)} ready ({done}/{total})")
-        results.append((group, result, future.state.name))
-    return results
-
-
 def _span(group: list) -> str:
     return f"{group[0]}-{group[-1]}" if len(group) > 1 else f"{group[0]}"
 
@@ -301,17 +276,24 @@ def _run_copies(config: RunConfig, run_dir: Path, spec: dict, query_digests: lis
     total = config.daunce.num_models
     records = CopyRecords(RunLayout(run_dir).copies)
     unfinished = [k for k in range(total) if not _finished(records, k)]
-    print(f"{total - len(unfinished)} of {total} copies already done")
-    groups = groups_of(unfinished, config.compute.group_size)
-    groups += groups_of([k for k in range(total) if k not in set(unfinished)], 256)
+    finished = [k for k in range(total) if k not in set(unfinished)]
+    print(f"{len(finished)} of {total} copies already done")
+    # Finished copies are still checked (row digests, new queries), in larger groups.
+    groups = groups_of(unfinished, config.compute.group_size) + groups_of(finished, 256)
     task = train_copies.with_options(retries=config.execution.retries)
-    mapped = map_groups(
-        task, groups, "copies", total, run_dir=str(run_dir), spec=spec, query_digests=query_digests
-    )
+    shared = {"run_dir": str(run_dir), "spec": spec, "query_digests": query_digests}
+    mapped = map_groups(task, groups, "copies", 0, total, **shared)
     return [
-        result | {"state": state, "cache_key": _cache_key("train-copies", [group, spec])}
+        result
+        | {"state": state if _worked(result) else "Cached"}
+        | {"cache_key": _cache_key("train-copies", [group, spec])}
         for group, result, state in mapped
     ]
+
+
+def _worked(report: dict) -> bool:
+    """Whether a copy task trained or measured anything (else it was served from disk)."""
+    return any(report[key] for key in ("trained", "remeasured", "queries_added_to"))
 
 
 def _finished(records: CopyRecords, k: int) -> bool:
@@ -375,30 +357,30 @@ def _copy_states(copies: list[dict]) -> list[dict]:
     ]
 
 
-def _outputs(run: RunConfig, run_dir: Path, records: dict, states: list, policy, rows: str):
+def _outputs(run: RunConfig, run_dir: Path, records: dict, states: list, rows: str):
     """Scores, then the Parquet exports; return the exports' records."""
     scores = _call(
         records,
         states,
         "scores",
-        compute_scores.with_options(cache_policy=policy),
+        compute_scores,
         str(run_dir),
         run.daunce.score,
         rows,
-        marker=RunLayout(run_dir).scores.with_suffix(".key"),
+        artefact=RunLayout(run_dir).scores,
     )
     splits = {"train": records["train"], "queries": records["queries"]}
     return _call(
         records,
         states,
         "exports",
-        export_tables.with_options(cache_policy=policy),
+        export_tables,
         str(run_dir),
         run.run_id(),
         scores,
         splits,
         run.exports.top_k,
-        marker=RunLayout(run_dir).exports / "exports.key",
+        artefact=RunLayout(run_dir).exports,
     )
 
 
@@ -425,9 +407,9 @@ def _rows_digest(run: RunConfig, run_dir: Path, spec: dict) -> str:
 
 
 def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage) -> dict:
-    layout, policy, states = Workspace(workspace), _key_storage(workspace), []
+    layout, states = Workspace(workspace), []
     orphans = _remove_orphans(run_dir, workspace)
-    records = _inputs(run, layout, policy, states)
+    records = _inputs(run, layout, states)
     n, m = records["train"]["count"], records["queries"]["count"]
     store = RunStore(RunLayout(run_dir).store)
     store.ensure(run.daunce.num_models, n, m, run.daunce.dtype)
@@ -437,7 +419,7 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
     copies = _run_copies(run, run_dir, spec, index["digest"].to_list())
     states += _copy_states(copies)
     rows = _rows_digest(run, run_dir, spec)
-    exports = _outputs(run, run_dir, records, states, policy, rows)
+    exports = _outputs(run, run_dir, records, states, rows)
     _record(lineage, run.run_id(), records, exports, states)
     return {
         "run_id": run.run_id(),

@@ -179,7 +179,8 @@ def runs(args) -> int:
 
 def status(args) -> int:
     """``daunce status``: a run's state, its copies done / diverged / pending, its artefacts."""
-    from daunce_core.storage.zarr_store import DIVERGED, DONE, RunStore
+    from daunce_core.storage.layout import RunLayout
+    from daunce_core.storage.records import CopyRecords
 
     lineage = _lineage(args.workspace)
     run_id = args.run or _latest_run(lineage, completed=False)
@@ -190,16 +191,15 @@ def status(args) -> int:
         ).fetchone()
     if row is None:
         raise DaunceError(f"no run {run_id!r} in this workspace; see `daunce runs`.")
-    state, run_dir, _, seconds, message = row
+    state, run_dir, num_models, seconds, message = row
     print(f"run {run_id}: {state}" + (f" in {seconds:.1f}s" if seconds else ""))
-    store = RunStore(Path(run_dir) / "store")
-    if store.exists("copy_status"):
-        codes = store.status()
-        print(
-            f"copies: {(codes == DONE).sum()} done, {(codes == DIVERGED).sum()} diverged, "
-            f"{len(codes) - (codes == DONE).sum() - (codes == DIVERGED).sum()} pending "
-            f"of {len(codes)}"
-        )
+    counts = CopyRecords(RunLayout(run_dir).copies).counts(num_models or 0)
+    pending = counts.get("pending", 0) + counts.get("training", 0)
+    damaged = f", {counts['damaged']} with a damaged record" if counts.get("damaged") else ""
+    print(
+        f"copies: {counts.get('done', 0)} done, {counts.get('diverged', 0)} diverged, "
+        f"{pending} pending{damaged} of {num_models}"
+    )
     if message:
         print(f"message: {message}")
     return 0

@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import zarr
-from prefect import flow, unmapped
-from prefect.futures import as_completed
+from prefect import flow
 
 from daunce_core.conversion import from_dict, to_dict
 from daunce_core.errors import DaunceError
@@ -39,13 +38,13 @@ from daunce_core.storage.zarr_store import DONE, OutcomeStore
 from flows.attribute import (
     _call,
     _inputs,
-    _key_storage,
     _locked_attribute,
     _task_runner,
     _write_atomic,
     workspace_lock,
 )
 from flows.config import RunConfig
+from flows.fanout import groups_of, map_groups
 from tasks.evaluation import baseline, ground_truth, lds_of_scores, score_source
 
 
@@ -70,13 +69,10 @@ def retrain_spec(run: RunConfig, records: dict, outcome: str) -> dict:
     }
 
 
-def _methods(run: RunConfig, run_dir: Path, spec: dict, policy, states: list) -> list[dict]:
+def _methods(run: RunConfig, run_dir: Path, spec: dict, states: list) -> list[dict]:
     """Score sources of every method: DAUNCE's, each configured baseline's, the user's files."""
-    marker = RunLayout(run_dir).scores.with_suffix(".key")
-    sources = [
-        score_source("daunce", str(RunLayout(run_dir).scores))
-        | {"digest": marker.read_text() if marker.exists() else "missing"}
-    ]
+    scores = RunLayout(run_dir).scores
+    sources = [score_source("daunce", str(scores)) | {"digest": digest_path(scores)}]
     records: dict = {}
     for config in run.evaluation.baselines:
         out_dir = RunLayout(run_dir).baseline(config.name).root
@@ -84,14 +80,14 @@ def _methods(run: RunConfig, run_dir: Path, spec: dict, policy, states: list) ->
             records,
             states,
             f"baseline-{config.name}",
-            baseline.with_options(cache_policy=policy),
+            baseline,
             config.name,
             config.method,
             config.options,
             str(out_dir),
             {k: v for k, v in spec.items() if k != "outcome"},
             run.exports.top_k,
-            marker=out_dir / "scores.key",
+            artefact=RunLayout(out_dir).scores,
         )
         print(f"baseline {config.name}: scores in {record['seconds']:.1f}s")
         sources.append(score_source(config.name, record["uri"]) | {"digest": record["digest"]})
@@ -109,12 +105,12 @@ def _prepare(run: RunConfig, overwrite: bool, states: list) -> tuple:
     """The attribute run (cached when done), then the records of its inputs."""
     summary = _locked_attribute(run, overwrite)
     workspace = Path(run.workspace)
-    layout, policy = Workspace(workspace), _key_storage(workspace)
-    records = _inputs(run, layout, policy, states)
-    return summary, layout, policy, records
+    layout = Workspace(workspace)
+    records = _inputs(run, layout, states)
+    return summary, layout, records
 
 
-def _ground_truth(run: RunConfig, layout: Workspace, spec: dict, policy, states: list) -> tuple:
+def _ground_truth(run: RunConfig, layout: Workspace, spec: dict, states: list) -> tuple:
     """Retrain the pending LDS jobs, mapped in groups; return the truth folder and the grid."""
     lds = run.evaluation.lds
     subsets = {"alpha": lds.alpha, "seed": lds.seed}
@@ -135,34 +131,17 @@ def _ground_truth(run: RunConfig, layout: Workspace, spec: dict, policy, states:
     array[:] = masks
     status = store.status()
     pairs = [[m_, s] for m_ in range(lds.subsets) for s in range(lds.seeds)]
-    size = lds.group_size
-    groups = [pairs[i : i + size] for i in range(0, len(pairs), size)]
-    pending = [g for g in groups if any(status[m_, s] != DONE for m_, s in g)]
-    done = [g for g in groups if g not in pending]
-    task = ground_truth.with_options(cache_policy=policy, retries=run.execution.retries)
-    args = {
-        "truth_dir": unmapped(str(truth_dir)),
-        "spec": unmapped(spec),
-        "subsets": unmapped(subsets),
-    }
-    futures = [
-        *(task.with_options(refresh_cache=True).map(pending, **args) if pending else []),
-        *(task.map(done, **args) if done else []),
-    ]
-    # A cached group's result still names what it trained in its first run: count only now.
-    total, count = len(pairs), int(sum(status[m_, s] == DONE for m_, s in pairs))
-    for future in as_completed(futures):
-        result = future.result()
-        if result["trained"] and future.state.name != "Cached":
-            count += len(result["trained"])
-            print(f"ground truth: {count}/{total} retrainings ready")
+    pending = [[m_, s] for m_, s in pairs if status[m_, s] != DONE]
+    task = ground_truth.with_options(retries=run.execution.retries)
+    shared = {"truth_dir": str(truth_dir), "spec": spec, "subsets": subsets}
+    groups = groups_of(pending, lds.group_size)
+    done = len(pairs) - len(pending)
+    for group, result, state in map_groups(
+        task, groups, "ground truth", done, len(pairs), **shared
+    ):
         states.append(
-            {
-                "task": "ground-truth",
-                "key": f"{result['pairs'][0]}-{result['pairs'][-1]}",
-                "status": future.state.name,
-                "seconds": result["seconds"],
-            }
+            {"task": "ground-truth", "key": f"{group[0]}-{group[-1]}", "status": state}
+            | {"seconds": result["seconds"]}
         )
     return truth_dir, [lds.subsets, lds.seeds], subsets, key
 
@@ -187,17 +166,16 @@ def lds_flow(config: dict, overwrite: bool = False) -> dict:
 
 def _lds(run: RunConfig, overwrite: bool) -> dict:
     started, states = time.perf_counter(), []
-    summary, layout, policy, records = _prepare(run, overwrite, states)
+    summary, layout, records = _prepare(run, overwrite, states)
     outcome = run.evaluation.lds.outcome or run.daunce.measurement
     spec = retrain_spec(run, records, outcome)
     run_dir = Path(summary["run_dir"])
-    sources = _methods(run, run_dir, spec, policy, states)
-    truth_dir, grid, subsets, truth_key = _ground_truth(run, layout, spec, policy, states)
+    sources = _methods(run, run_dir, spec, states)
+    truth_dir, grid, subsets, truth_key = _ground_truth(run, layout, spec, states)
     results = []
     for source in sources:
-        state = lds_of_scores.with_options(cache_policy=policy)(
+        state = lds_of_scores(
             {k: v for k, v in source.items() if k != "digest"},
-            source["digest"],
             str(truth_dir),
             grid,
             subsets,
@@ -371,7 +349,7 @@ def _removal_store(run_dir: Path, spec: dict, plans: dict) -> tuple[Path, dict]:
     return folder, jobs
 
 
-def _run_removal_jobs(run, folder: Path, spec: dict, plans: dict, rows: dict, policy, states):
+def _run_removal_jobs(run, folder: Path, spec: dict, plans: dict, rows: dict, states):
     """Retrain every pending job, in batches of equal size (mapped tasks)."""
     from tasks.evaluation import retrain
 
@@ -387,39 +365,17 @@ def _run_removal_jobs(run, folder: Path, spec: dict, plans: dict, rows: dict, po
     status = OutcomeStore(folder).status()
     by_size: dict[int, list[int]] = {}
     for row in sorted(described):
-        by_size.setdefault(len(described[row]["removed"]), []).append(row)
-    batches = [
-        members[i : i + settings.group_size]
-        for members in by_size.values()
-        for i in range(0, len(members), settings.group_size)
-    ]
-    pending = [b for b in batches if any(status[i] != DONE for i in b)]
-    done = [b for b in batches if b not in pending]
-    task = retrain.with_options(cache_policy=policy, retries=run.execution.retries)
-    args = {"store_dir": unmapped(str(folder)), "spec": unmapped(spec)}
-    futures = [
-        *(
-            task.with_options(refresh_cache=True).map(
-                pending, jobs=[[described[i] for i in b] for b in pending], **args
-            )
-            if pending
-            else []
-        ),
-        *(task.map(done, jobs=[[described[i] for i in b] for b in done], **args) if done else []),
-    ]
-    count, total = int(sum(status[i] == DONE for b in batches for i in b)), len(described)
-    for future in as_completed(futures):
-        result = future.result()
-        if result["trained"] and future.state.name != "Cached":
-            count += len(result["trained"])
-            print(f"subset removal: {count}/{total} retrainings ready")
+        if status[row] != DONE:
+            by_size.setdefault(len(described[row]["removed"]), []).append(row)
+    batches = [b for members in by_size.values() for b in groups_of(members, settings.group_size)]
+    task = retrain.with_options(retries=run.execution.retries)
+    shared = {"store_dir": str(folder), "spec": spec, "described": described}
+    pending = sum(len(b) for b in batches)
+    done, total = len(described) - pending, len(described)
+    for batch, result, state in map_groups(task, batches, "subset removal", done, total, **shared):
         states.append(
-            {
-                "task": "retrain",
-                "key": f"{result['index'][0]}-{result['index'][-1]}",
-                "status": future.state.name,
-                "seconds": result["seconds"],
-            }
+            {"task": "retrain", "key": f"{batch[0]}-{batch[-1]}", "status": state}
+            | {"seconds": result["seconds"]}
         )
 
 
@@ -427,15 +383,15 @@ def _removal(run: RunConfig, overwrite: bool) -> dict:
     from daunce_core.evaluation.removal import summarize_removal
 
     started, states = time.perf_counter(), []
-    summary, _, policy, records = _prepare(run, overwrite, states)
+    summary, _, records = _prepare(run, overwrite, states)
     spec = retrain_spec(run, records, "error")
     run_dir = Path(summary["run_dir"])
-    sources = _methods(run, run_dir, spec, policy, states)
+    sources = _methods(run, run_dir, spec, states)
     groups = _groups(run, spec)
     n, m = spec["num_train"], _num_queries(spec)
     plans = _plans(run, sources, groups, n, m)
     folder, rows = _removal_store(run_dir, spec, plans)
-    _run_removal_jobs(run, folder, spec, plans, rows, policy, states)
+    _run_removal_jobs(run, folder, spec, plans, rows, states)
     outcomes = OutcomeStore(folder).outcomes()
     table = []
     for name, plan in plans.items():

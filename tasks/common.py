@@ -1,4 +1,4 @@
-"""What every task shares: the cache policy, artefact records, loaders, per-thread contexts.
+"""What every task shares: artefact records, loaders, per-thread contexts.
 
 Tasks take and return paths, digests and small dicts — never tensors or models — so Prefect
 can cache them by their inputs and retry them cheaply. Each task writes one durable artefact
@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 from safetensors.torch import load_file
 
 from daunce_core.access import KINDS, ModelAccess
@@ -26,9 +25,6 @@ from daunce_core.data import ExampleSet
 from daunce_core.errors import DaunceError
 from daunce_core.method.config import ComputeConfig, DaunceConfig
 from daunce_core.storage.sources import read_canonical
-
-CACHE_POLICY = INPUTS + TASK_SOURCE
-"""Cache on the task's inputs (paths and content digests) and its code."""
 
 
 def artifact(uri, kind: str, digest: str, producer: str, inputs=(), shape=None) -> dict:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from daunce_core.storage.sources import DataSource, read_sources, write_canonical
-from tasks.common import CACHE_POLICY, artifact
+from tasks.common import artifact
 
 
 @task(
     name="prepare-data",
     task_run_name="prepare-data-{split}",
-    cache_policy=CACHE_POLICY,
-    persist_result=True,
+    cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=[1, 5],
 )

@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 import zarr
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from daunce_core.access.task import task_from_spec
 from daunce_core.access.torch_module.models import build_model
@@ -34,7 +35,7 @@ from daunce_core.storage.digest import digest_json
 from daunce_core.storage.exports import top_table, write_parquet
 from daunce_core.storage.layout import RunLayout
 from daunce_core.storage.zarr_store import DONE, OutcomeStore, RunStore
-from tasks.common import CACHE_POLICY, artifact, load_base_model, load_split, per_thread
+from tasks.common import artifact, load_base_model, load_split, per_thread
 
 LDS_ORDER = 100_003
 """Job ``(m, s)`` of the LDS grid visits its subset in the order keyed ``m·LDS_ORDER + s``."""
@@ -79,17 +80,16 @@ def _pairs_name() -> str:
 @task(
     name="ground-truth",
     task_run_name=_pairs_name,
-    cache_policy=CACHE_POLICY,
-    persist_result=True,
+    cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=[2, 10],
 )
 def ground_truth(pairs: list[list[int]], truth_dir: str, spec: dict, subsets: dict) -> dict:
     """Retrain LDS jobs ``(m, s)`` — subset m, seed s — and write their query outcomes.
 
-    The whole group is retrained when one of its jobs is pending (so a resumed group computes
-    exactly what an uninterrupted one would); only pending jobs are written. ``subsets`` holds
-    ``alpha`` and ``seed`` of `daunce_core.evaluation.lds.lds_subsets`.
+    Not cached by Prefect: each job's status in the store is its done signal, and jobs already
+    done are skipped. A job's outcome does not depend on the jobs trained with it. ``subsets``
+    holds ``alpha`` and ``seed`` of `daunce_core.evaluation.lds.lds_subsets`.
     """
     started = time.perf_counter()
     store = OutcomeStore(truth_dir)
@@ -98,11 +98,9 @@ def ground_truth(pairs: list[list[int]], truth_dir: str, spec: dict, subsets: di
     if todo:
         n = spec["num_train"]
         masks = lds_subsets(n, max(m for m, _ in pairs) + 1, subsets["alpha"], subsets["seed"])
-        jobs = [RetrainJob(keep=masks[m], seed=s, order=m * LDS_ORDER + s) for m, s in pairs]
-        values = _retrain(spec, jobs)
-        for (m, s), row in zip(pairs, values, strict=True):
-            if (m, s) in todo:
-                store.write((m, s), row)
+        jobs = [RetrainJob(keep=masks[m], seed=s, order=m * LDS_ORDER + s) for m, s in todo]
+        for (m, s), row in zip(todo, _retrain(spec, jobs), strict=True):
+            store.write((m, s), row)
     return {"pairs": pairs, "trained": todo, "seconds": time.perf_counter() - started}
 
 
@@ -116,16 +114,15 @@ def _jobs_name() -> str:
 @task(
     name="retrain",
     task_run_name=_jobs_name,
-    cache_policy=CACHE_POLICY,
-    persist_result=True,
+    cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=[2, 10],
 )
-def retrain(index: list[int], store_dir: str, spec: dict, jobs: list[dict]) -> dict:
+def retrain(index: list[int], store_dir: str, spec: dict, described: dict) -> dict:
     """Retrain jobs ``index`` of a flat `OutcomeStore` (subset removal); write their outcomes.
 
-    ``jobs`` holds, per index, the removed training rows (``removed``), the ``seed`` and the
-    ``order`` key; as in `ground_truth`, the whole group is retrained if one job is pending.
+    ``described`` maps each job's row to its removed training rows (``removed``), ``seed`` and
+    ``order`` key; as in `ground_truth`, jobs already done are skipped (uncached).
     """
     started = time.perf_counter()
     store = OutcomeStore(store_dir)
@@ -134,14 +131,12 @@ def retrain(index: list[int], store_dir: str, spec: dict, jobs: list[dict]) -> d
     if todo:
         n = spec["num_train"]
         built = []
-        for job in jobs:
-            keep = np.ones(n, dtype=bool)
+        for i in todo:
+            job, keep = described[i], np.ones(n, dtype=bool)
             keep[np.asarray(job["removed"], dtype=np.int64)] = False
             built.append(RetrainJob(keep=keep, seed=job["seed"], order=job["order"]))
-        values = _retrain(spec, built)
-        for i, row in zip(index, values, strict=True):
-            if i in todo:
-                store.write((i,), row)
+        for i, row in zip(todo, _retrain(spec, built), strict=True):
+            store.write((i,), row)
     return {"index": index, "trained": todo, "seconds": time.perf_counter() - started}
 
 
@@ -177,16 +172,12 @@ def score_source(name: str, path: str) -> dict:
     return {"name": name, "path": str(path), "kind": kind}
 
 
-@task(
-    name="lds", task_run_name="lds-{source[name]}", cache_policy=CACHE_POLICY, persist_result=True
-)
-def lds_of_scores(
-    source: dict, scores_digest: str, truth_dir: str, grid: list[int], subsets: dict
-) -> dict:
+@task(name="lds", task_run_name="lds-{source[name]}", cache_policy=NO_CACHE)
+def lds_of_scores(source: dict, truth_dir: str, grid: list[int], subsets: dict) -> dict:
     """LDS of one score matrix against the first ``grid = [M, S]`` ground-truth retrainings.
 
-    Returns the mean, its standard error and the per-query Spearman correlations.
-    ``scores_digest`` (the scores' content or producing inputs) keys the cache.
+    Returns the mean, its standard error and the per-query Spearman correlations. Not cached:
+    it reads the scores and outcomes as they are now (seconds even for large runs).
     """
     store = OutcomeStore(truth_dir)
     outcomes = -store.outcomes(tuple(grid)).mean(axis=1)  # stored lower-is-better
@@ -207,8 +198,7 @@ def lds_of_scores(
 @task(
     name="baseline-scores",
     task_run_name="baseline-{name}",
-    cache_policy=CACHE_POLICY,
-    persist_result=True,
+    cache_policy=NO_CACHE,
     retries=1,
 )
 def baseline(name: str, method: str, options: dict, out_dir: str, spec: dict, top_k: int) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from safetensors.torch import save_file
 
 from daunce_core.access.task import task_from_spec
@@ -15,13 +16,12 @@ from daunce_core.method.config import DTYPES, TrainConfig
 from daunce_core.method.objectives import Objective
 from daunce_core.method.signals import compute_base_signals
 from daunce_core.storage.digest import digest_arrays, digest_model
-from tasks.common import CACHE_POLICY, artifact, load_base_model, load_split
+from tasks.common import artifact, load_base_model, load_split
 
 
 @task(
     name="base-model",
-    cache_policy=CACHE_POLICY,
-    persist_result=True,
+    cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=[1, 5],
 )
@@ -49,7 +49,7 @@ def base_model(
     return artifact(path, "model/base", digest_model(model), "base-model", inputs=inputs)
 
 
-@task(name="base-signals", cache_policy=CACHE_POLICY, persist_result=True)
+@task(name="base-signals", cache_policy=NO_CACHE)
 def base_signals(
     model_spec: dict, task_spec: dict, signal_spec: dict, model: dict, train: dict, path: str
 ) -> dict:

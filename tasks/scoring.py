@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from daunce_core.errors import DaunceWarning
 from daunce_core.method.scores import collect_statistics, self_influence, write_scores
@@ -15,12 +16,12 @@ from daunce_core.storage.digest import digest_json
 from daunce_core.storage.exports import example_influence_table, top_table, write_parquet
 from daunce_core.storage.layout import RunLayout
 from daunce_core.storage.zarr_store import RunStore
-from tasks.common import CACHE_POLICY, artifact
+from tasks.common import artifact
 
 ROW_CHUNK, COL_CHUNK = 8192, 1024
 
 
-@task(name="scores", cache_policy=CACHE_POLICY, persist_result=True)
+@task(name="scores", cache_policy=NO_CACHE)
 def compute_scores(run_dir: str, kind: str, rows_digest: str) -> dict:
     """Scores ``[n_train, m_query]`` from the valid loss rows; self-influence ``[n_train]``.
 
@@ -51,7 +52,7 @@ def compute_scores(run_dir: str, kind: str, rows_digest: str) -> dict:
     }
 
 
-@task(name="exports", cache_policy=CACHE_POLICY, persist_result=True)
+@task(name="exports", cache_policy=NO_CACHE)
 def export_tables(run_dir: str, run_id: str, scores: dict, splits: dict, top_k: int) -> list[dict]:
     """Top-k proponents and opponents per query, per-example aggregates, the example index.
 

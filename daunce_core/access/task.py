@@ -130,6 +130,23 @@ class Task(ABC):
         return self.measure(outputs, batch, kind)
 
 
+class TaskModule(nn.Module):
+    """The model under its task as one module: ``forward(batch) = task.outputs(m, batch)``.
+
+    The one wrapper every functional path uses (vectorised copies, exact influence, the peers):
+    ``functional_call`` swaps the parameters the task's outputs use (named ``m.<name>``), and
+    kronfluence never finds a tracked layer at the root (it swaps layers inside their parents).
+    """
+
+    def __init__(self, model: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.m, self.task = model, task
+
+    def forward(self, batch: ExampleSet) -> torch.Tensor:
+        """The task's outputs of the wrapped model on ``batch``."""
+        return self.task.outputs(self.m, batch)
+
+
 def check_per_example(values: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
     """Raise a `TaskError` unless ``values`` holds one value per example (shape ``[B]``)."""
     if values.dim() == 1 and values.shape[0] == batch_size:

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 
-from daunce_core.access.task import Measurement, Task
+from daunce_core.access.task import Measurement, Task, TaskModule
 from daunce_core.access.torch_module.stacked import trainable_names
 from daunce_core.data import ExampleSet, batch_slices, num_examples, take
 from daunce_core.errors import DaunceError
@@ -70,17 +70,8 @@ class FlatModel:
         """Logits of the model at ``theta`` on ``batch``."""
         swap = self.unflatten(theta)
         return functional_call(
-            _Call(self.model, self.task), {f"m.{k}": v for k, v in swap.items()}, (batch,)
+            TaskModule(self.model, self.task), {f"m.{k}": v for k, v in swap.items()}, (batch,)
         )
-
-
-class _Call(nn.Module):
-    def __init__(self, model: nn.Module, task: Task) -> None:
-        super().__init__()
-        self.m, self.task = model, task
-
-    def forward(self, batch: ExampleSet) -> torch.Tensor:
-        return self.task.outputs(self.m, batch)
 
 
 def _single(batch: ExampleSet) -> ExampleSet:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from daunce_core.access.task import MEASUREMENTS, Measurement, Task
+from daunce_core.access.task import MEASUREMENTS, Measurement, Task, TaskModule
 from daunce_core.access.torch_module.stacked import trainable_names
 from daunce_core.data import ExampleSet, num_examples
 from daunce_core.errors import DaunceError, DaunceWarning
@@ -69,21 +69,6 @@ class _Rows(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {key: column[index] for key, column in self.data.items()}
-
-
-class _Call(nn.Module):
-    """The model under the task as one module: ``forward(batch) = task.outputs(m, batch)``.
-
-    traker's ``functional_call`` then swaps the parameters the task's outputs use, and
-    kronfluence never finds a tracked layer at the root (it swaps layers inside their parents).
-    """
-
-    def __init__(self, model: nn.Module, task: Task) -> None:
-        super().__init__()
-        self.m, self.task = model, task
-
-    def forward(self, batch: ExampleSet) -> torch.Tensor:
-        return self.task.outputs(self.m, batch)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -235,7 +220,7 @@ def ekfac(
     kf_task = _kronfluence_task(task, measurement, fisher, seed, tracked)
     # Wrapped, so that the root is never itself a tracked layer (kronfluence replaces layers by
     # wrappers in their parents).
-    prepared = analyzer_mod.prepare_model(_Call(copy.deepcopy(model), task), kf_task)
+    prepared = analyzer_mod.prepare_model(TaskModule(copy.deepcopy(model), task), kf_task)
     factor_args = arguments.FactorArguments(
         strategy="ekfac",
         use_empirical_fisher=fisher == "empirical",
@@ -376,9 +361,9 @@ def trak_scores(
         )
     n, m = num_examples(train), num_examples(queries)
     # traker loads every checkpoint into one host module: keep each model's state apart from it.
-    host = _Call(copy.deepcopy(models[0]), task)
+    host = TaskModule(copy.deepcopy(models[0]), task)
     states = [
-        {key: value.detach().clone() for key, value in _Call(model, task).state_dict().items()}
+        {key: value.detach().clone() for key, value in TaskModule(model, task).state_dict().items()}
         for model in models
     ]
     names = [f"m.{name}" for name in trainable_names(models[0], task)]

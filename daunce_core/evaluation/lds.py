@@ -29,9 +29,7 @@ from daunce_core.data import ExampleSet, num_examples
 from daunce_core.errors import DaunceError
 from daunce_core.evaluation.metrics import spearman_columns
 from daunce_core.method.config import TrainConfig
-from daunce_core.method.draws import PerturbationDraw, stream_rng
-
-_LDS_STREAM = 7
+from daunce_core.method.draws import PerturbationDraw, Stream, stream_rng
 
 
 def lds_subsets(n: int, count: int, alpha: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -44,7 +42,7 @@ def lds_subsets(n: int, count: int, alpha: float = 0.5, seed: int = 0) -> np.nda
         )
     masks = np.zeros((count, n), dtype=bool)
     for m in range(count):
-        masks[m, stream_rng(seed, m, _LDS_STREAM).choice(n, size=size, replace=False)] = True
+        masks[m, stream_rng(seed, m, Stream.LDS_SUBSETS).choice(n, size=size, replace=False)] = True
     return masks
 
 

@@ -57,12 +57,11 @@ from daunce_core.data import ExampleSet, batch_slices, num_examples, take
 from daunce_core.errors import DaunceError
 from daunce_core.evaluation.lds import RetrainJob, retrain_jobs
 from daunce_core.method.config import TrainConfig
-from daunce_core.method.draws import stream_rng
+from daunce_core.method.draws import Stream, stream_rng
 
 KINDS = ("full", "top", "random")
 """Job kinds: no removal (the per-seed reference), top-N removal, random removal of N."""
 
-_RANDOM_STREAM, _ORDER_STREAM, _GROUP_STREAM = 11, 12, 13
 _ORDER_BITS = 62
 
 
@@ -139,7 +138,7 @@ def query_groups(
     for position, value in enumerate(np.unique(labels[eligible])):
         members = np.flatnonzero(eligible & (labels == value))
         if max_per_group is not None and len(members) > max_per_group:
-            rng = stream_rng(seed, position, _GROUP_STREAM)
+            rng = stream_rng(seed, position, Stream.REMOVAL_GROUP)
             members = np.sort(rng.choice(members, size=max_per_group, replace=False))
         groups.append(members.astype(np.int64))
     return groups
@@ -570,14 +569,17 @@ def _keep(label: RemovalLabel, n: int, top: dict, seed: int) -> np.ndarray:
     elif label.kind == "random":
         key = (label.size, label.seed, label.trial, label.group + 1)
         keep[
-            stream_rng(seed, 0, _RANDOM_STREAM, *key).choice(n, size=label.size, replace=False)
+            stream_rng(seed, 0, Stream.REMOVAL_RANDOM, *key).choice(
+                n, size=label.size, replace=False
+            )
         ] = False
     return keep
 
 
 def _order(label: RemovalLabel, seed: int) -> int:
     key = (KINDS.index(label.kind), label.group + 1, label.size, label.seed, label.trial)
-    words = np.random.SeedSequence([seed, _ORDER_STREAM, *key]).generate_state(2, np.uint64)
+    sequence = np.random.SeedSequence([seed, int(Stream.REMOVAL_ORDER), *key])
+    words = sequence.generate_state(2, np.uint64)
     return int(words[0]) >> (64 - _ORDER_BITS)
 
 

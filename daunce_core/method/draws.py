@@ -14,12 +14,29 @@ and ``1 − ξ``: the perturbation flips sign within the pair, which cancels the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 
 import numpy as np
 
 from daunce_core.errors import DaunceError
 
-_SUBSET, _XI, _ORDER = 0, 1, 2
+
+class Stream(IntEnum):
+    """Every random stream of the project, in one registry: ids are never reused or changed.
+
+    A stream's generator is seeded by ``(seed, index, stream, *extra)`` (`stream_rng`), so two
+    uses of randomness never share draws, and each stays the same whatever else is added.
+    """
+
+    SUBSET = 0  # copy k's subset D^k
+    XI = 1  # copy k's ξ for every training example
+    ORDER = 2  # copy k's visiting order, per epoch
+    LDS_SUBSETS = 7  # the LDS ground truth's random subsets
+    REMOVAL_RANDOM = 11  # subset removal: the random examples removed
+    REMOVAL_ORDER = 12  # subset removal: a retraining's visiting order
+    REMOVAL_GROUP = 13  # subset removal: which queries a label group keeps
+
+
 _XI_EPS = 1e-12
 
 
@@ -43,7 +60,8 @@ class PerturbationDraw:
 
 def stream_rng(seed: int, k: int, stream: int, *extra: int) -> np.random.Generator:
     """The random generator of stream ``stream`` of copy (or job) ``k`` under ``seed``."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, k, stream, *extra])))
+    sequence = np.random.SeedSequence([seed, k, int(stream), *extra])
+    return np.random.Generator(np.random.PCG64(sequence))
 
 
 def subset_size(n: int, subset_ratio: float) -> int:
@@ -66,8 +84,10 @@ def draw_perturbation(
     if size == n:
         subset = np.arange(n, dtype=np.int64)
     else:
-        subset = np.sort(stream_rng(seed, source, _SUBSET).choice(n, size=size, replace=False))
-    xi = stream_rng(seed, source, _XI).random(n).clip(_XI_EPS, 1 - _XI_EPS)
+        subset = np.sort(
+            stream_rng(seed, source, Stream.SUBSET).choice(n, size=size, replace=False)
+        )
+    xi = stream_rng(seed, source, Stream.XI).random(n).clip(_XI_EPS, 1 - _XI_EPS)
     if antithetic and k % 2:
         xi = 1.0 - xi
     return PerturbationDraw(k=k, subset=subset.astype(np.int64), xi=xi, source=source)
@@ -75,4 +95,4 @@ def draw_perturbation(
 
 def epoch_order(draw: PerturbationDraw, epoch: int, seed: int) -> np.ndarray:
     """The order in which copy ``draw.k`` visits its subset in ``epoch`` (a permutation)."""
-    return stream_rng(seed, draw.source, _ORDER, epoch).permutation(draw.subset)
+    return stream_rng(seed, draw.source, Stream.ORDER, epoch).permutation(draw.subset)

@@ -10,7 +10,8 @@ left them in, and does only the work that is missing — for any `ModelAccess` k
 * a finished copy whose row covers other queries than the run's (queries added or changed) is
   measured on the missing query columns from its saved parameters;
 * a copy whose saved parameters are needed but lost or damaged is trained again only when the
-  access is deterministic (and the report says so); otherwise a `DaunceError` names the file.
+  access is deterministic (and the report says so); otherwise a `DaunceError` names the file;
+* a damaged record is an unfinished copy for a deterministic access, and named otherwise.
 
 Each step writes the loss row first and the copy's record last, so a kill at any point leaves
 the copy unfinished or finished, never half-recorded.
@@ -71,7 +72,7 @@ class RunCopies:
     def complete(self, ks: Sequence[int]) -> CopyReport:
         """Bring copies ``ks`` to finished (see the module docstring); report what was done."""
         report = CopyReport(ks=[int(k) for k in ks])
-        records = {r.k: r for r in self.records.read_many(report.ks)}
+        records = {k: self._read(k) for k in report.ks}
         finished = [k for k in report.ks if records[k].finished]
         damaged = [k for k in finished if not self._row_intact(records[k])]
         behind = [k for k in finished if k not in damaged and self._behind(records[k])]
@@ -87,6 +88,15 @@ class RunCopies:
         self._add_queries([k for k in behind if k not in lost], records, report)
         report.diverged = [k for k in report.ks if records[k].status == "diverged"]
         return report
+
+    def _read(self, k: int) -> CopyRecord:
+        """Copy ``k``'s record; a damaged one means an unfinished copy, if it is reproducible."""
+        try:
+            return self.records.read(k)
+        except DaunceError:
+            if not self.access.capabilities.deterministic:
+                raise
+            return CopyRecord(k=k, message="its record was damaged; trained again")
 
     def _row_intact(self, record: CopyRecord) -> bool:
         try:

@@ -200,6 +200,12 @@ class RunLayout:
         return self.root / "reports"
 
 
+def manifest_of(artefact: str | Path) -> Path:
+    """The manifest beside an artefact file or folder: ``<name without suffix>.done.json``."""
+    artefact = Path(artefact)
+    return artefact.with_name(f"{artefact.name.split('.')[0]}.done.json")
+
+
 def remove_partials(folder: str | Path) -> list[str]:
     """Delete orphan temporary files (`TEMPORARY`) below ``folder``; return their paths."""
     folder = Path(folder)

@@ -19,23 +19,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from daunce_core.access.task import Task
+from daunce_core.access.task import Task, TaskModule
 from daunce_core.data import ExampleSet
 from daunce_core.errors import TaskError
 
 Stacked = dict[str, torch.Tensor]
-
-
-class _TaskModule(nn.Module):
-    """Wraps ``(model, task)`` so ``functional_call`` can swap the model's parameters."""
-
-    def __init__(self, model: nn.Module, task: Task) -> None:
-        super().__init__()
-        self.model = model
-        self.task = task
-
-    def forward(self, batch: ExampleSet) -> torch.Tensor:
-        return self.task.outputs(self.model, batch)
 
 
 def trainable_names(model: nn.Module, task: Task) -> list[str]:
@@ -62,10 +50,10 @@ def stack_copies(model: nn.Module, names: list[str], count: int) -> Stacked:
 
 def copy_outputs_fn(model: nn.Module, task: Task) -> Callable:
     """A function ``(params_of_one_copy, batch) -> logits`` over the model's functional form."""
-    wrapper = _TaskModule(model, task)
+    wrapper = TaskModule(model, task)
 
     def outputs(params: dict[str, torch.Tensor], batch: ExampleSet) -> torch.Tensor:
-        return functional_call(wrapper, {f"model.{k}": v for k, v in params.items()}, (batch,))
+        return functional_call(wrapper, {f"m.{k}": v for k, v in params.items()}, (batch,))
 
     return outputs
 

@@ -1,0 +1,137 @@
+"""The torch model access keeps the access contract; the copy runner's resume and repair rules."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from access_contract import AccessContract, query_digests, start_run
+
+from daunce_core import Capabilities, ClassificationTask, DaunceConfig, TorchModuleAccess
+from daunce_core.errors import DaunceError
+from daunce_core.method.config import ComputeConfig, TrainConfig
+from daunce_core.method.objectives import Objective
+from daunce_core.storage.copies import RunCopies
+from daunce_core.storage.layout import RunLayout
+from daunce_core.storage.records import CopyRecords
+from daunce_core.storage.zarr_store import RunStore
+
+
+def problem():
+    """A small three-class problem and an MLP (seeded)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(160, 6, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    return model, {"x": x[:120], "y": y[:120]}, {"x": x[120:], "y": y[120:]}
+
+
+def build(objective: Objective | None = None, cls=TorchModuleAccess) -> TorchModuleAccess:
+    """The contract's builder: copies of an MLP, a few hundred steps each."""
+    model, train, queries = problem()
+    config = DaunceConfig(
+        num_models=6,
+        subset_ratio=0.5 if objective and objective.access == "black_box" else 1.0,
+        objective=objective or Objective(labels="sampled", rho=0.1),
+        train=TrainConfig(lr=0.05, epochs=20, batch_size=16),
+    )
+    compute = ComputeConfig(device="cpu")
+    return cls(model, ClassificationTask(), train, queries, config, 1e-3, compute=compute)
+
+
+class TestTorchModuleAccess(AccessContract):
+    builder = "test_access_torch:build"
+
+
+class NotReproducible(TorchModuleAccess):
+    """A torch access that declares its copies cannot be reproduced (as a paid API's)."""
+
+    kind = "not-reproducible"
+    capabilities = dataclasses.replace(TorchModuleAccess.capabilities, deterministic=False)
+
+
+@pytest.fixture
+def finished(tmp_path):
+    """A run of four finished copies, and its losses."""
+    access = build()
+    run = RunLayout(tmp_path / "runs" / "r")
+    start_run(run, access, 4).complete(range(4))
+    store = RunStore(run.store)
+    return access, run, store.open("losses_train")[:], store.open("losses_query")[:]
+
+
+def test_capabilities_are_checked_against_the_objective():
+    limited = Capabilities(
+        gradients=False, fine_tuning=True, custom_objective=False, deterministic=False
+    )
+    from daunce_core.access.base import check_objective
+
+    with pytest.raises(DaunceError, match="lacks gradients"):
+        check_objective("api", limited, Objective())
+    with pytest.raises(DaunceError, match="custom_objective"):
+        check_objective("api", limited, Objective(access="black_box", variant="efim"))
+    check_objective("api", limited, Objective(access="black_box"))
+
+
+def test_a_damaged_or_deleted_loss_chunk_is_measured_again_without_training(finished):
+    access, run, train, query = finished
+    chunks = sorted((run.store / "losses_train" / "c").rglob("*"))
+    files = [c for c in chunks if c.is_file()]
+    files[1].write_bytes(b"\x00garbage" * 7)  # row 1: undecodable
+    next(f for f in sorted((run.store / "losses_query" / "c").rglob("*")) if f.is_file()).unlink()
+    report = RunCopies(access, run, query_digests(access)).complete(range(4))
+    assert report.trained == []
+    assert sorted(report.remeasured) == [0, 1]
+    store = RunStore(run.store)
+    np.testing.assert_array_equal(store.open("losses_train")[:], train)
+    np.testing.assert_array_equal(store.open("losses_query")[:], query)
+
+
+def test_only_unfinished_copies_train_not_their_group(tmp_path):
+    access = build()
+    run = RunLayout(tmp_path / "runs" / "r")
+    copies = start_run(run, access, 4)
+    copies.complete([0, 2])
+    report = copies.complete(range(4))
+    assert report.trained == [1, 3]
+    assert [r.attempts for r in CopyRecords(run.copies).read_many(range(4))] == [1, 1, 1, 1]
+
+
+def test_new_or_changed_queries_are_measured_from_the_saved_copies(finished):
+    access, run, _, query = finished
+    changed = [f"other{j}" for j in range(access.num_queries)]
+    report = RunCopies(access, run, changed).complete(range(4))
+    assert (report.trained, sorted(report.queries_added_to)) == ([], [0, 1, 2, 3])
+    back = RunCopies(access, run, query_digests(access)).complete(range(4))
+    assert back.trained == []
+    np.testing.assert_array_equal(RunStore(run.store).open("losses_query")[:], query)
+
+
+def test_lost_parameters_retrain_a_deterministic_copy_and_say_so(finished):
+    access, run, _, _query = finished
+    run.copy(2).unlink()
+    report = RunCopies(access, run, ["new", *query_digests(access)[1:]]).complete(range(4))
+    assert report.retrained_lost == [2]
+    assert report.trained == [2]
+
+
+def test_lost_parameters_of_a_copy_that_cannot_be_reproduced_are_named(tmp_path):
+    access = build(cls=NotReproducible)
+    run = RunLayout(tmp_path / "runs" / "r")
+    start_run(run, access, 3).complete(range(3))
+    run.copy(1).write_bytes(b"truncated")
+    changed = ["new", *query_digests(access)[1:]]
+    with pytest.raises(DaunceError, match=r"copy-000001\.safetensors.*cannot be reproduced"):
+        RunCopies(access, run, changed).complete(range(3))
+    assert CopyRecords(run.copies).read(1).attempts == 1  # nothing was trained again
+
+
+def test_a_damaged_record_is_named(finished):
+    _, run, _, _ = finished
+    CopyRecords(run.copies).path(3).write_text("{not json")
+    with pytest.raises(DaunceError, match=r"copy-000003\.json.*damaged"):
+        CopyRecords(run.copies).read(3)
+    assert CopyRecords(run.copies).counts(4) == {"done": 3, "damaged": 1}
