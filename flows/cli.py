@@ -1,8 +1,8 @@
 """The ``daunce`` command line: run the pipeline, follow runs, query the results with SQL.
 
-Prefect runs in the embedded mode unless ``PREFECT_API_URL`` points at a server; its home,
-results and cache keys live in the workspace (``.prefect/``), so reruns from a new process are
-served from cache.
+Unless ``PREFECT_API_URL`` points at a server, each command that runs a flow starts a local
+Prefect server that dies with it (`flows.server`); Prefect's home, results and cache keys live
+in the workspace (``.prefect/``), so reruns from a new process are served from cache.
 """
 
 from __future__ import annotations
@@ -18,15 +18,58 @@ DEFAULT_WORKSPACE = os.environ.get("DAUNCE_WORKSPACE", "daunce-runs")
 
 
 def prefect_environment(workspace: str | Path) -> None:
-    """Point Prefect's home, result storage and logging at ``workspace`` (before importing it)."""
+    """Point Prefect's home, result storage and logging at ``workspace``; start its server.
+
+    Call it before importing Prefect. Unless an API URL is configured (``PREFECT_API_URL``, a
+    Prefect profile, or the settings of a test harness), it starts a local server (see
+    `flows.server`) that stops at exit and dies with this process even if it is killed, and
+    points ``PREFECT_API_URL`` at it: Prefect's own embedded server outlives a SIGKILL.
+    """
     root = Path(workspace).resolve() / ".prefect"
     (root / "home").mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(root / "home"))
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(root / "results"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # The embedded server gets 20 s to start by default; on a busy 2-core machine it needs more.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # How long the server may take to start: 20 s by default, and a fresh database on a busy
+    # 2-core machine needs over a minute. A server that exits is reported at once.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
+    os.environ.setdefault("PREFECT_API_REQUEST_TIMEOUT", "120")  # per request; 60 s by default
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    _start_server(root)
+
+
+_server = None  # this process's `flows.server.PrefectServer`, once started
+
+
+def _api_url_configured() -> bool:
+    """Whether Prefect's settings (profile, test harness, environment) name an API URL."""
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
+
+
+def _start_server(root: Path) -> None:
+    """Start this process's Prefect server unless an API URL is configured; wait for it."""
+    global _server
+    if os.environ.get("PREFECT_API_URL") or ("prefect" in sys.modules and _api_url_configured()):
+        return
+    from flows.server import start_server
+
+    server = start_server(log=root / "server.log")  # it boots while Prefect is imported here
+    if _api_url_configured():  # a Prefect profile names a server
+        server.stop()
+        return
+    from prefect.context import refresh_global_settings_context
+
+    os.environ["PREFECT_API_URL"] = server.url
+    refresh_global_settings_context()  # Prefect read the environment when it was imported
+    try:
+        server.wait_healthy(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+    except RuntimeError as error:
+        del os.environ["PREFECT_API_URL"]
+        refresh_global_settings_context()
+        raise DaunceError(str(error)) from None
+    _server = server
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,13 +2,85 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import atexit
+import contextlib
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Prefect's budgets for the whole session (and the processes the tests start, unless they drop
+# PREFECT_*), set before anything imports Prefect. A server takes 10-25 s to start on an idle
+# 2-core machine and minutes when other work occupies both cores; a request may wait as long.
+PREFECT_BUDGETS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "900",
+    "PREFECT_API_REQUEST_TIMEOUT": "300",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+}
+for _key, _value in PREFECT_BUDGETS.items():
+    os.environ.setdefault(_key, _value)
+
+_session_server = None
+
+
+def session_prefect_api() -> str:
+    """The API URL of the session's Prefect server, started on first use (10-25 s, once).
+
+    A real server on 127.0.0.1 (`flows.server`: the daunce command's own) with its own home and
+    database; it stops at exit and dies with pytest if pytest is killed.
+    """
+    global _session_server
+    if _session_server is None:
+        from flows.server import start_server
+
+        home = Path(tempfile.mkdtemp(prefix="daunce-tests-prefect-"))
+        atexit.register(shutil.rmtree, home, ignore_errors=True)  # runs after the server stops
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env |= PREFECT_BUDGETS | {"PREFECT_HOME": str(home)}
+        server = start_server(log=home / "server.log", env=env)
+        server.wait_healthy(
+            float(PREFECT_BUDGETS["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+        )
+        _session_server = server
+    return _session_server.url
+
+
+@contextlib.contextmanager
+def shared_prefect_test_harness(server_startup_timeout: int | None = None):
+    """`prefect_test_harness` on the session's server: no start per module, no 30 s limit.
+
+    Prefect's harness starts a server per use, and gives it 30 s whatever the settings say:
+    on a busy machine every test of a module then errors with "Timed out while attempting to
+    connect to ephemeral Prefect API server". The runs of different modules share one database;
+    the tests read none of it.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: session_prefect_api()}):
+        yield
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    """Before a test module that uses `prefect_test_harness` is imported, share the server.
+
+    Only then: a run of the other tests does not import Prefect (~5 s) for nothing.
+    """
+    if "prefect_test_harness" in module_path.read_text():
+        import prefect.testing.utilities
+
+        prefect.testing.utilities.prefect_test_harness = shared_prefect_test_harness
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> str:
+    """The API URL of the session's Prefect server."""
+    return session_prefect_api()
 
 
 @pytest.fixture(autouse=True)
