@@ -111,8 +111,11 @@ def _task_runner(config: RunConfig):
     return ThreadPoolTaskRunner(max_workers=execution.workers)
 
 
-def _call(records: dict, states: list, name: str, task, *args, artefact: Path) -> Any:
+def _call(records: dict, states: list, name: str, task, *args, artefact: Path, **how) -> Any:
     """Run ``task`` unless its artefact is done for these inputs; keep its record as ``name``.
+
+    ``how`` (keyword arguments of the task that say how to compute, such as the device) are
+    passed on but are not part of the artefact's key.
 
     The artefact's manifest (`daunce_core.storage.manifest`, beside ``artefact``) is its one
     done signal: its inputs' digest and the content digest of every file the record names. A
@@ -123,7 +126,7 @@ def _call(records: dict, states: list, name: str, task, *args, artefact: Path) -
     manifest = manifest_of(artefact)
     record, status = read_manifest(manifest, key), "Cached"
     if record is None:
-        record, status = task(*args), "Completed"
+        record, status = task(*args, **how), "Completed"
         write_manifest(manifest, key, record)
     records[name] = record
     states.append(
@@ -203,7 +206,6 @@ def _signals(config: RunConfig, layout: Workspace, records: dict, states: list) 
     spec = {
         "variant": objective.variant,
         "dtype": config.daunce.dtype,
-        "batch_size": config.compute.eval_batch_size,
     }
     key = digest_json(
         {
@@ -227,6 +229,7 @@ def _signals(config: RunConfig, layout: Workspace, records: dict, states: list) 
         records["train"],
         str(path),
         artefact=path,
+        batch_size=config.compute.eval_batch_size,
     )
 
 

@@ -201,11 +201,20 @@ def lds_of_scores(source: dict, truth_dir: str, grid: list[int], subsets: dict) 
     cache_policy=NO_CACHE,
     retries=1,
 )
-def baseline(name: str, method: str, options: dict, out_dir: str, spec: dict, top_k: int) -> dict:
+def baseline(
+    name: str,
+    method: str,
+    options: dict,
+    out_dir: str,
+    spec: dict,
+    top_k: int,
+    device: str = "cpu",
+) -> dict:
     """A baseline's scores ``[n_train, m_query]`` into Zarr, and its top-k tables into Parquet.
 
     Stored like DAUNCE's (``<out_dir>/store/scores`` and ``<out_dir>/exports/``), with the
-    method's name in the tables, so one SQL query compares methods.
+    method's name in the tables, so one SQL query compares methods. ``device`` (where the
+    gradients are computed) is not part of what the scores depend on.
     """
     started = time.perf_counter()
     context = retrain_context(spec)
@@ -221,6 +230,7 @@ def baseline(name: str, method: str, options: dict, out_dir: str, spec: dict, to
         train_config=context["config"],
         seed=0,
         options=options,
+        device=device,
     )
     if not np.isfinite(scores).all():
         raise DaunceError(f"the baseline {name!r} produced non-finite scores; check its options.")

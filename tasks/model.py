@@ -51,12 +51,18 @@ def base_model(
 
 @task(name="base-signals", cache_policy=NO_CACHE)
 def base_signals(
-    model_spec: dict, task_spec: dict, signal_spec: dict, model: dict, train: dict, path: str
+    model_spec: dict,
+    task_spec: dict,
+    signal_spec: dict,
+    model: dict,
+    train: dict,
+    path: str,
+    batch_size: int = 1024,
 ) -> dict:
     """Base logits, values and logit-gradients of every training example (white-box runs).
 
     ``signal_spec`` holds only what the signals depend on: the objective ``variant`` (loss or
-    margin), the ``dtype`` and the ``batch_size`` of the forward passes.
+    margin) and the ``dtype``; ``batch_size`` (examples per forward pass) only how.
     """
     dtype = DTYPES[signal_spec["dtype"]]
     network = load_base_model(model_spec["recipe"], model["uri"]).to(dtype)
@@ -66,7 +72,7 @@ def base_signals(
     }
     objective = Objective(variant=signal_spec["variant"])
     signals = compute_base_signals(
-        network, task_from_spec(task_spec), data, objective, signal_spec["batch_size"]
+        network, task_from_spec(task_spec), data, objective, batch_size
     )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in signals.items()}, path)

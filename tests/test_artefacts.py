@@ -122,7 +122,9 @@ def test_switching_the_query_set_and_back(harness, data, tmp_path):
     np.testing.assert_array_equal(scores_of(back["run_dir"]), scores_of(first["run_dir"]))
     both = dataclasses.replace(
         config,
-        data=dataclasses.replace(config.data, queries=[config.data.queries, DataSource(str(other))]),
+        data=dataclasses.replace(
+            config.data, queries=[config.data.queries, DataSource(str(other))]
+        ),
     )
     assert run_attribute(both)["num_queries"] == 24
     np.testing.assert_array_equal(

@@ -201,15 +201,15 @@ def exact_targets(
     flat = FlatModel(model, task)
     g_train = per_example_gradients(flat, train, task.loss_from_outputs)
     g_query = per_example_gradients(flat, queries, measurement_fn(task, measurement))
-    eye = torch.eye(flat.theta.numel(), dtype=flat.theta.dtype)
+    eye = torch.eye(flat.theta.numel(), dtype=flat.theta.dtype, device=flat.theta.device)
     hess = loss_hessian(flat, train) + l2 * eye
     curvature, noise = _curvature_and_noise(flat, train, g_train, hess, variant, labels)
     curvature = curvature if variant == "hessian" else curvature + l2 * eye
     return ExactTargets(
-        influence=influence_function(g_train, g_query, hess).double().numpy(),
-        target=scale * sandwich(g_train, g_query, curvature, noise).double().numpy(),
+        influence=influence_function(g_train, g_query, hess).double().cpu().numpy(),
+        target=scale * sandwich(g_train, g_query, curvature, noise).double().cpu().numpy(),
         self_target=scale
-        * sandwich(g_train, g_train, curvature, noise).diagonal().double().numpy(),
+        * sandwich(g_train, g_train, curvature, noise).diagonal().double().cpu().numpy(),
     )
 
 

@@ -62,7 +62,7 @@ def gradient_dot(
 ) -> np.ndarray:
     """``∇L_iᵀ ∇M_j``: ``[n_train, m_query]``."""
     _, g_train, g_query = _grads(model, task, train, queries, measurement)
-    return (g_train @ g_query.T).double().numpy()
+    return (g_train @ g_query.T).double().cpu().numpy()
 
 
 INFLUENCE_SHIFT = 2.0
@@ -100,8 +100,10 @@ def influence(
     hessian = loss_hessian(flat, train)
     if damping is None:
         damping = default_damping(hessian)
-    eye = torch.eye(flat.theta.numel(), dtype=flat.theta.dtype)
-    return influence_function(g_train, g_query, hessian + (l2 + damping) * eye).double().numpy()
+    eye = torch.eye(flat.theta.numel(), dtype=flat.theta.dtype, device=flat.theta.device)
+    return (
+        influence_function(g_train, g_query, hessian + (l2 + damping) * eye).double().cpu().numpy()
+    )
 
 
 def trak(
@@ -123,16 +125,18 @@ def trak(
     projection = (
         torch.randn(phi_train.shape[1], projection_dim, generator=generator, dtype=phi_train.dtype)
         / projection_dim**0.5
-    )
+    ).to(phi_train.device)
     # The kernel can be near-singular (more projected dimensions than examples): solve in float64.
     x_train, x_query = (phi_train @ projection).double(), (phi_query @ projection).double()
     kernel = x_train.T @ x_train
     if damping is None:
         damping = 1e-4 * float(kernel.diagonal().mean())
-    kernel = kernel + damping * torch.eye(projection_dim, dtype=x_train.dtype)
+    kernel = kernel + damping * torch.eye(
+        projection_dim, dtype=x_train.dtype, device=x_train.device
+    )
     weights = 1.0 - _correct_probability(flat, task, train).double()
     scores = weights[:, None] * (x_train @ torch.linalg.solve(kernel, x_query.T))
-    return scores.double().numpy()
+    return scores.double().cpu().numpy()
 
 
 def _correct_probability(flat: FlatModel, task: Task, data: ExampleSet) -> torch.Tensor:
@@ -257,8 +261,13 @@ def baseline_scores(
     train_config: TrainConfig | None = None,
     seed: int = 0,
     options: dict | None = None,
+    device: str | torch.device = "cpu",
 ) -> np.ndarray:
     """Scores of a baseline method, ``[n_train, m_query]``, positive = proponent.
+
+    ``device`` runs the gradients and curvature there (``cuda`` when there is one): our
+    methods move the model and data to it, kronfluence and traker are told to use it; TracIn's
+    and the TRAK ensemble's retrainings stay on the CPU (their scoring does not).
 
     ``model`` is the trained model (``make_model(seed)`` trained by ``fit(..., train_config,
     l2=l2, seed=seed)`` when it was made that way). Methods and their ``options`` (defaults):
@@ -299,6 +308,9 @@ def baseline_scores(
             f"{', '.join(_OPTIONS[method])}."
         )
     opts = {**_OPTIONS[method], **given}
+    device = torch.device(device)
+    if method in ("gradient_dot", "influence", "trak"):
+        model, train, queries = _placed(model, device), _on(train, device), _on(queries, device)
     if method == "gradient_dot":
         return gradient_dot(model, task, train, queries, opts["measurement"])
     if method == "influence":
@@ -335,6 +347,7 @@ def baseline_scores(
             measurement=opts["measurement"],
             batch_size=opts["batch_size"],
             seed=seed,
+            device=device,
         )
     if method == "tracin":
         _need_recipe(method, make_model, train_config)
@@ -367,7 +380,17 @@ def baseline_scores(
         projection_dim=opts["projection_dim"],
         damping=opts["damping"],
         seed=seed,
+        device=device,
     )
+
+
+def _placed(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` itself on the CPU, else a copy on ``device``."""
+    return model if device.type == "cpu" else copy.deepcopy(model).to(device)
+
+
+def _on(data: ExampleSet, device: torch.device) -> ExampleSet:
+    return {name: value.to(device) for name, value in data.items()}
 
 
 def _need_recipe(method: str, make_model, train_config) -> None:

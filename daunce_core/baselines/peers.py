@@ -175,6 +175,7 @@ def ekfac(
     dtype: torch.dtype | None = None,
     seed: int = 0,
     output_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
 ) -> np.ndarray:
     """EK-FAC influence scores from kronfluence, ``[n_train, m_query]``, positive = proponent.
 
@@ -206,6 +207,7 @@ def ekfac(
         seed: seed of the sampled labels.
         output_dir: where kronfluence writes factors and scores; default a temporary directory,
             removed afterwards.
+        device: ``cuda`` runs kronfluence on the GPU; anything else on the CPU.
     """
     analyzer_mod = _require("kronfluence.analyzer", "kronfluence")
     arguments = _require("kronfluence.arguments", "kronfluence")
@@ -250,7 +252,7 @@ def ekfac(
             analysis_name="daunce",
             model=prepared,
             task=kf_task,
-            cpu=True,
+            cpu=torch.device(device).type != "cuda",
             log_level=logging.WARNING,
             disable_tqdm=True,
             output_dir=str(output_dir or scratch),
@@ -274,7 +276,7 @@ def ekfac(
         )
         scores = analyzer.load_pairwise_scores(scores_name="pairwise")["all_modules"]
     # kronfluence: [m_query, n_train], ∇M_jᵀ P ∇L_i — positive when upweighting i lowers M_j.
-    return (scores.T.double() / n).numpy()
+    return (scores.T.double() / n).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,6 +321,7 @@ def trak_scores(
     batch_size: int = 256,
     seed: int = 0,
     save_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
 ) -> np.ndarray:
     """TRAK scores from the ``trak`` package, ``[n_train, m_query]``, positive = proponent.
 
@@ -343,6 +346,7 @@ def trak_scores(
         seed: seed of the projections (model ``c`` uses traker's seeds for model id ``c``).
         save_dir: where traker writes its memory-mapped features, an empty or new directory;
             default a temporary directory, removed afterwards.
+        device: where traker computes (the models and data are moved there).
     """
     traker = _require("trak", "traker")
     models = [models] if isinstance(models, nn.Module) else list(models)
@@ -361,9 +365,13 @@ def trak_scores(
         )
     n, m = num_examples(train), num_examples(queries)
     # traker loads every checkpoint into one host module: keep each model's state apart from it.
-    host = TaskModule(copy.deepcopy(models[0]), task)
+    device = torch.device(device)
+    host = TaskModule(copy.deepcopy(models[0]), task).to(device)
     states = [
-        {key: value.detach().clone() for key, value in TaskModule(model, task).state_dict().items()}
+        {
+            key: value.detach().clone().to(device)
+            for key, value in TaskModule(model, task).state_dict().items()
+        }
         for model in models
     ]
     names = [f"m.{name}" for name in trainable_names(models[0], task)]
@@ -376,8 +384,8 @@ def trak_scores(
             "float32, which gives meaningless scores. Use a smaller projection_dim or damping > 0 "
             "(traker's lambda_reg; ~1e-3 × the kernel's mean diagonal)."
         )
-    train_cols = [train[key] for key in columns]
-    query_cols = [queries[key] for key in columns]
+    train_cols = [train[key].to(device) for key in columns]
+    query_cols = [queries[key].to(device) for key in columns]
     with tempfile.TemporaryDirectory(prefix="daunce-trak-") as scratch:
         settings = {
             "model": host,
@@ -385,7 +393,7 @@ def trak_scores(
             "train_set_size": n,
             "save_dir": str(save_dir or scratch),
             "load_from_save_dir": True,  # traker 0.3.2 writes experiments.json only then
-            "device": "cpu",
+            "device": str(device),
             "proj_dim": projection_dim,
             "logging_level": logging.WARNING,
             "use_half_precision": False,
