@@ -94,53 +94,79 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _free_port() -> int:
+    """A port that was free a moment ago (`prefect_server` retries if it is taken since)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _wait_healthy(url: str, timeout: float = 90) -> None:
+# A server takes ~10-20 s to start on an idle 2-core machine, minutes when both cores are busy.
+STARTUP_SECONDS = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 600))
+# Prefect's budgets (set by conftest) that the clients of `prefect_server` keep.
+BUDGETS = ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PREFECT_API_REQUEST_TIMEOUT")
+
+
+def _wait_healthy(
+    url: str, timeout: float = STARTUP_SECONDS, process: subprocess.Popen | None = None
+) -> None:
+    """Wait until the server at ``url`` is healthy; fail at once if its ``process`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ChildProcessError(f"the Prefect server exited with status {process.returncode}")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
                 if response.status == 200:
                     return
         except OSError:
-            time.sleep(0.5)
-    raise TimeoutError("the Prefect server did not become healthy")
+            time.sleep(0.2)
+    raise TimeoutError(f"the Prefect server did not become healthy in {timeout:.0f} s")
 
 
 @contextmanager
 def prefect_server(tmp_path: Path):
-    """A real ``prefect server start`` on 127.0.0.1; yields (api url, env for its clients)."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_API_URL": url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
-    }
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    """A real ``prefect server start`` on 127.0.0.1; yields (api url, env for its clients).
+
+    It dies with the test process even if that is killed (`flows.server.dying_with_parent`);
+    its output is in ``tmp_path / "prefect-server.log"``.
+    """
+    from flows.server import dying_with_parent
+
+    log = tmp_path / "prefect-server.log"
+    for attempt in range(3):  # the port may be taken between _free_port and the server's bind
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}/api"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
+            "PREFECT_HOME": str(tmp_path / "prefect-home"),
+            "PREFECT_API_URL": url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+        }
+        env |= {k: os.environ[k] for k in BUDGETS if k in os.environ}
+        command = [sys.executable, "-m", "prefect", "server", "start"]
+        with open(log, "a") as output:
+            server = subprocess.Popen(
+                dying_with_parent([*command, "--host", "127.0.0.1", "--port", str(port)]),
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            _wait_healthy(url, process=server)
+            break
+        except ChildProcessError as error:
+            if attempt == 2 or "in use" not in log.read_text():
+                raise ChildProcessError(f"{error}: {log.read_text()[-3000:]}") from None
+        except TimeoutError as error:
+            server.kill()
+            server.wait()
+            raise TimeoutError(f"{error}: {log.read_text()[-3000:]}") from None
     try:
-        _wait_healthy(url)
         yield url, env
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

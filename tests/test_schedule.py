@@ -6,7 +6,7 @@ import sys
 import time
 import urllib.request
 
-from pipeline_helpers import REPO, prefect_server, write_config, write_data
+from pipeline_helpers import REPO, STARTUP_SECONDS, prefect_server, write_config, write_data
 
 
 def _flow_runs(url: str) -> list[dict]:
@@ -24,9 +24,10 @@ def _flow_runs(url: str) -> list[dict]:
         return []
 
 
-def _completed_scheduled_runs(url: str, timeout: float = 150) -> list[dict]:
+def _completed_scheduled_runs(url: str, served: subprocess.Popen, timeout: float) -> list[dict]:
+    """Poll for a completed scheduled run while the served flow runs, ``timeout`` s at most."""
     deadline, completed = time.monotonic() + timeout, []
-    while time.monotonic() < deadline and not completed:
+    while time.monotonic() < deadline and not completed and served.poll() is None:
         time.sleep(2)
         completed = [
             r for r in _flow_runs(url) if r["auto_scheduled"] and r["state_type"] == "COMPLETED"
@@ -41,20 +42,22 @@ def test_scheduled_curation_run_executes(tmp_path):
         "from flows.curate import curate_flow; curate_flow.serve(name='every-minute', "
         f"interval=60, parameters={{'config_path': {str(config)!r}, 'flag_top': 5}})"
     )
-    with prefect_server(tmp_path) as (url, env):
+    log = tmp_path / "served.log"
+    with prefect_server(tmp_path) as (url, env), open(log, "w") as output:
         served = subprocess.Popen(
             [sys.executable, "-c", code],
             env=env,
             cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
         )
         try:
-            completed = _completed_scheduled_runs(url)
+            # ~1 min on an idle machine (start, register, schedule, run); more when it is busy.
+            completed = _completed_scheduled_runs(url, served, timeout=STARTUP_SECONDS)
         finally:
             served.terminate()
             served.wait(timeout=30)
-    assert completed, "no scheduled run completed"
+    assert completed, f"no scheduled run completed: {log.read_text()[-3000:]}"
     reports = list((tmp_path / "ws").glob("runs/*/reports/curation.md"))
     assert reports
     assert "highest self-influence" in reports[0].read_text()
