@@ -46,8 +46,9 @@ from daunce_core.access import KINDS, check_objective
 from daunce_core.conversion import from_dict, to_dict
 from daunce_core.errors import DaunceError
 from daunce_core.method.config import ComputeConfig, DaunceConfig, TrainConfig
+from daunce_core.storage import validate
 from daunce_core.storage.digest import digest_json, digest_path
-from daunce_core.storage.sources import DataSource
+from daunce_core.storage.sources import DataSource, Schema, describe_source, read_column
 
 
 @dataclass(frozen=True)
@@ -314,10 +315,17 @@ class RunConfig:
         return f"{self.name}-{self.digest()[:12]}"
 
 
-def load_config(path: str | Path, **overrides: Any) -> RunConfig:
+def load_config(path: str | Path, *, check_data: bool = True, **overrides: Any) -> RunConfig:
     """Read a YAML run configuration; ``overrides`` replace top-level fields (e.g. workspace).
 
-    Relative data, checkpoint and workspace paths are resolved against the file's folder.
+    Relative data, checkpoint and workspace paths are resolved against the file's folder. Every
+    value is checked against its field's type, then (unless ``check_data`` is False) what can be
+    checked before anything runs (`check_inputs`): the task, the recipe, the checkpoint and the
+    data files' schemas.
+
+    Raises:
+        DaunceError: naming the field (``daunce.num_models``, ``data.train.path``,
+            ``task.label``, ...) and the fix.
     """
     path = Path(path)
     if not path.exists():
@@ -326,6 +334,8 @@ def load_config(path: str | Path, **overrides: Any) -> RunConfig:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise DaunceError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise DaunceError(f"{path} must hold a mapping of config fields; got {raw!r}.")
     raw = _resolve_paths(raw, path.parent)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     if not isinstance(raw.get("daunce", {}), dict):
@@ -333,7 +343,72 @@ def load_config(path: str | Path, **overrides: Any) -> RunConfig:
     _refuse_moved(raw)
     model_train = raw.get("model", {}).get("train") if isinstance(raw.get("model"), dict) else None
     raw["daunce"] = flow_daunce(raw.get("daunce"), model_train)
-    return from_dict(RunConfig, raw, "")
+    config = from_dict(RunConfig, raw, "")
+    if check_data:
+        check_inputs(config)
+    return config
+
+
+def check_inputs(config: RunConfig) -> None:
+    """Check what can be checked before anything runs; errors name the field and the fix.
+
+    The task's and the recipe's kinds and fields, the checkpoint's existence, and each data
+    source from its schema and first row (`daunce_core.storage.validate`): its file exists in
+    a readable format and has examples, the task's columns exist and hold numbers, the
+    features' width is ``model.recipe.inputs``, the queries' columns match the training
+    data's; for classification, every class label (one column read) is in ``0 .. outputs-1``.
+    Every value is checked when the data is prepared (`tasks.data.prepare_data`).
+    """
+    validate.check_task(config.task)
+    recipe = config.model.recipe if config.model.access == "torch" else {}
+    if recipe:
+        validate.check_recipe(recipe)
+    checkpoint = config.model.checkpoint
+    if checkpoint and not Path(checkpoint).exists():
+        raise DaunceError(
+            f"model.checkpoint {checkpoint!r} does not exist; give the path of the trained "
+            "model's parameters, or leave model.checkpoint out to train model.recipe."
+        )
+    schemas = {where: (source, _schema(source, where)) for where, source in _sources(config)}
+    train = schemas["data.train"][1]
+    for where, (source, schema) in schemas.items():
+        validate.check_columns(schema, where, config.task, recipe)
+        if where != "data.train":
+            validate.check_splits(train, schema, where)
+        _check_label_values(config, source, where)
+
+
+def _sources(config: RunConfig) -> list[tuple[str, DataSource]]:
+    """Every data source with its field's name (``data.train``, ``data.queries[1]``)."""
+    queries = config.data.queries
+    if isinstance(queries, list):
+        named = [(f"data.queries[{i}]", source) for i, source in enumerate(queries)]
+    else:
+        named = [("data.queries", queries)]
+    return [("data.train", config.data.train), *named]
+
+
+def _schema(source: DataSource, where: str) -> Schema:
+    if not Path(source.path).exists():
+        raise DaunceError(
+            f"{where}.path: data file {source.path!r} does not exist; check the path (a "
+            "relative path is read from the configuration file's folder)."
+        )
+    try:
+        return describe_source(source)
+    except DaunceError as error:
+        raise DaunceError(f"{where}: {error}") from error
+
+
+def _check_label_values(config: RunConfig, source: DataSource, where: str) -> None:
+    """Class labels within the recipe's outputs (one column of ``source`` read)."""
+    if config.task.get("kind", "classification") != "classification":
+        return
+    label = validate.task_columns(config.task)["label"]
+    recipe = config.model.recipe
+    known = config.model.access == "torch" and recipe.get("kind") in ("mlp", "linear")
+    classes = recipe.get("outputs") if known else None
+    validate.check_labels(read_column(source, label), classes, where, source)
 
 
 MOVED_TO_COMPUTE = ("group_size", "vectorize", "eval_batch_size", "device")
@@ -351,19 +426,25 @@ def _refuse_moved(raw: dict) -> None:
 
 
 def _resolve_paths(raw: dict, base: Path) -> dict:
-    def absolute(value: str) -> str:
-        return str((base / value).resolve()) if not Path(value).is_absolute() else value
+    """Data, checkpoint, score and workspace paths made absolute against ``base``.
 
+    Values that are not strings are left as they are: `from_dict` names them.
+    """
+
+    def resolve(holder: Any, key: str) -> None:
+        if isinstance(holder, dict) and isinstance(holder.get(key), str) and holder[key]:
+            value = holder[key]
+            holder[key] = value if Path(value).is_absolute() else str((base / value).resolve())
+
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     for split in ("train", "queries"):
-        sources = raw.get("data", {}).get(split)
+        sources = data.get(split)
         for source in sources if isinstance(sources, list) else [sources]:
-            if isinstance(source, dict) and "path" in source:
-                source["path"] = absolute(source["path"])
-    if raw.get("model", {}).get("checkpoint"):
-        raw["model"]["checkpoint"] = absolute(raw["model"]["checkpoint"])
-    for score in (raw.get("evaluation") or {}).get("scores") or []:
-        if isinstance(score, dict) and "path" in score:
-            score["path"] = absolute(score["path"])
-    if "workspace" in raw:
-        raw["workspace"] = absolute(raw["workspace"])
+            resolve(source, "path")
+    resolve(raw.get("model"), "checkpoint")
+    evaluation = raw.get("evaluation") if isinstance(raw.get("evaluation"), dict) else {}
+    scores = evaluation.get("scores")
+    for score in scores if isinstance(scores, list) else []:
+        resolve(score, "path")
+    resolve(raw, "workspace")
     return raw

@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from daunce_core.storage.copies import RunCopies
 from daunce_core.storage.layout import RunLayout
 from tasks.common import copy_access
+from tasks.data import retry_transient
 
 
 def _run_name() -> str:
@@ -27,6 +28,7 @@ def _run_name() -> str:
     cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_transient,
 )
 def train_copies(ks: list[int], run_dir: str, spec: dict, query_digests: list[str]) -> dict:
     """Bring copies ``ks`` to done: train, measure or verify only what is missing.

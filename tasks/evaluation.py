@@ -36,6 +36,7 @@ from daunce_core.storage.exports import top_table, write_parquet
 from daunce_core.storage.layout import RunLayout
 from daunce_core.storage.zarr_store import DONE, OutcomeStore, RunStore
 from tasks.common import artifact, load_base_model, load_split, per_thread
+from tasks.data import retry_transient
 
 LDS_ORDER = 100_003
 """Job ``(m, s)`` of the LDS grid visits its subset in the order keyed ``m·LDS_ORDER + s``."""
@@ -83,6 +84,7 @@ def _pairs_name() -> str:
     cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_transient,
 )
 def ground_truth(pairs: list[list[int]], truth_dir: str, spec: dict, subsets: dict) -> dict:
     """Retrain LDS jobs ``(m, s)`` — subset m, seed s — and write their query outcomes.
@@ -117,6 +119,7 @@ def _jobs_name() -> str:
     cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_transient,
 )
 def retrain(index: list[int], store_dir: str, spec: dict, described: dict) -> dict:
     """Retrain jobs ``index`` of a flat `OutcomeStore` (subset removal); write their outcomes.
@@ -200,6 +203,7 @@ def lds_of_scores(source: dict, truth_dir: str, grid: list[int], subsets: dict) 
     task_run_name="baseline-{name}",
     cache_policy=NO_CACHE,
     retries=1,
+    retry_condition_fn=retry_transient,
 )
 def baseline(
     name: str,

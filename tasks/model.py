@@ -17,6 +17,7 @@ from daunce_core.method.objectives import Objective
 from daunce_core.method.signals import compute_base_signals
 from daunce_core.storage.digest import digest_arrays, digest_model
 from tasks.common import artifact, load_base_model, load_split
+from tasks.data import retry_transient
 
 
 @task(
@@ -24,6 +25,7 @@ from tasks.common import artifact, load_base_model, load_split
     cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=[1, 5],
+    retry_condition_fn=retry_transient,
 )
 def base_model(
     model_spec: dict, task_spec: dict, train: dict, path: str, checkpoint_digest: str | None
