@@ -26,7 +26,7 @@ from daunce_core.errors import DaunceError
 from daunce_core.storage.digest import digest_json, digest_path
 from daunce_core.storage.layout import RunLayout, Workspace, manifest_of, remove_partials
 from daunce_core.storage.lineage import Lineage
-from daunce_core.storage.manifest import read_manifest, write_manifest
+from daunce_core.storage.manifest import manifest_intact, read_manifest, write_manifest
 from daunce_core.storage.records import CopyRecords
 from daunce_core.storage.zarr_store import RunStore
 from flows.config import RunConfig
@@ -332,13 +332,24 @@ def _locked_attribute(run: RunConfig, overwrite: bool) -> dict:
     try:
         summary = _attribute(run, run_dir, workspace, lineage)
     except BaseException as error:
-        lineage.finish_run(run.run_id(), "failed", time.perf_counter() - started, repr(error))
+        status, message = _failure(run_dir, error)
+        lineage.finish_run(run.run_id(), status, time.perf_counter() - started, message)
         raise
     lineage.finish_run(run.run_id(), "completed", time.perf_counter() - started)
     lineage.create_views(Workspace(workspace).runs)
     summary = summary | {"seconds": time.perf_counter() - started}
     RunLayout(run_dir).summary.write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _failure(run_dir: Path, error: BaseException) -> tuple[str, str]:
+    """The status a failed run leaves: ``completed`` if an earlier run's exports are intact."""
+    if manifest_intact(manifest_of(RunLayout(run_dir).exports)):
+        return "completed", (
+            f"a rerun failed ({error!r}); the exports of the last completed run are intact "
+            "and still served"
+        )
+    return "failed", repr(error)
 
 
 def _remove_orphans(run_dir: Path, workspace: Path) -> list[str]:
@@ -447,15 +458,12 @@ IDENTITY_KEYS = ("kind", "daunce", "recipe", "task", "l2", "train", "model", "si
 def run_attribute(config: RunConfig, overwrite: bool = False) -> dict:
     """Run `attribute_flow` for ``config`` on the task runner its execution settings name.
 
-    Prefect's results are stored in the workspace (``.prefect/results``), next to the cache
-    keys, so that a rerun from any process — CLI, worker, test — is served from cache.
+    Nothing is kept in Prefect's result storage: what is done lives in the workspace (copy
+    records, artefact manifests), so a rerun from any process — CLI, worker, test, a copied
+    workspace — finds it.
     """
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-
-    results = Workspace(config.workspace).prefect / "results"
     flow_with_runner = attribute_flow.with_options(task_runner=_task_runner(config))
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(results)}):
-        return flow_with_runner(to_dict(config), overwrite=overwrite)
+    return flow_with_runner(to_dict(config), overwrite=overwrite)
 
 
 @flow(name="attribute-from-file", log_prints=True)

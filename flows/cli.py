@@ -1,8 +1,9 @@
 """The ``daunce`` command line: run the pipeline, follow runs, query the results with SQL.
 
 Unless ``PREFECT_API_URL`` points at a server, each command that runs a flow starts a local
-Prefect server that dies with it (`flows.server`); Prefect's home, results and cache keys live
-in the workspace (``.prefect/``), so reruns from a new process are served from cache.
+Prefect server that dies with it (`flows.server`); Prefect's home lives in the workspace
+(``.prefect/``). What is done is kept in the workspace itself (copy records, artefact
+manifests), so reruns from a new process, or in a copied workspace, are served from it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ DEFAULT_WORKSPACE = os.environ.get("DAUNCE_WORKSPACE", "daunce-runs")
 
 
 def prefect_environment(workspace: str | Path) -> None:
-    """Point Prefect's home, result storage and logging at ``workspace``; start its server.
+    """Point Prefect's home and logging at ``workspace``; start its server.
 
     Call it before importing Prefect. Unless an API URL is configured (``PREFECT_API_URL``, a
     Prefect profile, or the settings of a test harness), it starts a local server (see
@@ -28,7 +29,6 @@ def prefect_environment(workspace: str | Path) -> None:
     root = Path(workspace).resolve() / ".prefect"
     (root / "home").mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(root / "home"))
-    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(root / "results"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # How long the server may take to start: 20 s by default, and a fresh database on a busy
     # 2-core machine needs over a minute. A server that exits is reported at once.

@@ -54,10 +54,12 @@ def add_queries(args) -> int:
     import dataclasses
 
     from daunce_core.storage.sources import DataSource
+    from flows.config import check_inputs
 
     config = _load(args)
     sources = [*config.data.query_sources(), DataSource(path=str(Path(args.queries).resolve()))]
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, queries=sources))
+    check_inputs(config)  # the new query file too, before the server starts
     prefect_environment(config.workspace)
     from flows.attribute import run_attribute
 

@@ -18,34 +18,30 @@ database (``lds_results``, ``lds_per_query``, ``removal_results``), and into its
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-import zarr
 from prefect import flow
 
 from daunce_core.conversion import from_dict, to_dict
 from daunce_core.errors import DaunceError
-from daunce_core.evaluation.lds import lds_subsets
 from daunce_core.storage.digest import digest_json, digest_path
 from daunce_core.storage.exports import write_parquet
-from daunce_core.storage.layout import RunLayout, Workspace, remove_partials
+from daunce_core.storage.layout import RunLayout, Workspace
 from daunce_core.storage.lineage import Lineage
-from daunce_core.storage.zarr_store import DONE, OutcomeStore
 from flows.attribute import (
     _call,
     _inputs,
     _locked_attribute,
     _task_runner,
-    _write_atomic,
     workspace_lock,
 )
 from flows.config import RunConfig
 from flows.fanout import groups_of, map_groups
-from tasks.evaluation import baseline, ground_truth, lds_of_scores, score_source
+from tasks.evaluation import baseline, ground_truth, lds_of_scores, prepare_truth, score_source
+from tasks.removal import plan_removal_jobs, summarize_removal_jobs
 
 
 def retrain_spec(run: RunConfig, records: dict, outcome: str) -> dict:
@@ -117,22 +113,9 @@ def _ground_truth(run: RunConfig, layout: Workspace, spec: dict, states: list) -
     subsets = {"alpha": lds.alpha, "seed": lds.seed}
     key = digest_json({"spec": {k: v for k, v in spec.items() if k != "run_id"}, **subsets})
     truth_dir = layout.truth(key)
-    remove_partials(truth_dir)
-    store = OutcomeStore(truth_dir)
-    n, m = spec["num_train"], _num_queries(spec)
-    store.ensure((lds.subsets, lds.seeds), m, key)
-    masks = lds_subsets(n, lds.subsets, lds.alpha, lds.seed)
-    array = zarr.create_array(
-        store=str(truth_dir / "subsets"),
-        shape=masks.shape,
-        chunks=(1, n),
-        dtype="bool",
-        overwrite=True,
-    )
-    array[:] = masks
-    status = store.status()
+    grid = [lds.subsets, lds.seeds]
+    pending = prepare_truth(str(truth_dir), spec, subsets, grid, key)
     pairs = [[m_, s] for m_ in range(lds.subsets) for s in range(lds.seeds)]
-    pending = [[m_, s] for m_, s in pairs if status[m_, s] != DONE]
     task = ground_truth.with_options(retries=run.execution.retries)
     shared = {"truth_dir": str(truth_dir), "spec": spec, "subsets": subsets}
     groups = groups_of(pending, lds.group_size)
@@ -145,11 +128,6 @@ def _ground_truth(run: RunConfig, layout: Workspace, spec: dict, states: list) -
             | {"seconds": result["seconds"]}
         )
     return truth_dir, [lds.subsets, lds.seeds], subsets, key
-
-
-def _num_queries(spec: dict) -> int:
-    index = Path(spec["queries"]["uri"]) / "index.parquet"
-    return pl.read_parquet(index, columns=["example_id"]).height
 
 
 def _query_ids(spec: dict) -> np.ndarray:
@@ -249,22 +227,13 @@ def _record_lds(run: RunConfig, results: list, outcome: str, truth_dir: Path, fr
     lineage.create_views(Workspace(run.workspace).runs)
 
 
-def _with_results(run: RunConfig, fn, overwrite: bool) -> dict:
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-
-    results = Workspace(run.workspace).prefect / "results"
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(results)}):
-        return fn.with_options(task_runner=_task_runner(run))(to_dict(run), overwrite=overwrite)
+def _on_runner(run: RunConfig, fn, overwrite: bool) -> dict:
+    return fn.with_options(task_runner=_task_runner(run))(to_dict(run), overwrite=overwrite)
 
 
 def run_lds(config: RunConfig, overwrite: bool = False) -> dict:
-    """Run `lds_flow` for ``config`` (results and cache keys kept in the workspace)."""
-    return _with_results(config, lds_flow, overwrite)
-
-
-def write_json(path: Path, value: dict) -> None:
-    """Write ``value`` as indented JSON, atomically."""
-    _write_atomic(path, json.dumps(value, indent=1))
+    """Run `lds_flow` for ``config`` on the task runner its execution settings name."""
+    return _on_runner(config, lds_flow, overwrite)
 
 
 @flow(name="subset-removal", log_prints=True)
@@ -275,104 +244,20 @@ def removal_flow(config: dict, overwrite: bool = False) -> dict:
         return _removal(run, overwrite)
 
 
-def _groups(run: RunConfig, spec: dict) -> list[np.ndarray]:
-    """Groups of the queries the base model answers correctly (`daunce_core.evaluation.removal`)."""
-    from daunce_core.evaluation.removal import correct_queries, query_groups
-    from tasks.common import load_base_model
-    from tasks.evaluation import retrain_context
-
-    settings = run.evaluation.removal
-    context = retrain_context(spec)
-    model = load_base_model(spec["recipe"], spec["model"]["uri"], seed=spec["model_seed"])
-    correct = correct_queries(model, context["task"], context["queries"])
-    labels = None
-    if settings.group_by is not None:
-        if settings.group_by not in context["queries"]:
-            raise DaunceError(
-                f"evaluation.removal.group_by: the queries have no column "
-                f"{settings.group_by!r} (columns: {sorted(context['queries'])}); name one, or "
-                "set it to null for one group of all correctly answered queries."
-            )
-        labels = context["queries"][settings.group_by].numpy()
-    groups = query_groups(correct, labels, max_per_group=settings.per_group, seed=settings.seed)
-    return groups[: settings.max_groups] if settings.max_groups else groups
-
-
-def _plans(run: RunConfig, sources: list[dict], groups, n: int, m: int) -> dict:
-    """One removal plan per method, from its scores on the groups' queries."""
-    from daunce_core.evaluation.removal import plan_removal
-    from tasks.evaluation import read_scores
-
-    settings = run.evaluation.removal
-    columns = np.unique(np.concatenate(groups))
-    plans = {}
-    for source in sources:
-        matrix = read_scores(source, (n, m))
-        picked = matrix.oindex[:, columns] if source["kind"] == "zarr" else matrix[:, columns]
-        scores = np.zeros((n, m))  # only the groups' columns enter a plan
-        scores[:, columns] = np.asarray(picked, dtype=np.float64)
-        plans[source["name"]] = plan_removal(
-            scores,
-            groups,
-            settings.sizes,
-            settings.seeds,
-            random_trials=settings.random_trials,
-            seed=settings.seed,
-            share_random=settings.share_random,
-        )
-    return plans
-
-
-def _job_key(job) -> str:
-    return digest_json(
-        {"removed": np.flatnonzero(~job.keep).tolist(), "seed": job.seed, "order": job.order}
-    )
-
-
-def _removal_store(run_dir: Path, spec: dict, plans: dict) -> tuple[Path, dict]:
-    """The run's removal store, grown to hold every job of every plan; job key → row."""
-    folder = RunLayout(run_dir).removal
-    remove_partials(folder)
-    index_path = folder / "jobs.json"
-    key = digest_json({k: v for k, v in spec.items() if k != "run_id"})
-    index = json.loads(index_path.read_text()) if index_path.exists() else {"key": key, "jobs": {}}
-    if index["key"] != key:
-        raise DaunceError(
-            f"the removal retrainings in {folder} were made from other inputs; delete that "
-            "folder to start over."
-        )
-    jobs = index["jobs"]
-    for plan in plans.values():
-        for job in plan.jobs:
-            jobs.setdefault(_job_key(job), len(jobs))
-    OutcomeStore(folder).ensure((len(jobs),), _num_queries(spec), key)
-    write_json(index_path, index)  # written after the store has grown: rows always exist
-    return folder, jobs
-
-
-def _run_removal_jobs(run, folder: Path, spec: dict, plans: dict, rows: dict, states):
+def _run_removal_jobs(run: RunConfig, plan: dict, spec: dict, states: list) -> None:
     """Retrain every pending job, in batches of equal size (mapped tasks)."""
     from tasks.evaluation import retrain
 
-    settings = run.evaluation.removal
-    described = {}
-    for plan in plans.values():
-        for j, job in enumerate(plan.jobs):
-            described[rows[_job_key(job)]] = {
-                "removed": np.sort(plan.removed(j)).tolist(),
-                "seed": int(job.seed),
-                "order": int(job.order),
-            }
-    status = OutcomeStore(folder).status()
+    described = {int(row): job for row, job in plan["described"].items()}
     by_size: dict[int, list[int]] = {}
-    for row in sorted(described):
-        if status[row] != DONE:
-            by_size.setdefault(len(described[row]["removed"]), []).append(row)
-    batches = [b for members in by_size.values() for b in groups_of(members, settings.group_size)]
+    for row in sorted(plan["pending"]):
+        by_size.setdefault(len(described[row]["removed"]), []).append(row)
+    size = run.evaluation.removal.group_size
+    batches = [b for members in by_size.values() for b in groups_of(members, size)]
     task = retrain.with_options(retries=run.execution.retries)
-    shared = {"store_dir": str(folder), "spec": spec, "described": described}
-    pending = sum(len(b) for b in batches)
-    done, total = len(described) - pending, len(described)
+    shared = {"store_dir": plan["folder"], "spec": spec, "described": described}
+    total = len(described)
+    done = total - len(plan["pending"])
     for batch, result, state in map_groups(task, batches, "subset removal", done, total, **shared):
         states.append(
             {"task": "retrain", "key": f"{batch[0]}-{batch[-1]}", "status": state}
@@ -381,34 +266,28 @@ def _run_removal_jobs(run, folder: Path, spec: dict, plans: dict, rows: dict, st
 
 
 def _removal(run: RunConfig, overwrite: bool) -> dict:
-    from daunce_core.evaluation.removal import summarize_removal
-
     started, states = time.perf_counter(), []
     summary, _, records = _prepare(run, overwrite, states)
     spec = retrain_spec(run, records, "error")
     run_dir = Path(summary["run_dir"])
     sources = _methods(run, run_dir, spec, states)
-    groups = _groups(run, spec)
-    n, m = spec["num_train"], _num_queries(spec)
-    plans = _plans(run, sources, groups, n, m)
-    folder, rows = _removal_store(run_dir, spec, plans)
-    _run_removal_jobs(run, folder, spec, plans, rows, states)
-    outcomes = OutcomeStore(folder).outcomes()
-    table = []
-    for name, plan in plans.items():
-        errors = outcomes[[rows[_job_key(job)] for job in plan.jobs]]
-        result = summarize_removal(plan, errors)
-        for row in result.summary():
-            if row["kind"] == "top":
-                table.append({"method": name} | row)
-            elif name == sources[0]["name"]:  # full and random jobs are the same for all
-                table.append({"method": row["kind"]} | row)
-    frame = pl.DataFrame(table).with_columns(
-        run_id=pl.lit(run.run_id()),
-        groups=pl.lit(len(groups)),
-        seeds=pl.lit(run.evaluation.removal.seeds),
-    )
-    write_parquet(frame, RunLayout(run_dir).evaluation("removal"))
+    settings = to_dict(run.evaluation.removal)
+    plan = plan_removal_jobs(str(run_dir), spec, sources, settings)
+    _run_removal_jobs(run, plan, spec, states)
+    table = summarize_removal_jobs(str(run_dir), spec, sources, settings, run.run_id())
+    _record_removal(run, table, len(plan["groups"]))
+    return {
+        "run_id": run.run_id(),
+        "run_dir": str(run_dir),
+        "groups": plan["groups"],
+        "jobs": len(plan["described"]),
+        "table": table,
+        "states": {f"{s['task']}[{s['key']}]": s["status"] for s in states},
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _record_removal(run: RunConfig, table: list[dict], groups: int) -> None:
     lineage = Lineage(Workspace(run.workspace).lineage)
     for row in table:
         if row["kind"] != "full":
@@ -416,29 +295,16 @@ def _removal(run: RunConfig, overwrite: bool) -> dict:
                 run.run_id(),
                 f"removal/flipped@{row['size']}",
                 row["mean"],
-                {
-                    "groups": len(groups),
-                    "seeds": run.evaluation.removal.seeds,
-                    "units": row["units"],
-                },
+                {"groups": groups, "seeds": run.evaluation.removal.seeds, "units": row["units"]},
                 method=row["method"],
                 stderr=row["stderr"],
             )
     lineage.create_views(Workspace(run.workspace).runs)
-    return {
-        "run_id": run.run_id(),
-        "run_dir": str(run_dir),
-        "groups": [g.tolist() for g in groups],
-        "jobs": len(rows),
-        "table": table,
-        "states": {f"{s['task']}[{s['key']}]": s["status"] for s in states},
-        "seconds": time.perf_counter() - started,
-    }
 
 
 def run_removal(config: RunConfig, overwrite: bool = False) -> dict:
-    """Run `removal_flow` for ``config`` (results and cache keys kept in the workspace)."""
-    return _with_results(config, removal_flow, overwrite)
+    """Run `removal_flow` for ``config`` on the task runner its execution settings name."""
+    return _on_runner(config, removal_flow, overwrite)
 
 
 @flow(name="evaluate-from-file", log_prints=True)

@@ -1,4 +1,4 @@
-"""What every task shares: artefact records, loaders, per-thread contexts.
+"""What every task shares: artefact records, loaders, per-thread contexts, the retry rule.
 
 Tasks take and return paths, digests and small dicts — never tensors or models — so Prefect
 can cache them by their inputs and retry them cheaply. Each task writes one durable artefact
@@ -54,6 +54,38 @@ def _tensor(values: np.ndarray) -> torch.Tensor:
 def load_base_model(recipe: dict, path: str, seed: int = 0) -> torch.nn.Module:
     """The base model: built from its recipe, parameters loaded from ``path``."""
     return load_parameters(build_model(recipe, seed=seed), path).eval()
+
+
+DETERMINISTIC_OS_ERRORS = (
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+"""I/O errors that another attempt meets again: a wrong path is no passing failure."""
+
+
+def transient(error: BaseException | None) -> bool:
+    """Whether another attempt may succeed where ``error`` failed.
+
+    Only I/O failures (`OSError`: timeouts, lost connections, a full or flaky disk; not a
+    missing file or a refused permission) and a GPU out of memory are; a `DaunceError` or
+    `TaskError` (bad input or configuration), any other `ValueError` or `TypeError`, and
+    everything else are deterministic.
+    """
+    if isinstance(error, DETERMINISTIC_OS_ERRORS):
+        return False
+    if isinstance(error, OSError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect's ``retry_condition_fn`` of daunce's tasks: retry `transient` failures only.
+
+    Prefect passes the failed state; a task that raised holds the exception as its data.
+    """
+    return transient(getattr(state, "data", None))
 
 
 def per_thread(build: Callable[[dict], Any]) -> Callable[[dict], Any]:

@@ -11,8 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from daunce_core.storage.copies import RunCopies
 from daunce_core.storage.layout import RunLayout
-from tasks.common import copy_access
-from tasks.data import retry_transient
+from tasks.common import copy_access, retry_transient
 
 
 def _run_name() -> str:

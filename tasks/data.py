@@ -1,8 +1,4 @@
-"""Prepare data: a user's split read from its source, checked, and written in canonical form.
-
-Also the retry condition of daunce's tasks (`retry_transient`): a bad input fails at once, and
-only failures that another attempt may not meet (I/O, a full GPU) are retried.
-"""
+"""Prepare data: a user's split read from its source, checked, and written in canonical form."""
 
 from __future__ import annotations
 
@@ -11,38 +7,7 @@ from prefect.cache_policies import NO_CACHE
 
 from daunce_core.storage.sources import DataSource, read_sources, write_canonical
 from daunce_core.storage.validate import check_source
-from tasks.common import artifact
-
-DETERMINISTIC_OS_ERRORS = (
-    FileNotFoundError,
-    IsADirectoryError,
-    NotADirectoryError,
-    PermissionError,
-)
-"""I/O errors that another attempt meets again: a wrong path is no passing failure."""
-
-
-def transient(error: BaseException | None) -> bool:
-    """Whether another attempt may succeed where ``error`` failed.
-
-    Only I/O failures (`OSError`: timeouts, lost connections, a full or flaky disk; not a
-    missing file or a refused permission) and a GPU out of memory are; a `DaunceError` or
-    `TaskError` (bad input or configuration), any other `ValueError` or `TypeError`, and
-    everything else are deterministic.
-    """
-    if isinstance(error, DETERMINISTIC_OS_ERRORS):
-        return False
-    if isinstance(error, OSError):
-        return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
-
-
-def retry_transient(task, task_run, state) -> bool:
-    """Prefect's ``retry_condition_fn`` of daunce's tasks: retry `transient` failures only.
-
-    Prefect passes the failed state; a task that raised holds the exception as its data.
-    """
-    return transient(getattr(state, "data", None))
+from tasks.common import artifact, retry_transient
 
 
 @task(

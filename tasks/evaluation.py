@@ -33,10 +33,9 @@ from daunce_core.evaluation.lds import (
 from daunce_core.method.config import TrainConfig
 from daunce_core.storage.digest import digest_json
 from daunce_core.storage.exports import top_table, write_parquet
-from daunce_core.storage.layout import RunLayout
+from daunce_core.storage.layout import RunLayout, remove_partials
 from daunce_core.storage.zarr_store import DONE, OutcomeStore, RunStore
-from tasks.common import artifact, load_base_model, load_split, per_thread
-from tasks.data import retry_transient
+from tasks.common import artifact, load_base_model, load_split, per_thread, retry_transient
 
 LDS_ORDER = 100_003
 """Job ``(m, s)`` of the LDS grid visits its subset in the order keyed ``m·LDS_ORDER + s``."""
@@ -69,6 +68,28 @@ def _retrain(spec: dict, jobs: list[RetrainJob]) -> np.ndarray:
         outcome=spec["outcome"],
         group_size=len(jobs),
     )
+
+
+def num_queries(spec: dict) -> int:
+    """m, the number of queries of a retraining spec."""
+    index = Path(spec["queries"]["uri"]) / "index.parquet"
+    return pl.read_parquet(index, columns=["example_id"]).height
+
+
+@task(name="prepare-truth", cache_policy=NO_CACHE)
+def prepare_truth(
+    truth_dir: str, spec: dict, subsets: dict, grid: list[int], key: str
+) -> list[list[int]]:
+    """Grow the LDS ground truth's store to ``grid = [M, S]``; return its pending jobs.
+
+    Writes the ``[M, n]`` subset masks beside the outcomes (`OutcomeStore.write_subsets`).
+    """
+    remove_partials(truth_dir)
+    store = OutcomeStore(truth_dir)
+    store.ensure(tuple(grid), num_queries(spec), key)
+    store.write_subsets(lds_subsets(spec["num_train"], grid[0], subsets["alpha"], subsets["seed"]))
+    status = store.status()
+    return [[m, s] for m in range(grid[0]) for s in range(grid[1]) if status[m, s] != DONE]
 
 
 def _pairs_name() -> str:

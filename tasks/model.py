@@ -16,8 +16,7 @@ from daunce_core.method.config import DTYPES, TrainConfig
 from daunce_core.method.objectives import Objective
 from daunce_core.method.signals import compute_base_signals
 from daunce_core.storage.digest import digest_arrays, digest_model
-from tasks.common import artifact, load_base_model, load_split
-from tasks.data import retry_transient
+from tasks.common import artifact, load_base_model, load_split, retry_transient
 
 
 @task(
@@ -73,9 +72,7 @@ def base_signals(
         for k, v in load_split(train["uri"], train["digest"]).items()
     }
     objective = Objective(variant=signal_spec["variant"])
-    signals = compute_base_signals(
-        network, task_from_spec(task_spec), data, objective, batch_size
-    )
+    signals = compute_base_signals(network, task_from_spec(task_spec), data, objective, batch_size)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in signals.items()}, path)
     return artifact(

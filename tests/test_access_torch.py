@@ -135,3 +135,61 @@ def test_a_damaged_record_is_named(finished):
     with pytest.raises(DaunceError, match=r"copy-000003\.json.*damaged"):
         CopyRecords(run.copies).read(3)
     assert CopyRecords(run.copies).counts(4) == {"done": 3, "damaged": 1}
+
+
+class SubmitsJobs(TorchModuleAccess):
+    """A torch access that, like a fine-tuning API, submits one external job per copy.
+
+    The first training is interrupted after its jobs were submitted (as a kill would).
+    """
+
+    kind = "submits-jobs"
+    submitted: list[str]
+    interrupted = False
+
+    def train(self, ks, journal=None):
+        for k in ks:
+            if journal.job_id(k) is None:
+                job = f"job-{k}-{len(self.submitted)}"
+                self.submitted.append(job)
+                journal.record_job(k, job)
+        if not self.interrupted:
+            type(self).interrupted = True
+            raise KeyboardInterrupt("killed while waiting for the jobs")
+        return super().train(ks, journal)
+
+
+def test_a_recorded_job_is_resumed_never_submitted_again(tmp_path):
+    access = build(cls=SubmitsJobs)
+    access.submitted = []
+    run = RunLayout(tmp_path / "runs" / "r")
+    copies = start_run(run, access, 3)
+    with pytest.raises(KeyboardInterrupt):
+        copies.complete(range(3))
+    records = CopyRecords(run.copies)
+    assert [r.job_id for r in records.read_many(range(3))] == ["job-0-0", "job-1-1", "job-2-2"]
+    assert [r.status for r in records.read_many(range(3))] == ["training"] * 3
+    copies.complete(range(3))
+    assert access.submitted == ["job-0-0", "job-1-1", "job-2-2"]
+    assert [r.status for r in records.read_many(range(3))] == ["done"] * 3
+    assert [r.attempts for r in records.read_many(range(3))] == [2, 2, 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_copies_on_cuda_match_the_cpu():
+    model, train, queries = problem()
+    config = DaunceConfig(num_models=4, subset_ratio=1.0, objective=Objective(labels="sampled"))
+    rows = {
+        device: TorchModuleAccess(
+            model,
+            ClassificationTask(),
+            train,
+            queries,
+            config,
+            1e-3,
+            compute=ComputeConfig(device=device),
+        ).run(range(4))
+        for device in ("cpu", "cuda")
+    }
+    np.testing.assert_allclose(rows["cuda"].train, rows["cpu"].train, rtol=1e-3, atol=1e-4)

@@ -146,3 +146,31 @@ def test_float64_runs_store_float64_losses(harness, data, tmp_path):
     config = load_config(write_config(tmp_path / "a.yaml", tmp_path / "ws", data, dtype="float64"))
     result = run_attribute(config)
     assert losses_of(result["run_dir"])[0].dtype == np.float64
+
+
+def test_a_failed_rerun_keeps_an_intact_completed_run_completed(
+    harness, data, tmp_path, monkeypatch
+):
+    import flows.attribute
+
+    config = load_config(write_config(tmp_path / "a.yaml", tmp_path / "ws", data))
+    first = run_attribute(config)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr(flows.attribute, "_run_copies", broken)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        run_attribute(config)
+    with Lineage(Workspace(config.workspace).lineage).connect(read_only=True) as con:
+        status, message = con.execute(
+            "SELECT status, message FROM runs WHERE run_id = ?", [first["run_id"]]
+        ).fetchone()
+    assert status == "completed"
+    assert "a rerun failed" in message
+    shutil.rmtree(RunLayout(first["run_dir"]).exports)  # now the results are gone: failed
+    with pytest.raises(RuntimeError):
+        run_attribute(config)
+    with Lineage(Workspace(config.workspace).lineage).connect(read_only=True) as con:
+        row = con.execute("SELECT status FROM runs WHERE run_id = ?", [first["run_id"]])
+        assert row.fetchone()[0] == "failed"

@@ -22,7 +22,8 @@ from flows import commands
 from flows.cli import main
 from flows.config import load_config
 from tasks import copies, data, evaluation, model
-from tasks.data import prepare_data, retry_transient, transient
+from tasks.common import retry_transient, transient
+from tasks.data import prepare_data
 
 N, D, C = 24, 8, 3
 

@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -103,6 +103,20 @@ class CopyLosses:
     diverged: np.ndarray
 
 
+class CopyJournal(Protocol):
+    """Where a kind that submits external jobs records them before waiting (per-copy records).
+
+    A fine-tuning API's copy trainer asks `job_id` first and resumes polling a recorded job
+    instead of submitting a second one; it calls `record_job` as soon as a job is created.
+    """
+
+    def job_id(self, k: int) -> str | None:
+        """The external job recorded for copy ``k``, if any."""
+
+    def record_job(self, k: int, job_id: str) -> None:
+        """Record copy ``k``'s external job durably, before waiting for it."""
+
+
 class ModelAccess(ABC):
     """One kind of model access: trains perturbed copies by index and evaluates their losses.
 
@@ -126,8 +140,11 @@ class ModelAccess(ABC):
         """m, the number of queries."""
 
     @abstractmethod
-    def train(self, ks: Sequence[int]) -> Any:
-        """Train copies ``ks`` from the base model; return the kind's handle of them."""
+    def train(self, ks: Sequence[int], journal: CopyJournal | None = None) -> Any:
+        """Train copies ``ks`` from the base model; return the kind's handle of them.
+
+        ``journal`` records external job ids (kinds that submit jobs must use it).
+        """
 
     @abstractmethod
     def evaluate(self, ks: Sequence[int], trained: Any) -> CopyLosses:

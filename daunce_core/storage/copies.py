@@ -46,6 +46,22 @@ class CopyReport:
     diverged: list[int] = field(default_factory=list)
 
 
+class RecordJournal:
+    """A `CopyJournal` over the copies' records: a job id is written the moment it exists."""
+
+    def __init__(self, store: CopyRecords, records: dict[int, CopyRecord]) -> None:
+        self.store, self.records = store, records
+
+    def job_id(self, k: int) -> str | None:
+        """The external job recorded for copy ``k``, if any."""
+        return self.records[k].job_id
+
+    def record_job(self, k: int, job_id: str) -> None:
+        """Write copy ``k``'s job id into its record now."""
+        self.records[k].job_id = job_id
+        self.store.write(self.records[k])
+
+
 def rows_digest(train: np.ndarray, query: np.ndarray) -> str:
     """Digest of one copy's loss row (its train losses and its query measurements)."""
     hasher = hashlib.sha256()
@@ -137,7 +153,7 @@ class RunCopies:
                 began,
             )
             self.records.write(record)
-        trained = self.access.train(ks)
+        trained = self.access.train(ks, journal=RecordJournal(self.records, records))
         rows = self.access.evaluate(ks, trained)
         seconds = (time.perf_counter() - started) / len(ks)
         for g, k in enumerate(ks):

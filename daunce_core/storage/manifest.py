@@ -37,16 +37,24 @@ def write_manifest(path: str | Path, key: str, record: Any) -> None:
     partial.replace(path)
 
 
-def read_manifest(path: str | Path, key: str) -> Any | None:
-    """The record of a done artefact for inputs ``key``; None if it must be computed again."""
-    path = Path(path)
+def _body(path: str | Path) -> dict | None:
+    """The manifest at ``path`` if every file it names still has its recorded content."""
     try:
-        body = json.loads(path.read_text())
+        body = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(body, dict) or body.get("key") != key:
+    content = body.get("content") if isinstance(body, dict) else None
+    if not isinstance(content, dict) or None in content.values():
         return None
-    content = body.get("content") or {}
-    if None in content.values() or _content(list(content)) != content:
-        return None
-    return body.get("record")
+    return body if _content(list(content)) == content else None
+
+
+def read_manifest(path: str | Path, key: str) -> Any | None:
+    """The record of a done artefact for inputs ``key``; None if it must be computed again."""
+    body = _body(path)
+    return body.get("record") if body is not None and body.get("key") == key else None
+
+
+def manifest_intact(path: str | Path) -> bool:
+    """Whether the artefact of the manifest at ``path`` is intact, whatever its inputs were."""
+    return _body(path) is not None

@@ -210,6 +210,17 @@ class OutcomeStore:
             status.resize(grown)
             outcomes.resize((*grown, m))
 
+    def write_subsets(self, masks: np.ndarray) -> None:
+        """Store the LDS subsets beside the outcomes: ``subsets``, ``[M, n]`` bool."""
+        array = zarr.create_array(
+            store=str(self.root / "subsets"),
+            shape=masks.shape,
+            chunks=(1, masks.shape[1]),
+            dtype="bool",
+            overwrite=True,
+        )
+        array[:] = masks
+
     def status(self) -> np.ndarray:
         """The status grid (0 pending, 1 done)."""
         return np.asarray(self.open("status")[...])

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from daunce_core.access.base import Capabilities, CopyLosses, ModelAccess
+from daunce_core.access.base import Capabilities, CopyJournal, CopyLosses, ModelAccess
 from daunce_core.access.task import Task, check_per_example
 from daunce_core.access.torch_module.evaluation import evaluate_copies
 from daunce_core.access.torch_module.stacked import trainable_names
@@ -155,10 +155,11 @@ class TorchModuleAccess(ModelAccess):
             )
         return result
 
-    def train(self, ks: Sequence[int]) -> TrainedCopies:
+    def train(self, ks: Sequence[int], journal: CopyJournal | None = None) -> TrainedCopies:
         """Train copies ``ks`` together (one group: ``vmap`` over all of them) from ``θ0``.
 
-        A copy's result does not depend on which other copies share its group.
+        A copy's result does not depend on which other copies share its group. No external
+        jobs: ``journal`` is not used.
         """
         c = self.config
         return train_copies(
