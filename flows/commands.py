@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from daunce_core.errors import DaunceError
+from daunce_core.storage.layout import Workspace
 from daunce_core.storage.lineage import Lineage, query_frame
 from flows.cli import prefect_environment
 
@@ -142,11 +143,23 @@ def _print_summary(summary: dict) -> None:
     )
     if summary["excluded"]:
         print(f"copies left out (diverged): {summary['excluded']}")
+    if summary.get("retrained_lost"):
+        print(
+            f"copies {summary['retrained_lost']}: their saved parameters were lost or damaged; "
+            "trained again from their seeds (this model access is deterministic)"
+        )
+    if summary.get("remeasured"):
+        print(
+            f"copies {summary['remeasured']}: their loss rows were missing or damaged; measured "
+            "again from their saved parameters"
+        )
     print(f"results: {summary['run_dir']}")
+    for warning in summary.get("warnings", []):
+        print(f"daunce: warning: {warning}", file=sys.stderr)
 
 
 def _lineage(workspace: str, must_exist: bool = True) -> Lineage:
-    path = Path(workspace) / "lineage.duckdb"
+    path = Workspace(workspace).lineage
     if must_exist and not path.exists():
         raise DaunceError(
             f"no runs in workspace {workspace!r} (no {path}); run `daunce run CONFIG` first or "
@@ -157,7 +170,7 @@ def _lineage(workspace: str, must_exist: bool = True) -> Lineage:
 
 def _exports_root(lineage: Lineage) -> Path:
     """The folder whose runs' Parquet exports the views read: ``<workspace>/runs``."""
-    return lineage.path.parent / "runs"
+    return Workspace(lineage.path.parent).runs
 
 
 def _latest_run(lineage: Lineage, completed: bool) -> str:
