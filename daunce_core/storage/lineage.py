@@ -23,6 +23,7 @@ from pathlib import Path
 import duckdb
 
 from daunce_core.errors import DaunceError
+from daunce_core.storage.layout import VIEW_GLOBS
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -44,23 +45,8 @@ ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS method VARCHAR;
 ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS stderr DOUBLE;
 """
 
-VIEWS = {
-    "top_proponents": (
-        "*/exports/top_proponents.parquet",
-        "*/baselines/*/exports/top_proponents.parquet",
-    ),
-    "top_opponents": (
-        "*/exports/top_opponents.parquet",
-        "*/baselines/*/exports/top_opponents.parquet",
-    ),
-    "example_influence": ("*/exports/example_influence.parquet",),
-    "examples": ("*/exports/examples.parquet",),
-    "lds_results": ("*/evaluations/lds-*.parquet",),
-    "lds_per_query": ("*/evaluations/lds_per_query-*.parquet",),
-    "removal_results": ("*/evaluations/removal.parquet",),
-}
-"""Views over the Parquet files below ``<workspace>/runs``: the exports of DAUNCE (and of the
-baselines, told apart by ``method``), and the evaluation results."""
+VIEWS = VIEW_GLOBS
+"""The views over Parquet files below ``<workspace>/runs`` (`daunce_core.storage.layout`)."""
 
 
 LOCK_TIMEOUT = 30.0
