@@ -77,6 +77,13 @@ def pytest_pycollect_makemodule(module_path, parent):
         prefect.testing.utilities.prefect_test_harness = shared_prefect_test_harness
 
 
+@pytest.fixture(scope="module")
+def harness():
+    """Prefect's test harness on the session's server, for a module's flow tests."""
+    with shared_prefect_test_harness():
+        yield
+
+
 @pytest.fixture(scope="session")
 def prefect_api() -> str:
     """The API URL of the session's Prefect server."""

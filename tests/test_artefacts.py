@@ -15,19 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pipeline_helpers import losses_of, scores_of, write_config, write_data
-from prefect.testing.utilities import prefect_test_harness
 
 from daunce_core.storage.layout import RunLayout, Workspace
 from daunce_core.storage.lineage import Lineage, query_frame
 from daunce_core.storage.sources import DataSource
 from flows.attribute import run_attribute
 from flows.config import load_config
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import pytest
 import yaml
 import zarr
 from pipeline_helpers import scores_of, write_config, write_data
-from prefect.testing.utilities import prefect_test_harness
 
 from daunce_core import ClassificationTask
 from daunce_core.access.torch_module.models import build_model
@@ -31,12 +30,6 @@ EVALUATION = {
     "lds": {"subsets": 6, "seeds": 2, "group_size": 4},
     "removal": {"sizes": [5, 20], "seeds": 2, "per_group": 3, "max_groups": 2, "group_size": 8},
 }
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness():
-        yield
 
 
 @pytest.fixture(scope="module")

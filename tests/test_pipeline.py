@@ -9,7 +9,6 @@ import numpy as np
 import polars as pl
 import pytest
 from pipeline_helpers import exploding_data, losses_of, scores_of, write_config, write_data
-from prefect.testing.utilities import prefect_test_harness
 
 from daunce_core import ClassificationTask, TorchModuleAccess
 from daunce_core.access.torch_module.models import build_model, save_parameters
@@ -22,12 +21,6 @@ from flows.attribute import claim_run_dir, run_attribute, workspace_lock
 from flows.cli import main
 from flows.config import ExportConfig, load_config
 from tasks.common import load_base_model, load_split
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness():
-        yield
 
 
 @pytest.fixture(scope="module")
