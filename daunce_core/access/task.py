@@ -1,6 +1,7 @@
-"""The user protocol: how DAUNCE reaches a model, whatever the model is.
+"""The `Task` protocol: how the white-box access kinds reach a torch model's outputs and losses.
 
-DAUNCE touches a model in exactly four ways (paper §3.1, eq. (5) and Table 1):
+A white-box model access (`daunce_core.access.torch_module`, and the Hugging Face + LoRA kind)
+touches the model in exactly four ways (paper §3.1, eq. (5) and Table 1):
 
 1. **outputs** ``g(θ, x)``: the logits (any shape ``[B, ...]``), from which everything else follows;
 2. **per-example loss** ``L_i = loss_from_outputs(g, batch)``: shape ``[B]``, never reduced over
@@ -14,18 +15,13 @@ A `Task` names these with two required methods (`outputs`, `loss_from_outputs`) 
 hooks with safe defaults: `margin_from_outputs` (needed by the ``trak`` variant and the margin
 measurement), `logit_noise` (needed by sampled-label perturbations) and `trainable_parameters`.
 
-How other kinds of model meet the same protocol:
-
-* **Hugging Face causal LM with LoRA** — ``outputs`` returns the answer-token logits
-  ``[B, T, V]``; ``loss_from_outputs`` the mean token NLL over the answer tokens (masked by the
-  batch's label mask), so it stays one value per example; ``trainable_parameters`` returns only
-  the LoRA adapter weights; ``logit_noise`` samples one token per answer position from the base
-  model's softmax. The logit-space first-order term then runs per answer token.
-* **Black-box models** (a hosted model that can only be fine-tuned and asked for losses) — only
-  ``per_example_loss`` (and ``margin`` for ``trak``) is ever called, and only in the black-box
-  objectives (Table 2), which need neither outputs nor gradients. A black-box adapter implements
-  the loss query through the provider's API and fine-tuning through its fine-tune endpoint; the
-  white-box variants refuse such a model because they need `outputs`.
+A Hugging Face causal LM with LoRA meets the same protocol: ``outputs`` returns the
+answer-token logits ``[B, T, V]``; ``loss_from_outputs`` the mean token NLL over the answer
+tokens (masked by the batch's label mask), so it stays one value per example;
+``trainable_parameters`` returns only the LoRA adapter weights; ``logit_noise`` samples one token
+per answer position from the base model's softmax. Black-box models (a fine-tuning API, prompt
+optimisation) do not use a `Task`: their `daunce_core.access.base.ModelAccess` kind queries
+losses itself, and its `Capabilities` refuse the white-box objectives.
 
 Every method must be a pure function of its arguments (no ``.item()``, no data-dependent Python
 control flow, no in-place updates of module state) so that many perturbed copies can run at once

@@ -1,4 +1,4 @@
-"""Perturbed copies of one base model, trained and evaluated by index (Algorithm 1, lines 1–4).
+"""The ``torch`` model access: perturbed copies of a torch module, trained at once (Alg. 1, 1–4).
 
 `TorchModuleAccess` holds everything shared by the K copies — the base model in the run's dtype,
 the data, the base signals — and produces the loss rows of any set of copy indices. Because each
