@@ -382,6 +382,7 @@ def _outputs(run: RunConfig, run_dir: Path, records: dict, states: list, rows: s
         run.daunce.score,
         rows,
         artefact=RunLayout(run_dir).scores,
+        queries=records["queries"]["uri"],
     )
     splits = {"train": records["train"], "queries": records["queries"]}
     return _call(
@@ -448,6 +449,7 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
         "flow_process": os.getpid(),
         "copy_processes": sorted({c["process"] for c in copies if c["trained"]}),
         "states": {f"{s['task']}[{s['key']}]": s["status"] for s in states},
+        "warnings": [w for w in (records["scores"].get("constant"),) if w],
     }
 
 

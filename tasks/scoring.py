@@ -11,7 +11,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from daunce_core.errors import DaunceWarning
-from daunce_core.method.scores import collect_statistics, self_influence, write_scores
+from daunce_core.method.scores import (
+    collect_statistics,
+    constant_columns,
+    self_influence,
+    warn_constant,
+    write_scores,
+)
 from daunce_core.storage.digest import digest_json
 from daunce_core.storage.exports import example_influence_table, top_table, write_parquet
 from daunce_core.storage.layout import RunLayout
@@ -22,16 +28,29 @@ ROW_CHUNK, COL_CHUNK = 8192, 1024
 
 
 @task(name="scores", cache_policy=NO_CACHE)
-def compute_scores(run_dir: str, kind: str, rows_digest: str) -> dict:
+def compute_scores(run_dir: str, kind: str, rows_digest: str, queries: str | None = None) -> dict:
     """Scores ``[n_train, m_query]`` from the valid loss rows; self-influence ``[n_train]``.
 
     ``rows_digest`` (of which copies are done) keys the cache: new rows, new scores.
+    ``queries`` (the canonical query folder; how to name them, not part of the key) gives the
+    query ids the warnings name. The record's ``warnings`` hold the `DaunceWarning`s raised:
+    copies left out, and measurements that do not vary across the copies
+    (``constant``: `daunce_core.method.scores.constant_message`), counted in ``constant_queries``
+    and ``constant_train``.
     """
     store = RunStore(RunLayout(run_dir).store)
     a, b = store.open("losses_train"), store.open("losses_query")
+    ids = None
+    if queries is not None:
+        ids = pl.read_parquet(Path(queries) / "index.parquet")["example_id"].to_numpy()
+        ids = ids if len(ids) == b.shape[1] else None
+    constant = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DaunceWarning)
         stats = collect_statistics(a, b)
+        if len(stats.valid_rows) >= 2:
+            constant = warn_constant(stats, b.dtype, ids)
+    constant_train, constant_queries = constant_columns(stats)
     n, m = a.shape[1], b.shape[1]
     out = store.create_scores(n, m, ROW_CHUNK, COL_CHUNK)
     write_scores(a, b, stats, out, kind=kind, row_chunk=ROW_CHUNK, col_chunk=COL_CHUNK)
@@ -49,6 +68,9 @@ def compute_scores(run_dir: str, kind: str, rows_digest: str) -> dict:
         "valid": len(stats.valid_rows),
         "excluded": stats.excluded_rows.tolist(),
         "warnings": [str(w.message) for w in caught],
+        "constant": constant,
+        "constant_queries": len(constant_queries),
+        "constant_train": len(constant_train),
     }
 
 

@@ -19,7 +19,12 @@ from daunce_core.access.task import Task
 from daunce_core.access.torch_module.access import TorchModuleAccess
 from daunce_core.errors import DaunceError
 from daunce_core.method.config import ComputeConfig, DaunceConfig
-from daunce_core.method.scores import collect_statistics, self_influence, write_scores
+from daunce_core.method.scores import (
+    collect_statistics,
+    self_influence,
+    warn_constant,
+    write_scores,
+)
 
 
 @dataclass
@@ -91,6 +96,7 @@ def attribute(
     )
     rows = copies.run(range(config.num_models))
     stats = collect_statistics(rows.train, rows.query)
+    warn_constant(stats, config.dtype)
     scores = write_scores(rows.train, rows.query, stats, kind=config.score)
     return Attribution(
         scores=scores,

@@ -323,6 +323,65 @@ def self_influence(stats: ScoreStatistics) -> np.ndarray:
     return stats.train.variance()
 
 
+def constant_columns(stats: ScoreStatistics) -> tuple[np.ndarray, np.ndarray]:
+    """Training and query columns whose measurement is the same in every valid copy.
+
+    Their scores are exactly 0 (a covariance with a constant; a correlation by convention): they
+    rank nothing. Usually the losses underflow (exactly 0 in float32 for a confidently right
+    answer) or the base model memorised the data.
+
+    Returns:
+        ``(train, query)``: sorted int64 column indices, ``train`` into ``losses_train`` (rows of
+        the score matrix), ``query`` into ``losses_query`` (its columns).
+    """
+    return np.flatnonzero(stats.train.m2 == 0), np.flatnonzero(stats.query.m2 == 0)
+
+
+def constant_message(
+    stats: ScoreStatistics,
+    dtype: DTypeLike | None = None,
+    query_ids: ArrayLike | None = None,
+) -> str | None:
+    """What to tell a user about `constant_columns` (None if there are none).
+
+    Names how many query columns (their ids, the first 20, from ``query_ids`` or their
+    positions) and training rows are constant over the valid copies, how many of those are
+    exactly 0, that their scores are 0 and rank nothing, and the fixes: ``dtype: float64`` for
+    losses that underflow in ``dtype``, a smaller learning rate for a base model that memorised
+    its training data.
+    """
+    train, query = constant_columns(stats)
+    if len(train) == 0 and len(query) == 0:
+        return None
+    ids = query if query_ids is None else np.asarray(query_ids)[query]
+    shown = ", ".join(str(i) for i in ids[:20]) + (" ..." if len(ids) > 20 else "")
+    zeros = int((stats.query.mean[query] == 0).sum() + (stats.train.mean[train] == 0).sum())
+    n, m = stats.train.mean.shape[0], stats.query.mean.shape[0]
+    precision = f" in {np.dtype(dtype).name}" if dtype is not None else ""
+    return (
+        f"{len(query)} of {m} query columns"
+        + (f" (query ids {shown})" if len(query) else "")
+        + f" and {len(train)} of {n} training rows have the same measurement in all "
+        f"{len(stats.valid_rows)} valid copies ({zeros} of them exactly 0{precision}): their "
+        "scores are 0 and rank nothing. Losses this small underflow: set `dtype: float64` in "
+        "the daunce section; if the base model memorised its training data (training losses "
+        "near 0), train it with a smaller learning rate (model.train.lr), fewer epochs or more "
+        "L2."
+    )
+
+
+def warn_constant(
+    stats: ScoreStatistics,
+    dtype: DTypeLike | None = None,
+    query_ids: ArrayLike | None = None,
+) -> str | None:
+    """Warn (`DaunceWarning`) with `constant_message` if any column is constant; return it."""
+    message = constant_message(stats, dtype, query_ids)
+    if message is not None:
+        warnings.warn(message, DaunceWarning, stacklevel=2)
+    return message
+
+
 def _check_2d(x: Any, name: str) -> None:
     if len(x.shape) != 2:
         raise DaunceError(

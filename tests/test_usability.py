@@ -1,0 +1,75 @@
+"""What a new user meets (issue 10): silent zero scores, moved workspaces, the demo's folder,
+missing baselines, the ``examples`` view, cached timings, the base model's quality, curation.
+
+Real components throughout: the attribute flow on Prefect (test harness), Zarr stores, DuckDB
+files and the ``daunce`` command line (`flows.cli.main`), on a small digits MLP.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from pipeline_helpers import losses_of, scores_of, write_config, write_data
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.cli import main
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness():
+        yield
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("data"))
+
+
+def daunce(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run ``daunce ARGV`` in this process; (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+# 1. measurements that do not vary across the copies are reported, not silently scored 0
+
+
+def confident_queries(folder: Path, data: dict, scale: float = 1000.0) -> dict:
+    """The queries with their first 10 inputs scaled by ``scale``: a ReLU network's logits scale
+    with them, so a query it answers right gets a margin so large that its float32 loss is
+    exactly 0 in every copy."""
+    frame = pl.read_parquet(data["queries"])
+    x = np.stack(frame["x"].to_numpy())
+    x[:10] *= scale
+    folder.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame({"x": x, "y": frame["y"]}).write_parquet(folder / "queries.parquet")
+    return data | {"queries": folder / "queries.parquet"}
+
+
+def test_constant_measurements_are_reported_by_daunce_run(harness, data, tmp_path, capsys):
+    confident = confident_queries(tmp_path / "data", data)
+    config = write_config(tmp_path / "run.yaml", tmp_path / "ws", confident)
+    status, _, err = daunce(capsys, "run", config)
+    assert status == 0
+    summary = json.loads(next((tmp_path / "ws" / "runs").glob("*/summary.json")).read_text())
+    _, losses = losses_of(summary["run_dir"])
+    constant = np.flatnonzero((losses == losses[0]).all(axis=0))
+    assert 0 < len(constant) <= 10
+    assert (losses[:, constant] == 0).all()  # the float32 losses underflow, really
+    assert (scores_of(summary["run_dir"])[:, constant] == 0).all()
+    ids = ", ".join(str(j) for j in constant)
+    expected = f"{len(constant)} of 30 query columns (query ids {ids}) and 0 of 240 training rows"
+    for part in (expected, "scores are 0 and rank nothing", "dtype: float64", "learning rate"):
+        assert part in err
+    assert expected in summary["warnings"][0]
+    # A rerun served from the cache says it again.
+    status, _, err = daunce(capsys, "run", config)
+    assert status == 0
+    assert expected in err
