@@ -26,7 +26,12 @@ from daunce_core.errors import DaunceError
 from daunce_core.storage.digest import digest_json, digest_path
 from daunce_core.storage.layout import RunLayout, Workspace, manifest_of, remove_partials
 from daunce_core.storage.lineage import Lineage
-from daunce_core.storage.manifest import manifest_intact, read_manifest, write_manifest
+from daunce_core.storage.manifest import (
+    manifest_intact,
+    portable,
+    read_manifest,
+    write_manifest,
+)
 from daunce_core.storage.records import CopyRecords
 from daunce_core.storage.zarr_store import RunStore
 from flows.config import RunConfig
@@ -111,23 +116,27 @@ def _task_runner(config: RunConfig):
     return ThreadPoolTaskRunner(max_workers=execution.workers)
 
 
-def _call(records: dict, states: list, name: str, task, *args, artefact: Path, **how) -> Any:
+def _call(
+    records: dict, states: list, name: str, task, *args, artefact: Path, root: Path, **how
+) -> Any:
     """Run ``task`` unless its artefact is done for these inputs; keep its record as ``name``.
 
     ``how`` (keyword arguments of the task that say how to compute, such as the device) are
-    passed on but are not part of the artefact's key.
+    passed on but are not part of the artefact's key. ``root`` is the workspace: paths inside
+    it enter the key, and the manifest, relative to it, so a copied or moved workspace is
+    served from its own artefacts.
 
     The artefact's manifest (`daunce_core.storage.manifest`, beside ``artefact``) is its one
     done signal: its inputs' digest and the content digest of every file the record names. A
     deleted, damaged or overwritten artefact, or one made from other inputs, is computed again.
     """
     started = time.perf_counter()
-    key = _cache_key(task.name, args)
+    key = _cache_key(task.name, portable(args, root))
     manifest = manifest_of(artefact)
-    record, status = read_manifest(manifest, key), "Cached"
+    record, status = read_manifest(manifest, key, root), "Cached"
     if record is None:
         record, status = task(*args, **how), "Completed"
-        write_manifest(manifest, key, record)
+        write_manifest(manifest, key, record, root)
     records[name] = record
     states.append(
         {
@@ -170,6 +179,7 @@ def _prepare(config: RunConfig, layout: Workspace, records: dict, states: list) 
             str(folder),
             content,
             artefact=folder,
+            root=layout.root,
         )
 
 
@@ -197,6 +207,7 @@ def _model(config: RunConfig, layout: Workspace, records: dict, states: list) ->
         str(path),
         checkpoint_digest,
         artefact=path,
+        root=layout.root,
     )
 
 
@@ -229,6 +240,7 @@ def _signals(config: RunConfig, layout: Workspace, records: dict, states: list) 
         records["train"],
         str(path),
         artefact=path,
+        root=layout.root,
         batch_size=config.compute.eval_batch_size,
     )
 
@@ -285,11 +297,12 @@ def _run_copies(config: RunConfig, run_dir: Path, spec: dict, query_digests: lis
     groups = groups_of(unfinished, config.compute.group_size) + groups_of(finished, 256)
     task = train_copies.with_options(retries=config.execution.retries)
     shared = {"run_dir": str(run_dir), "spec": spec, "query_digests": query_digests}
+    workspace = RunLayout(run_dir).workspace.root
     mapped = map_groups(task, groups, "copies", 0, total, **shared)
     return [
         result
         | {"state": state if _worked(result) else "Cached"}
-        | {"cache_key": _cache_key("train-copies", [group, spec])}
+        | {"cache_key": _cache_key("train-copies", portable([group, spec], workspace))}
         for group, result, state in mapped
     ]
 
@@ -326,7 +339,7 @@ def _locked_attribute(run: RunConfig, overwrite: bool) -> dict:
         run.digest(),
         code_version=code_version(),
         num_models=run.daunce.num_models,
-        run_dir=str(run_dir),
+        run_dir=str(run_dir.relative_to(workspace)),
     )
     started = time.perf_counter()
     try:
@@ -344,7 +357,8 @@ def _locked_attribute(run: RunConfig, overwrite: bool) -> dict:
 
 def _failure(run_dir: Path, error: BaseException) -> tuple[str, str]:
     """The status a failed run leaves: ``completed`` if an earlier run's exports are intact."""
-    if manifest_intact(manifest_of(RunLayout(run_dir).exports)):
+    layout = RunLayout(run_dir)
+    if manifest_intact(manifest_of(layout.exports), layout.workspace.root):
         return "completed", (
             f"a rerun failed ({error!r}); the exports of the last completed run are intact "
             "and still served"
@@ -382,6 +396,7 @@ def _outputs(run: RunConfig, run_dir: Path, records: dict, states: list, rows: s
         run.daunce.score,
         rows,
         artefact=RunLayout(run_dir).scores,
+        root=RunLayout(run_dir).workspace.root,
         queries=records["queries"]["uri"],
     )
     splits = {"train": records["train"], "queries": records["queries"]}
@@ -396,6 +411,7 @@ def _outputs(run: RunConfig, run_dir: Path, records: dict, states: list, rows: s
         splits,
         run.exports.top_k,
         artefact=RunLayout(run_dir).exports,
+        root=RunLayout(run_dir).workspace.root,
     )
 
 
@@ -414,11 +430,12 @@ def _record(lineage: Lineage, run_id: str, records: dict, exports: list, states:
     lineage.record(run_id, artifacts, tasks)
 
 
-def _rows_digest(run: RunConfig, run_dir: Path, spec: dict) -> str:
+def _rows_digest(run: RunConfig, run_dir: Path, spec: dict, workspace: Path) -> str:
     """Digest of the loss rows the scores read: every copy's row digest and status."""
     records = CopyRecords(RunLayout(run_dir).copies).read_many(range(run.daunce.num_models))
     rows = [(r.status, r.rows_digest, r.queries_key) for r in records]
-    return digest_json({"rows": rows, "spec": {k: v for k, v in spec.items() if k != "compute"}})
+    spec = portable({k: v for k, v in spec.items() if k != "compute"}, workspace)
+    return digest_json({"rows": rows, "spec": spec})
 
 
 def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage) -> dict:
@@ -429,11 +446,12 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
     store = RunStore(RunLayout(run_dir).store)
     store.ensure(run.daunce.num_models, n, m, run.daunce.dtype)
     spec = _copy_spec(run, records)
-    store.check_copies_key(digest_json({k: v for k, v in spec.items() if k in IDENTITY_KEYS}))
+    identity = {k: v for k, v in spec.items() if k in IDENTITY_KEYS}
+    store.check_copies_key(digest_json(portable(identity, workspace)), legacy=digest_json(identity))
     index = pl.read_parquet(Path(records["queries"]["uri"]) / "index.parquet")
     copies = _run_copies(run, run_dir, spec, index["digest"].to_list())
     states += _copy_states(copies)
-    rows = _rows_digest(run, run_dir, spec)
+    rows = _rows_digest(run, run_dir, spec, workspace)
     exports = _outputs(run, run_dir, records, states, rows)
     _record(lineage, run.run_id(), records, exports, states)
     return {

@@ -193,22 +193,25 @@ def runs(args) -> int:
 
 
 def status(args) -> int:
-    """``daunce status``: a run's state, its copies done / diverged / pending, its artefacts."""
-    from daunce_core.storage.layout import RunLayout
+    """``daunce status``: a run's state, its copies done / diverged / pending, its artefacts.
+
+    The run's folder is found in the workspace (``runs/<run_id>``), wherever the workspace was
+    when the run was recorded: a copied or moved workspace reports its own copies.
+    """
     from daunce_core.storage.records import CopyRecords
 
     lineage = _lineage(args.workspace)
     run_id = args.run or _latest_run(lineage, completed=False)
     with lineage.connect(read_only=True) as con:
         row = con.execute(
-            "SELECT status, run_dir, num_models, seconds, message FROM runs WHERE run_id = ?",
+            "SELECT status, num_models, seconds, message FROM runs WHERE run_id = ?",
             [run_id],
         ).fetchone()
     if row is None:
         raise DaunceError(f"no run {run_id!r} in this workspace; see `daunce runs`.")
-    state, run_dir, num_models, seconds, message = row
+    state, num_models, seconds, message = row
     print(f"run {run_id}: {state}" + (f" in {seconds:.1f}s" if seconds else ""))
-    counts = CopyRecords(RunLayout(run_dir).copies).counts(num_models or 0)
+    counts = CopyRecords(Workspace(args.workspace).run(run_id).copies).counts(num_models or 0)
     pending = counts.get("pending", 0) + counts.get("training", 0)
     damaged = f", {counts['damaged']} with a damaged record" if counts.get("damaged") else ""
     print(

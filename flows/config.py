@@ -318,7 +318,8 @@ class RunConfig:
 def load_config(path: str | Path, *, check_data: bool = True, **overrides: Any) -> RunConfig:
     """Read a YAML run configuration; ``overrides`` replace top-level fields (e.g. workspace).
 
-    Relative data, checkpoint and workspace paths are resolved against the file's folder. Every
+    Relative data, checkpoint and workspace paths are resolved against the file's folder (a
+    ``workspace`` override against the current folder). Every
     value is checked against its field's type, then (unless ``check_data`` is False) what can be
     checked before anything runs (`check_inputs`): the task, the recipe, the checkpoint and the
     data files' schemas.
@@ -338,6 +339,8 @@ def load_config(path: str | Path, *, check_data: bool = True, **overrides: Any) 
         raise DaunceError(f"{path} must hold a mapping of config fields; got {raw!r}.")
     raw = _resolve_paths(raw, path.parent)
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(overrides.get("workspace"), (str, Path)):  # --workspace: from the current folder
+        raw["workspace"] = str(Path(overrides["workspace"]).resolve())
     if not isinstance(raw.get("daunce", {}), dict):
         raise DaunceError(f"config field daunce must be a mapping; got {raw['daunce']!r}.")
     _refuse_moved(raw)

@@ -84,6 +84,7 @@ def _methods(run: RunConfig, run_dir: Path, spec: dict, states: list) -> list[di
             {k: v for k, v in spec.items() if k != "outcome"},
             run.exports.top_k,
             artefact=RunLayout(out_dir).scores,
+            root=RunLayout(run_dir).workspace.root,
             device=str(run.compute.torch_device),
         )
         print(f"baseline {config.name}: scores in {record['seconds']:.1f}s")

@@ -73,3 +73,41 @@ def test_constant_measurements_are_reported_by_daunce_run(harness, data, tmp_pat
     status, _, err = daunce(capsys, "run", config)
     assert status == 0
     assert expected in err
+
+
+# 2. a copied or moved workspace works: served from its own artefacts, never the original's
+
+
+def test_a_moved_workspace_is_served_from_its_own_artefacts(harness, data, tmp_path, capsys):
+    import shutil
+
+    original, moved = tmp_path / "ws", tmp_path / "elsewhere" / "ws2"
+    config = write_config(tmp_path / "run.yaml", original, data)
+    assert daunce(capsys, "run", config)[0] == 0
+    _, top_before, _ = daunce(capsys, "top", "--query", 3, "--workspace", original)
+    moved.parent.mkdir()
+    shutil.copytree(original, moved)
+    shutil.rmtree(original)
+    ws = ("--workspace", moved)
+    # The read-only commands, before any run in the copy (the stored views name the original).
+    status, out, _ = daunce(capsys, "top", "--query", 3, *ws)
+    assert status == 0
+    assert out == top_before
+    status, out, _ = daunce(capsys, "status", *ws)
+    assert status == 0
+    assert "copies: 8 done, 0 diverged, 0 pending of 8" in out
+    sql = "SELECT count(*) AS n FROM top_proponents JOIN examples USING (run_id)"
+    status, out, err = daunce(capsys, "sql", sql, "--format", "csv", *ws)
+    assert (status, err) == (0, "")
+    assert out.splitlines()[1] != "0"
+    # A rerun in the copy computes nothing: every artefact is found in the copy.
+    status, out, _ = daunce(capsys, "run", config, *ws)
+    assert status == 0
+    assert "0 copies trained now" in out
+    summary = json.loads(next((moved / "runs").glob("*/summary.json")).read_text())
+    assert set(summary["states"].values()) == {"Cached"}
+    assert summary["run_dir"].startswith(str(moved))
+    assert not original.exists()
+    for path in moved.rglob("*.json"):
+        assert str(original) not in path.read_text(), path
+    assert daunce(capsys, "sql", sql, *ws)[0] == 0

@@ -93,11 +93,15 @@ class RunStore:
             if array.shape != shape:
                 array.resize(shape)
 
-    def check_copies_key(self, copies_key: str) -> None:
-        """Tie the stored rows to the inputs that made them (``copies_key``); refuse others."""
+    def check_copies_key(self, copies_key: str, legacy: str | None = None) -> None:
+        """Tie the stored rows to the inputs that made them (``copies_key``); refuse others.
+
+        ``legacy``: the same inputs' key as an earlier version wrote it (with the workspace's
+        absolute paths); rows stored under it are taken, and their key rewritten.
+        """
         train = self.open("losses_train", "r+")
         stored = train.attrs.get("copies_key")
-        if stored is not None and stored != copies_key:
+        if stored is not None and stored not in (copies_key, legacy):
             raise DaunceError(
                 f"the copies stored in {self.root} were made from other inputs (base model, "
                 "training data or settings changed under the same run folder); rerun with "
