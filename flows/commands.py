@@ -430,11 +430,21 @@ DEMO_SQL = (
 )
 
 
+def demo_config(workspace: str | None = None):
+    """The demo's run configuration: `DEMO_CONFIG` in ``workspace``.
+
+    The workspace is ``--workspace``, else ``./daunce-runs`` (``$DAUNCE_WORKSPACE``) in the
+    current folder — where ``daunce top`` and ``daunce sql`` look by default — never a folder
+    of the checkout that holds the configuration.
+    """
+    from flows.config import default_workspace, load_config
+
+    return load_config(DEMO_CONFIG, workspace=workspace or default_workspace())
+
+
 def demo(args) -> int:
     """``daunce demo``: the attribute flow on the embedded digits data, then a few answers."""
-    from flows.config import load_config
-
-    config = load_config(DEMO_CONFIG, workspace=args.workspace)
+    config = demo_config(args.workspace)
     prefect_environment(config.workspace)
     from flows.attribute import run_attribute
 

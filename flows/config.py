@@ -2,7 +2,7 @@
 
 ```yaml
 name: digits                       # a label; runs are named <name>-<digest>
-workspace: daunce-runs             # folder of runs/, lineage.duckdb and Prefect's cache
+workspace: daunce-runs             # runs/, lineage.duckdb, Prefect's home; default ./daunce-runs
 data:
   train: {path: data/digits/train.parquet}      # Parquet, JSONL, NPZ or a saved HF dataset
   queries: {path: data/digits/queries.parquet, columns: {x: x, y: y}, id_column: null}
@@ -36,6 +36,7 @@ changing how a run is computed reuses it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,7 +320,8 @@ def load_config(path: str | Path, *, check_data: bool = True, **overrides: Any) 
     """Read a YAML run configuration; ``overrides`` replace top-level fields (e.g. workspace).
 
     Relative data, checkpoint and workspace paths are resolved against the file's folder (a
-    ``workspace`` override against the current folder). Every
+    ``workspace`` override, or the `default_workspace` of a file that names none, against the
+    current folder). Every
     value is checked against its field's type, then (unless ``check_data`` is False) what can be
     checked before anything runs (`check_inputs`): the task, the recipe, the checkpoint and the
     data files' schemas.
@@ -341,6 +343,7 @@ def load_config(path: str | Path, *, check_data: bool = True, **overrides: Any) 
     raw.update({k: v for k, v in overrides.items() if v is not None})
     if isinstance(overrides.get("workspace"), (str, Path)):  # --workspace: from the current folder
         raw["workspace"] = str(Path(overrides["workspace"]).resolve())
+    raw.setdefault("workspace", str(Path(default_workspace()).resolve()))
     if not isinstance(raw.get("daunce", {}), dict):
         raise DaunceError(f"config field daunce must be a mapping; got {raw['daunce']!r}.")
     _refuse_moved(raw)
@@ -350,6 +353,14 @@ def load_config(path: str | Path, *, check_data: bool = True, **overrides: Any) 
     if check_data:
         check_inputs(config)
     return config
+
+
+def default_workspace() -> str:
+    """A configuration's workspace if it names none: ``$DAUNCE_WORKSPACE``, else ``daunce-runs``.
+
+    Relative to the current folder, like the ``daunce`` commands' default.
+    """
+    return os.environ.get("DAUNCE_WORKSPACE", "daunce-runs")
 
 
 def check_inputs(config: RunConfig) -> None:

@@ -37,9 +37,14 @@ def _report(flagged: pl.DataFrame, run_id: str, total: int) -> str:
 
 
 @flow(name="curate", log_prints=True)
-def curate_flow(config_path: str, flag_top: int = 20) -> dict:
-    """Attribute the data of ``config_path``; flag the ``flag_top`` most self-influential."""
-    config = load_config(config_path)
+def curate_flow(config_path: str, flag_top: int = 20, workspace: str | None = None) -> dict:
+    """Attribute the data of ``config_path``; flag the ``flag_top`` most self-influential.
+
+    ``workspace`` (relative: to the current folder) replaces the configuration's: a scheduled
+    run keeps its own (prefect.yaml: ``daunce-nightly``), apart from interactive runs and the
+    demo, which would otherwise share its run folder and lock.
+    """
+    config = load_config(config_path, workspace=workspace)
     summary = run_attribute(config)
     run = RunLayout(summary["run_dir"])
     aggregates = pl.read_parquet(run.export("example_influence"))

@@ -17,6 +17,7 @@ from pipeline_helpers import losses_of, scores_of, write_config, write_data
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.cli import main
+from flows.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +112,32 @@ def test_a_moved_workspace_is_served_from_its_own_artefacts(harness, data, tmp_p
     for path in moved.rglob("*.json"):
         assert str(original) not in path.read_text(), path
     assert daunce(capsys, "sql", sql, *ws)[0] == 0
+
+
+# 3. the demo works in ./daunce-runs of the current folder; the nightly run in its own workspace
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_demo_works_in_the_current_folder_and_the_nightly_run_apart(tmp_path, monkeypatch):
+    import yaml
+
+    from flows.commands import DEMO_CONFIG, demo_config
+    from flows.curate import curate_flow
+
+    monkeypatch.delenv("DAUNCE_WORKSPACE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert demo_config().workspace == str(tmp_path / "daunce-runs")
+    assert demo_config("mine").workspace == str(tmp_path / "mine")
+    # `daunce run data/digits.yaml` follows the same default: the current folder's daunce-runs.
+    assert load_config(DEMO_CONFIG).workspace == str(tmp_path / "daunce-runs")
+    # The nightly deployment, as a worker in the repository root runs it, works elsewhere than
+    # `make demo` there.
+    monkeypatch.chdir(REPO)
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    nightly = next(d for d in spec["deployments"] if d["name"] == "nightly-curation")
+    parameters = curate_flow.validate_parameters(nightly["parameters"])
+    config = load_config(REPO / parameters["config_path"], workspace=parameters["workspace"])
+    assert Path(config.workspace).parent == REPO
+    assert config.workspace != demo_config().workspace
