@@ -275,19 +275,48 @@ def _top_connection(lineage: Lineage):
 
 
 def _no_rows(con, table: str, run_id: str, args) -> None:
-    """Raise the `DaunceError` that says why a query has no top-k rows."""
-    methods, low, high = con.execute(
-        f"SELECT string_agg(DISTINCT method, ', ' ORDER BY method), min(query_id), "
-        f"max(query_id) FROM {table} WHERE run_id = ?",
-        [run_id],
-    ).fetchone()
-    if low is None:
+    """Raise the `DaunceError` that says why a query has no top-k rows.
+
+    The run has no exports at all; or none of ``args.method`` (a baseline not scored yet: the
+    methods it has, and how to score this one); or none for this query id (the ids it has).
+    """
+    methods = [
+        row[0]
+        for row in con.execute(
+            f"SELECT DISTINCT method FROM {table} WHERE run_id = ? ORDER BY method", [run_id]
+        ).fetchall()
+    ]
+    if not methods:
         raise DaunceError(
             f"run {run_id} has no top-k exports; see `daunce runs` for the completed runs."
         )
+    if args.method not in methods:
+        raise DaunceError(_missing_method(args.method, methods, run_id, args.query))
+    low, high = con.execute(
+        f"SELECT min(query_id), max(query_id) FROM {table} WHERE run_id = ? AND method = ?",
+        [run_id, args.method],
+    ).fetchone()
     raise DaunceError(
-        f"query id {args.query} has no {args.method} scores in run {run_id} (query ids "
-        f"{low}..{high}; methods: {methods}); pick one of those."
+        f"query id {args.query} has no {args.method} scores in run {run_id} (its {args.method} "
+        f"query ids are {low}..{high}); pick one of those."
+    )
+
+
+def _missing_method(method: str, methods: list[str], run_id: str, query: int) -> str:
+    """Why a run has no scores of ``method``, which methods it has, and how to get them."""
+    from daunce_core.baselines.methods import BASELINES
+
+    have = f"run {run_id} has no {method} scores (methods scored in it: {', '.join(methods)})"
+    if method.partition("-")[0] not in BASELINES:  # a baseline with options: method-<digest>
+        return (
+            f"{have}, and daunce knows no method {method!r}: the baselines are "
+            f"{', '.join(BASELINES)}; DAUNCE's own scores are --method daunce."
+        )
+    return (
+        f"{have}. Baselines are scored by the evaluation commands: add {method} to "
+        f"evaluation.baselines in the run's configuration and run `daunce lds CONFIG` (or "
+        f"`daunce removal CONFIG`), or score it once with `daunce lds CONFIG --baseline {method}`;"
+        f" then `daunce top --query {query} --method {method}`."
     )
 
 

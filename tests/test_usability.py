@@ -16,6 +16,7 @@ import pytest
 from pipeline_helpers import losses_of, scores_of, write_config, write_data
 from prefect.testing.utilities import prefect_test_harness
 
+from flows.attribute import run_attribute
 from flows.cli import main
 from flows.config import load_config
 
@@ -29,6 +30,15 @@ def harness():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def finished(harness, data, tmp_path_factory) -> Path:
+    """The workspace of one finished run of the small digits MLP (read, never changed)."""
+    root = tmp_path_factory.mktemp("finished")
+    config = load_config(write_config(root / "run.yaml", root / "ws", data))
+    run_attribute(config)
+    return root / "ws"
 
 
 def daunce(capsys, *argv: str) -> tuple[int, str, str]:
@@ -141,3 +151,31 @@ def test_the_demo_works_in_the_current_folder_and_the_nightly_run_apart(tmp_path
     config = load_config(REPO / parameters["config_path"], workspace=parameters["workspace"])
     assert Path(config.workspace).parent == REPO
     assert config.workspace != demo_config().workspace
+
+
+# 4. a method the run has not scored is named as such, with the methods it has and the way
+
+
+def test_top_names_a_method_not_scored_yet_and_how_to_score_it(finished, capsys):
+    status, out, err = daunce(
+        capsys, "top", "--query", 3, "--method", "ekfac", "--workspace", finished
+    )
+    assert (status, out) == (2, "")
+    for part in (
+        "has no ekfac scores",
+        "methods scored in it: daunce",
+        "evaluation.baselines",
+        "daunce lds CONFIG --baseline ekfac",
+    ):
+        assert part in err
+    assert "query id" not in err  # the query is not to blame
+    status, _, err = daunce(
+        capsys, "top", "--query", 3, "--method", "ekfak", "--workspace", finished
+    )
+    assert status == 2
+    assert "knows no method 'ekfak'" in err
+    assert "gradient_dot" in err
+    status, _, err = daunce(capsys, "top", "--query", 999, "--workspace", finished)
+    assert status == 2
+    assert "query id 999 has no daunce scores" in err
+    assert "0..29" in err
