@@ -225,11 +225,12 @@ def status(args) -> int:
 
 TOP_SQL = (
     "SELECT t.rank, t.train_id, t.score, e.* EXCLUDE (run_id, split, example_id, digest) "
-    "FROM {table} t LEFT JOIN examples e ON e.run_id = t.run_id AND e.split = 'train' AND "
-    "e.example_id = t.train_id WHERE t.run_id = ? AND t.method = ? AND t.query_id = ? AND "
-    "t.rank <= ? ORDER BY t.rank"
+    "FROM {table} t LEFT JOIN run_examples($1) e ON e.split = 'train' AND "
+    "e.example_id = t.train_id WHERE t.run_id = $1 AND t.method = $2 AND t.query_id = $3 AND "
+    "t.rank <= $4 ORDER BY t.rank"
 )
-"""A query's top-k rows of ``{table}`` (proponents or opponents) with the examples' columns."""
+"""A query's top-k rows of ``{table}`` (proponents or opponents) with the run's own example
+columns (`daunce_core.storage.lineage.RUN_EXAMPLES`: its labels, not other runs' columns)."""
 
 FLAT = "(score = 0 OR NOT isfinite(score))"
 """SQL: a score that ranks nothing (zero, or infinite / NaN)."""
@@ -453,7 +454,7 @@ def _print_query(lineage: Lineage, query: str, fmt: str) -> int:
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "data" / "digits.yaml"
 DEMO_SQL = (
     "SELECT t.rank, t.train_id, t.score, e.y AS train_label "
-    "FROM top_proponents t JOIN examples e ON e.run_id = t.run_id AND e.split = 'train' "
+    "FROM top_proponents t JOIN run_examples(?) e ON e.split = 'train' "
     "AND e.example_id = t.train_id WHERE t.run_id = ? AND t.method = 'daunce' AND t.query_id = 17 "
     "ORDER BY t.rank LIMIT 5"
 )

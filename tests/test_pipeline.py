@@ -189,7 +189,9 @@ def test_prepared_data_keeps_ids_and_content_digests(harness, data, tmp_path):
     run(config)
     with Lineage(tmp_path / "ws" / "lineage.duckdb").connect(read_only=True) as con:
         examples = query_frame(
-            con, "SELECT * FROM examples WHERE split = 'train' ORDER BY example_id"
+            con,
+            "SELECT * FROM run_examples(?) WHERE split = 'train' ORDER BY example_id",
+            [config.run_id()],
         )
     assert examples["example_id"].to_list() == list(range(240))
     source = pl.read_parquet(data["train"])

@@ -85,7 +85,7 @@ def sql(ws: Path, query: str, capsys) -> tuple[int, str, str]:
 
 def test_views_over_the_exports_work_with_external_access_off(ws, capsys):
     query = (
-        "WITH t AS (SELECT t.train_id, e.y FROM top_proponents t JOIN examples e "
+        "WITH t AS (SELECT t.train_id, e.y FROM top_proponents t JOIN run_examples('r1') e "
         "ON e.example_id = t.train_id WHERE t.query_id = 1 AND t.rank = 1) SELECT * FROM t"
     )
     assert sql(ws, query, capsys) == (0, "train_id,y\n105,0\n", "")

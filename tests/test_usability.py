@@ -179,3 +179,46 @@ def test_top_names_a_method_not_scored_yet_and_how_to_score_it(finished, capsys)
     assert status == 2
     assert "query id 999 has no daunce scores" in err
     assert "0..29" in err
+
+
+# 5. the examples view holds what every run has; each run's own columns stay its own
+
+
+def with_column(data: dict, folder: Path, name: str, value) -> dict:
+    """``data`` with a scalar column ``name`` added to both files."""
+    folder.mkdir(parents=True)
+    paths = {}
+    for split in ("train", "queries"):
+        frame = pl.read_parquet(data[split]).with_columns(pl.lit(value).alias(name))
+        paths[split] = folder / f"{split}.parquet"
+        frame.write_parquet(paths[split])
+    return paths
+
+
+def test_examples_of_one_run_do_not_show_other_runs_columns(harness, data, tmp_path, capsys):
+    ws = tmp_path / "ws"
+    runs = {}
+    for column, value in (("source", "scan"), ("weight", 0.5)):
+        own = with_column(data, tmp_path / column, column, value)
+        config = load_config(write_config(tmp_path / f"{column}.yaml", ws, own))
+        runs[column] = run_attribute(config)["run_id"]
+
+    def sql(query: str) -> list[dict]:
+        status, out, err = daunce(capsys, "sql", query, "--format", "json", "--workspace", ws)
+        assert (status, err) == (0, "")
+        return json.loads(out)
+
+    rows = sql("SELECT * FROM examples")
+    assert set(rows[0]) == {"run_id", "split", "example_id", "digest"}
+    assert {r["run_id"] for r in rows} == set(runs.values())
+    for column, other in (("source", "weight"), ("weight", "source")):
+        own = sql(f"SELECT * FROM run_examples('{runs[column]}') WHERE split = 'train'")
+        assert len(own) == 240
+        assert {column, "y", "example_id"} <= set(own[0])
+        assert other not in own[0]
+        status, out, _ = daunce(
+            capsys, "top", "--query", 3, "--run", runs[column], "--workspace", ws
+        )
+        assert status == 0
+        assert column in out
+        assert other not in out

@@ -48,6 +48,17 @@ ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS stderr DOUBLE;
 VIEWS = VIEW_GLOBS
 """The views over Parquet files below ``<workspace>/runs`` (`daunce_core.storage.layout`)."""
 
+VIEW_COLUMNS = {"examples": ("run_id", "split", "example_id", "digest")}
+"""Views that keep only the columns every run's files have: a run's own scalar columns (labels,
+text, ...) would show as NULL columns in every other run's rows. A run's whole example index is
+``run_examples('<run_id>')`` (`RUN_EXAMPLES`)."""
+
+RUN_EXAMPLES = (
+    "MACRO run_examples(run) AS TABLE SELECT * FROM "
+    "read_parquet({root} || '/' || run || '/exports/examples.parquet')"
+)
+"""The table macro ``run_examples(run_id)``: one run's example index with all its columns."""
+
 
 LOCK_TIMEOUT = 30.0
 """Seconds a connection waits for another process to release the database (default)."""
@@ -136,7 +147,7 @@ class Lineage:
         and the configuration is locked, so no statement can undo it.
         """
         with self.connect(read_only=True) as con:
-            _confine(con, view_files(parquet_root))
+            _confine(con, view_files(parquet_root), parquet_root)
             yield con
 
     def query(self, sql: str, parquet_root: str | Path):
@@ -250,16 +261,17 @@ class Lineage:
             )
 
     def create_views(self, parquet_root: str | Path) -> None:
-        """(Re)create the views over every run's Parquet exports below ``parquet_root``."""
+        """(Re)create the views over every run's Parquet exports below ``parquet_root``.
+
+        Also the macro ``run_examples(run_id)`` (`RUN_EXAMPLES`).
+        """
         root = Path(parquet_root)
         with self.connect() as con:
             for view, patterns in VIEWS.items():
                 present = [str(root / p) for p in patterns if list(root.glob(p))]
                 if present:
-                    con.execute(
-                        f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM "
-                        f"read_parquet({present!r}, union_by_name = true)"
-                    )
+                    con.execute(f"CREATE OR REPLACE VIEW {view} AS {_view_sql(view, present)}")
+            con.execute(f"CREATE OR REPLACE {_run_examples(root)}")
 
 
 def view_files(parquet_root: str | Path) -> dict[str, list[str]]:
@@ -292,13 +304,22 @@ def check_read_only(con, sql: str) -> None:
         )
 
 
-def _confine(con, files: dict[str, list[str]]) -> None:
-    """Views over ``files``, then no file access beyond them and a locked configuration."""
+def _view_sql(view: str, paths: list[str]) -> str:
+    """The SELECT of ``view`` over the Parquet ``paths`` (`VIEW_COLUMNS` where it names them)."""
+    columns = ", ".join(VIEW_COLUMNS.get(view, ("*",)))
+    return f"SELECT {columns} FROM read_parquet({_sql_list(paths)}, union_by_name = true)"
+
+
+def _run_examples(root: str | Path) -> str:
+    """`RUN_EXAMPLES` reading below the folder of runs ``root``."""
+    return RUN_EXAMPLES.format(root=_sql_list([str(Path(root).resolve())])[1:-1])
+
+
+def _confine(con, files: dict[str, list[str]], root: str | Path) -> None:
+    """Views over ``files``, `RUN_EXAMPLES` below ``root``; then no other file, locked settings."""
     for view, paths in files.items():
-        con.execute(
-            f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM "
-            f"read_parquet({_sql_list(paths)}, union_by_name = true)"
-        )
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS {_view_sql(view, paths)}")
+    con.execute(f"CREATE OR REPLACE TEMP {_run_examples(root)}")
     allowed = [path for paths in files.values() for path in paths]
     con.execute(f"SET allowed_paths = {_sql_list(allowed)}")
     for setting in (
