@@ -346,9 +346,12 @@ def _locked_attribute(run: RunConfig, overwrite: bool) -> dict:
         summary = _attribute(run, run_dir, workspace, lineage)
     except BaseException as error:
         status, message = _failure(run_dir, error)
-        lineage.finish_run(run.run_id(), status, time.perf_counter() - started, message)
+        seconds = time.perf_counter() - started
+        lineage.finish_run(run.run_id(), status, seconds, message, computed=status == "failed")
         raise
-    lineage.finish_run(run.run_id(), "completed", time.perf_counter() - started)
+    # A rerun served entirely from the workspace keeps the timing of the run that computed.
+    computed = any(state != "Cached" for state in summary["states"].values())
+    lineage.finish_run(run.run_id(), "completed", time.perf_counter() - started, computed=computed)
     lineage.create_views(Workspace(workspace).runs)
     summary = summary | {"seconds": time.perf_counter() - started}
     RunLayout(run_dir).summary.write_text(json.dumps(summary, indent=1))

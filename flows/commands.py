@@ -183,11 +183,19 @@ def _latest_run(lineage: Lineage, completed: bool) -> str:
 
 
 def runs(args) -> int:
-    """``daunce runs``: one line per run."""
+    """``daunce runs``: one line per run.
+
+    ``seconds`` is the time of the last run that computed something; ``last_checked_at`` the
+    end of the last run, one served from the workspace included.
+    """
+    lineage = _lineage(args.workspace)
+    with lineage.connect(read_only=True) as con:  # a database no run of this version wrote
+        columns = {row[0] for row in con.execute("DESCRIBE runs").fetchall()}
+    checked = ", last_checked_at" if "last_checked_at" in columns else ""
     return _print_query(
-        _lineage(args.workspace),
-        "SELECT run_id, status, num_models, started_at, round(seconds, 1) AS seconds "
-        "FROM runs ORDER BY started_at DESC",
+        lineage,
+        "SELECT run_id, status, num_models, started_at, round(seconds, 1) AS seconds"
+        f"{checked} FROM runs ORDER BY started_at DESC",
         "table",
     )
 

@@ -222,3 +222,30 @@ def test_examples_of_one_run_do_not_show_other_runs_columns(harness, data, tmp_p
         assert status == 0
         assert column in out
         assert other not in out
+
+
+# 6. a rerun served from the workspace keeps the timing of the run that computed the results
+
+
+def test_a_cached_rerun_keeps_the_timing_of_the_run_that_computed(finished, capsys):
+    from daunce_core.storage.lineage import Lineage
+
+    def timing() -> tuple:
+        with Lineage(finished / "lineage.duckdb").connect(read_only=True) as con:
+            return con.execute(
+                "SELECT seconds, finished_at, last_checked_at, status FROM runs"
+            ).fetchone()
+
+    seconds, finished_at, checked, status = timing()
+    assert status == "completed"
+    assert checked == finished_at
+    status, out, _ = daunce(capsys, "run", finished.parent / "run.yaml")
+    assert status == 0
+    assert "0 copies trained now" in out
+    again = timing()
+    assert again[:2] == (seconds, finished_at)  # the computing run's time, not the rerun's
+    assert again[2] > checked
+    assert again[3] == "completed"
+    status, out, _ = daunce(capsys, "runs", "--workspace", finished)
+    assert status == 0
+    assert "last_checked_at" in out

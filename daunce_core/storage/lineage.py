@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS evaluations (
     run_id VARCHAR, metric VARCHAR, value DOUBLE, details JSON, created_at TIMESTAMP);
 ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS method VARCHAR;
 ALTER TABLE evaluations ADD COLUMN IF NOT EXISTS stderr DOUBLE;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS last_checked_at TIMESTAMP;
 """
 
 VIEWS = VIEW_GLOBS
@@ -162,14 +163,22 @@ class Lineage:
             return query_frame(con, sql)
 
     def start_run(self, run_id: str, name: str, config: dict, digest: str, **facts) -> None:
-        """Record a run as ``running`` (replacing an earlier record of the same run)."""
+        """Record a run as ``running`` (updating an earlier record of the same run).
+
+        An earlier record's ``seconds`` and ``finished_at`` (of the last run that computed
+        something) are kept until this run computes something (`finish_run`).
+        """
         with self.connect() as con:
             con.execute("DELETE FROM params WHERE run_id = ?", [run_id])
             con.execute(
-                "INSERT OR REPLACE INTO runs (run_id, name, config_digest, config, code_version,"
-                " status, num_models, num_train, num_queries, started_at, run_dir, finished_at,"
-                " seconds, message) VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, NULL, NULL,"
-                " NULL)",
+                "INSERT INTO runs (run_id, name, config_digest, config, code_version, status,"
+                " num_models, num_train, num_queries, started_at, run_dir, message) VALUES"
+                " (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, NULL) ON CONFLICT (run_id) DO UPDATE"
+                " SET name = excluded.name, config_digest = excluded.config_digest, config ="
+                " excluded.config, code_version = excluded.code_version, status = 'running',"
+                " num_models = excluded.num_models, num_train = excluded.num_train, num_queries ="
+                " excluded.num_queries, started_at = excluded.started_at, run_dir ="
+                " excluded.run_dir, message = NULL",
                 [
                     run_id,
                     name,
@@ -188,13 +197,22 @@ class Lineage:
                 [[run_id, key, json.dumps(value)] for key, value in _flatten(config).items()],
             )
 
-    def finish_run(self, run_id: str, status: str, seconds: float, message: str = "") -> None:
-        """Record the end of a run: ``completed`` or ``failed``, its duration and a message."""
+    def finish_run(
+        self, run_id: str, status: str, seconds: float, message: str = "", computed: bool = True
+    ) -> None:
+        """Record the end of a run: ``completed`` or ``failed``, its duration and a message.
+
+        ``last_checked_at`` is always this moment; ``seconds`` and ``finished_at`` only when the
+        run ``computed`` something (trained, measured or scored): a rerun served entirely from
+        the workspace keeps the time of the run that computed the results.
+        """
+        timing = ", finished_at = $now, seconds = $seconds" if computed else ""
         with self.connect() as con:
             con.execute(
-                "UPDATE runs SET status = ?, finished_at = ?, seconds = ?, message = ?"
-                " WHERE run_id = ?",
-                [status, _now(), seconds, message, run_id],
+                f"UPDATE runs SET status = $status, message = $message, last_checked_at = $now"
+                f"{timing} WHERE run_id = $run_id",
+                {"status": status, "message": message, "now": _now(), "run_id": run_id}
+                | ({"seconds": seconds} if computed else {}),
             )
 
     def record(self, run_id: str, artifacts: list[dict], tasks: list[dict]) -> None:
