@@ -38,7 +38,7 @@ from flows.config import RunConfig
 from flows.fanout import groups_of, map_groups
 from tasks.copies import train_copies
 from tasks.data import prepare_data
-from tasks.model import base_model, base_signals
+from tasks.model import base_model, base_quality, base_signals
 from tasks.scoring import compute_scores, export_tables
 
 
@@ -245,11 +245,40 @@ def _signals(config: RunConfig, layout: Workspace, records: dict, states: list) 
     )
 
 
+def _quality(config: RunConfig, layout: Workspace, records: dict, states: list) -> None:
+    """How well the base model fits (loss, accuracy on both splits), beside the base model."""
+    key = digest_json(
+        {
+            "model": records["model"]["digest"],
+            "task": config.task,
+            "train": records["train"]["digest"],
+            "queries": records["queries"]["digest"],
+        }
+    )
+    path = Path(records["model"]["uri"]).parent / f"quality-{key[:16]}.parquet"
+    _call(
+        records,
+        states,
+        "quality",
+        base_quality,
+        to_dict(config.model),
+        config.task,
+        records["model"],
+        records["train"],
+        records["queries"],
+        str(path),
+        artefact=path,
+        root=layout.root,
+        batch_size=config.compute.eval_batch_size,
+    )
+
+
 def _inputs(config: RunConfig, layout: Workspace, states: list) -> dict:
-    """Prepare the data, the base model and its signals (content-addressed); return records."""
+    """Prepare the data, the base model, its quality and signals (content-addressed)."""
     records: dict = {}
     _prepare(config, layout, records, states)
     _model(config, layout, records, states)
+    _quality(config, layout, records, states)
     if config.daunce.objective.needs_base_signals:
         _signals(config, layout, records, states)
     return records
@@ -419,7 +448,7 @@ def _outputs(run: RunConfig, run_dir: Path, records: dict, states: list, rows: s
 
 
 def _record(lineage: Lineage, run_id: str, records: dict, exports: list, states: list) -> None:
-    kinds = ("train", "queries", "model", "signals", "scores")
+    kinds = ("train", "queries", "model", "quality", "signals", "scores")
     artifacts = [records[k] for k in kinds if k in records] + exports
     tasks = [
         {
@@ -457,6 +486,10 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
     rows = _rows_digest(run, run_dir, spec, workspace)
     exports = _outputs(run, run_dir, records, states, rows)
     _record(lineage, run.run_id(), records, exports, states)
+    quality = records["quality"]
+    lineage.record_metrics(
+        run.run_id(), quality["metrics"], "base_model", {"predictions": quality["uri"]}
+    )
     return {
         "run_id": run.run_id(),
         "run_dir": str(run_dir),
@@ -470,7 +503,8 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
         "flow_process": os.getpid(),
         "copy_processes": sorted({c["process"] for c in copies if c["trained"]}),
         "states": {f"{s['task']}[{s['key']}]": s["status"] for s in states},
-        "warnings": [w for w in (records["scores"].get("constant"),) if w],
+        "base_model": {"metrics": quality["metrics"], "predictions": quality["uri"]},
+        "warnings": [w for w in (quality["warning"], records["scores"].get("constant")) if w],
     }
 
 

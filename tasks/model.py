@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from safetensors.torch import save_file
@@ -12,10 +13,13 @@ from daunce_core.access.task import task_from_spec
 from daunce_core.access.torch_module.models import build_model, load_parameters, save_parameters
 from daunce_core.access.torch_module.training import fit
 from daunce_core.conversion import from_dict
+from daunce_core.evaluation.base_quality import fit_warning, measure_split, summarize
 from daunce_core.method.config import DTYPES, TrainConfig
 from daunce_core.method.objectives import Objective
 from daunce_core.method.signals import compute_base_signals
-from daunce_core.storage.digest import digest_arrays, digest_model
+from daunce_core.storage.digest import digest_arrays, digest_json, digest_model
+from daunce_core.storage.exports import write_parquet
+from daunce_core.storage.sources import read_canonical
 from tasks.common import artifact, load_base_model, load_split, retry_transient
 
 
@@ -83,3 +87,50 @@ def base_signals(
         inputs=[model["uri"], train["uri"]],
         shape=list(signals["grad"].shape),
     )
+
+
+@task(name="base-quality", cache_policy=NO_CACHE)
+def base_quality(
+    model_spec: dict,
+    task_spec: dict,
+    model: dict,
+    train: dict,
+    queries: dict,
+    path: str,
+    batch_size: int = 1024,
+) -> dict:
+    """How well the base model fits: loss and accuracy on the training set and the queries.
+
+    Writes one row per example to ``path`` (Parquet: ``split``, ``example_id``, ``label`` where
+    the task names one, ``loss``, and where the task allows ``correct``, ``predicted`` and its
+    ``probability``); returns the record with the ``metrics``
+    (`daunce_core.evaluation.base_quality.summarize`: ``base/train_loss``,
+    ``base/train_accuracy``, ``base/query_loss``, ``base/query_accuracy``,
+    ``base/majority_rate``) and the ``warning`` of a model that fits its training data poorly
+    (`~daunce_core.evaluation.base_quality.fit_warning`). Accuracy needs
+    ``Task.correct_from_outputs`` (classification has it). ``batch_size`` says only how.
+    """
+    network = load_base_model(model_spec["recipe"], model["uri"])
+    task_ = task_from_spec(task_spec)
+    label = getattr(task_, "label_key", None) or getattr(task_, "target_key", None)
+    frames, measured, labels = [], {}, {}
+    for split, record in (("train", train), ("queries", queries)):
+        data = load_split(record["uri"], record["digest"])
+        measured[split] = measure_split(network, task_, data, batch_size=batch_size)
+        _, ids = read_canonical(record["uri"])
+        columns = {"split": [split] * len(ids), "example_id": ids}
+        if label in data and data[label].dim() == 1:
+            labels[split] = data[label].numpy()
+            columns["label"] = labels[split]
+        frames.append(pl.DataFrame(columns | measured[split]))
+    classification = task_spec.get("kind", "classification") == "classification"
+    metrics = summarize(
+        measured["train"], measured["queries"], labels.get("train") if classification else None
+    )
+    write_parquet(pl.concat(frames, how="diagonal_relaxed"), path)
+    record = artifact(path, "model/quality", digest_json(metrics), "base-quality")
+    return record | {
+        "inputs": [model["uri"], train["uri"], queries["uri"]],
+        "metrics": metrics,
+        "warning": fit_warning(metrics),
+    }

@@ -249,3 +249,70 @@ def test_a_cached_rerun_keeps_the_timing_of_the_run_that_computed(finished, caps
     status, out, _ = daunce(capsys, "runs", "--workspace", finished)
     assert status == 0
     assert "last_checked_at" in out
+
+
+# 7. the base model's quality is measured, recorded, printed, and a poor fit is flagged
+
+
+def base_metrics(ws: Path) -> dict:
+    from daunce_core.storage.lineage import Lineage
+
+    with Lineage(ws / "lineage.duckdb").connect(read_only=True) as con:
+        rows = con.execute(
+            "SELECT metric, value FROM evaluations WHERE method = 'base_model'"
+        ).fetchall()
+    return dict(rows)
+
+
+def train_accuracy(ws: Path, config) -> float:
+    """The base model's training accuracy, measured here from the stored model and data."""
+    import torch
+
+    from daunce_core.storage.lineage import Lineage
+    from tasks.common import load_base_model, load_split
+
+    with Lineage(ws / "lineage.duckdb").connect(read_only=True) as con:
+        uri = dict(con.execute("SELECT kind, uri FROM artifacts").fetchall())
+        digest = dict(con.execute("SELECT kind, digest FROM artifacts").fetchall())
+    model = load_base_model(config.model.recipe, uri["model/base"])
+    train = load_split(uri["data/train"], digest["data/train"])
+    with torch.no_grad():
+        return float((model(train["x"]).argmax(1) == train["y"]).double().mean())
+
+
+def test_the_base_model_quality_is_recorded_and_a_poor_fit_flagged(
+    finished, data, tmp_path, capsys
+):
+    import yaml
+
+    config = load_config(finished.parent / "run.yaml")
+    metrics = base_metrics(finished)
+    assert set(metrics) == {
+        "base/train_loss",
+        "base/train_accuracy",
+        "base/query_loss",
+        "base/query_accuracy",
+        "base/majority_rate",
+    }
+    assert metrics["base/train_accuracy"] == pytest.approx(train_accuracy(finished, config))
+    assert metrics["base/train_accuracy"] > 0.6  # 5 epochs of a 16-unit MLP: fair, not flagged
+    labels = pl.read_parquet(data["train"])["y"]
+    assert metrics["base/majority_rate"] == pytest.approx(
+        labels.value_counts()["count"].max() / 240
+    )
+    # A learning rate far too small leaves the model near chance: flagged by `daunce run`.
+    path = write_config(tmp_path / "run.yaml", tmp_path / "ws", data, num_models=4)
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["train"] = {"lr": 1e-5, "epochs": 1, "batch_size": 32}
+    path.write_text(yaml.safe_dump(raw))
+    status, out, err = daunce(capsys, "run", path)
+    assert status == 0
+    poor = base_metrics(tmp_path / "ws")
+    assert poor["base/train_accuracy"] < 0.3
+    assert f"base model: accuracy on train {poor['base/train_accuracy']:.1%}" in out
+    assert "the base model fits its training data poorly" in err
+    assert "model.train" in err
+    _, out, err = daunce(capsys, "run", finished.parent / "run.yaml")
+    assert "base model: accuracy on train" in out
+    assert "fits its training data poorly" not in err
+    assert base_metrics(finished) == metrics  # recorded once per run, not once per rerun

@@ -278,6 +278,26 @@ class Lineage:
                 [run_id, metric, value, json.dumps(details), _now(), method, stderr],
             )
 
+    def record_metrics(self, run_id: str, metrics: dict, method: str, details: dict) -> None:
+        """Record figures of a run's ``method`` (``{metric: value}``), replacing earlier ones.
+
+        A rerun records the same figures again: one row per run, method and metric remains.
+        """
+        with self.connect() as con:
+            con.execute(
+                "DELETE FROM evaluations WHERE run_id = ? AND method = ? AND metric IN "
+                "(SELECT unnest(?))",
+                [run_id, method, list(metrics)],
+            )
+            con.executemany(
+                "INSERT INTO evaluations (run_id, metric, value, details, created_at, method) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    [run_id, metric, value, json.dumps(details), _now(), method]
+                    for metric, value in metrics.items()
+                ],
+            )
+
     def create_views(self, parquet_root: str | Path) -> None:
         """(Re)create the views over every run's Parquet exports below ``parquet_root``.
 
