@@ -316,3 +316,38 @@ def test_the_base_model_quality_is_recorded_and_a_poor_fit_flagged(
     assert "base model: accuracy on train" in out
     assert "fits its training data poorly" not in err
     assert base_metrics(finished) == metrics  # recorded once per run, not once per rerun
+
+
+# 8. the curation report shows each flagged example's label and the base model's answer
+
+
+def test_the_curation_report_shows_labels_and_the_models_answers(finished, data):
+    import torch
+
+    from daunce_core.storage.lineage import Lineage
+    from flows.curate import curate_flow
+    from tasks.common import load_base_model
+
+    config = load_config(finished.parent / "run.yaml")
+    result = curate_flow(str(finished.parent / "run.yaml"), flag_top=6)
+    report = Path(result["report"]).read_text()
+    flagged = pl.read_parquet(Path(result["report"]).with_suffix(".parquet"))
+    assert flagged["train_id"].to_list() == result["flagged"]
+    # The label and the base model's answer, measured here from the stored model and data.
+    train = pl.read_parquet(data["train"])
+    x = torch.tensor(np.stack(train["x"].to_numpy()), dtype=torch.float32)
+    with Lineage(finished / "lineage.duckdb").connect(read_only=True) as con:
+        uri = con.execute("SELECT uri FROM artifacts WHERE kind = 'model/base'").fetchone()[0]
+    with torch.no_grad():
+        probability, predicted = torch.softmax(
+            load_base_model(config.model.recipe, uri)(x).double(), 1
+        ).max(1)
+    assert "| rank | example_id | y | predicted (probability) |" in report
+    for rank, i in enumerate(result["flagged"], start=1):
+        row = flagged.row(rank - 1, named=True)
+        assert row["label"] == train["y"][i]
+        assert row["predicted"] == int(predicted[i])
+        assert row["probability"] == pytest.approx(float(probability[i]), rel=1e-5)
+        mark = "≠" if row["predicted"] != row["label"] else ""
+        answer = f"{row['predicted']} ({row['probability']:.3f})"
+        assert f"| {rank} | {i} | {row['label']} | {answer} | {mark} |" in report
