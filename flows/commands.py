@@ -274,11 +274,15 @@ def top(args) -> int:
     run_id = args.run or _latest_run(lineage, completed=True)
     table = "top_opponents" if args.opponents else "top_proponents"
     with _top_connection(lineage) as con:
+        found = con.execute(
+            f"SELECT count(*) FROM {table} WHERE run_id = ? AND method = ? AND query_id = ?",
+            [run_id, args.method, args.query],
+        ).fetchall()[0][0]
+        if not found:  # before the join: a run that does not exist has no examples to read
+            _no_rows(con, table, run_id, args)
         frame = query_frame(
             con, TOP_SQL.format(table=table), [run_id, args.method, args.query, args.k]
         )
-        if frame.height == 0:
-            _no_rows(con, table, run_id, args)
         limit = _export_limit(con, table, run_id, args) if frame.height < args.k else None
         ranked = frame.filter(frame["score"].is_finite() & (frame["score"] != 0))
         flat_query = ranked.height == 0 and _all_flat(con, run_id, args)
