@@ -21,6 +21,7 @@ from typing import Any
 import polars as pl
 from prefect import flow
 
+from daunce_core.access import KINDS
 from daunce_core.conversion import from_dict, to_dict
 from daunce_core.errors import DaunceError
 from daunce_core.storage.digest import digest_json, digest_path
@@ -62,7 +63,7 @@ def claim_run_dir(run_dir: Path, config: RunConfig, overwrite: bool) -> None:
     """Refuse to reuse ``run_dir`` for a different configuration unless ``overwrite``."""
     marker = RunLayout(run_dir).identity
     identity = config.identity()
-    if marker.exists() and json.loads(marker.read_text())["identity"] != identity:
+    if _held_identity(marker) not in (None, identity):
         if not overwrite:
             raise DaunceError(
                 f"the run folder {run_dir} holds a run with a different configuration; "
@@ -72,8 +73,19 @@ def claim_run_dir(run_dir: Path, config: RunConfig, overwrite: bool) -> None:
 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not marker.exists():
+    if _held_identity(marker) is None:
         _write_atomic(marker, json.dumps({"identity": identity, "digest": config.digest()}))
+
+
+def _held_identity(marker: Path) -> dict | None:
+    """The identity a run folder's ``run.json`` holds; None if it is missing or damaged.
+
+    A damaged one is written again: the folder's name is the digest of its identity.
+    """
+    try:
+        return json.loads(marker.read_text())["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @contextmanager
@@ -158,8 +170,22 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _cache_key(name: str, inputs) -> str:
-    """Digest of a task's name and inputs: its artefact's key (manifest and lineage)."""
-    return digest_json({"task": name, "inputs": inputs})
+    """Digest of a task's name and inputs: its artefact's key (manifest and lineage).
+
+    An input that is another step's record (``uri`` and ``digest``) enters by its digest: the
+    same content read from elsewhere (a moved file, a copied workspace) gives the same key.
+    """
+    return digest_json({"task": name, "inputs": _content_of(inputs)})
+
+
+def _content_of(value):
+    if isinstance(value, dict):
+        if "uri" in value and "digest" in value:
+            return value["digest"]
+        return {k: _content_of(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_content_of(v) for v in value]
+    return value
 
 
 def _prepare(config: RunConfig, layout: Workspace, records: dict, states: list) -> None:
@@ -168,7 +194,9 @@ def _prepare(config: RunConfig, layout: Workspace, records: dict, states: list) 
     for split, sources in splits.items():
         sources = [to_dict(source) for source in sources]
         content = digest_json([digest_path(source["path"]) for source in sources])
-        folder = layout.data(digest_json({"sources": sources, "content": content}))
+        # Named by content and how it is read, not where the file is: a moved file is reused.
+        how = [{k: v for k, v in source.items() if k != "path"} for source in sources]
+        folder = layout.data(digest_json({"sources": how, "content": content}))
         _call(
             records,
             states,
@@ -427,6 +455,7 @@ def _outputs(run: RunConfig, run_dir: Path, records: dict, states: list, rows: s
         str(run_dir),
         run.daunce.score,
         rows,
+        run.daunce.num_models,
         artefact=RunLayout(run_dir).scores,
         root=RunLayout(run_dir).workspace.root,
         queries=records["queries"]["uri"],
@@ -479,7 +508,8 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
     store.ensure(run.daunce.num_models, n, m, run.daunce.dtype)
     spec = _copy_spec(run, records)
     identity = {k: v for k, v in spec.items() if k in IDENTITY_KEYS}
-    store.check_copies_key(digest_json(portable(identity, workspace)), legacy=digest_json(identity))
+    earlier = (digest_json(portable(identity, workspace)), digest_json(identity))
+    store.check_copies_key(digest_json(_content_of(identity)), legacy=earlier)
     index = pl.read_parquet(Path(records["queries"]["uri"]) / "index.parquet")
     copies = _run_copies(run, run_dir, spec, index["digest"].to_list())
     states += _copy_states(copies)
@@ -500,6 +530,8 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
         "trained_now": sum(len(c["trained"]) for c in copies),
         "retrained_lost": sorted(k for c in copies for k in c["retrained_lost"]),
         "remeasured": sorted(k for c in copies for k in c["remeasured"]),
+        "params_missing": sorted(k for c in copies for k in c["params_missing"]),
+        "reproducible": KINDS[run.model.access].capabilities.deterministic,
         "flow_process": os.getpid(),
         "copy_processes": sorted({c["process"] for c in copies if c["trained"]}),
         "states": {f"{s['task']}[{s['key']}]": s["status"] for s in states},

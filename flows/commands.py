@@ -148,6 +148,15 @@ def _print_summary(summary: dict) -> None:
             f"copies {summary['retrained_lost']}: their saved parameters were lost or damaged; "
             "trained again from their seeds (this model access is deterministic)"
         )
+    if summary.get("params_missing"):
+        missing, later = summary["params_missing"], "are trained again from their seeds"
+        if not summary.get("reproducible", True):
+            later = "cannot be reproduced: restore them before adding queries"
+        print(
+            f"daunce: warning: copies {missing} have no saved parameters (their loss rows are "
+            f"intact); they are needed only to measure new queries, and {later}",
+            file=sys.stderr,
+        )
     if summary.get("remeasured"):
         print(
             f"copies {summary['remeasured']}: their loss rows were missing or damaged; measured "
@@ -217,6 +226,22 @@ def runs(args) -> int:
     )
 
 
+def _workspace_busy(workspace: str) -> bool:
+    """Whether a process holds the workspace's run lock now."""
+    import fcntl
+
+    lock = Workspace(workspace).lock
+    if not lock.exists():
+        return False
+    with open(lock) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
 def status(args) -> int:
     """``daunce status``: a run's state, its copies done / diverged / pending, its artefacts.
 
@@ -235,6 +260,8 @@ def status(args) -> int:
     if row is None:
         raise DaunceError(f"no run {run_id!r} in this workspace; see `daunce runs`.")
     state, num_models, seconds, message = row
+    if state == "running" and not _workspace_busy(args.workspace):
+        state = "interrupted (no process is running it; run the same command again to resume)"
     print(f"run {run_id}: {state}" + (f" in {seconds:.1f}s" if seconds else ""))
     counts = CopyRecords(Workspace(args.workspace).run(run_id).copies).counts(num_models or 0)
     pending = counts.get("pending", 0) + counts.get("training", 0)

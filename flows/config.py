@@ -288,6 +288,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         access = KINDS[self.model.access]
         check_objective(access.kind, access.capabilities, self.daunce.objective)
+        self.compute.torch_device  # noqa: B018 - refuses device: cuda without a GPU, now
 
     def identity(self) -> dict:
         """What names the run: everything but K, the queries and how it is computed.

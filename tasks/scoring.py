@@ -28,10 +28,13 @@ ROW_CHUNK, COL_CHUNK = 8192, 1024
 
 
 @task(name="scores", cache_policy=NO_CACHE)
-def compute_scores(run_dir: str, kind: str, rows_digest: str, queries: str | None = None) -> dict:
+def compute_scores(
+    run_dir: str, kind: str, rows_digest: str, num_models: int, queries: str | None = None
+) -> dict:
     """Scores ``[n_train, m_query]`` from the valid loss rows; self-influence ``[n_train]``.
 
-    ``rows_digest`` (of which copies are done) keys the cache: new rows, new scores.
+    ``rows_digest`` (of which copies are done) keys the cache: new rows, new scores. The first
+    ``num_models`` copies are scored (a run may hold more, after ``daunce extend``).
     ``queries`` (the canonical query folder; how to name them, not part of the key) gives the
     query ids the warnings name. The record's ``warnings`` hold the `DaunceWarning`s raised:
     copies left out, and measurements that do not vary across the copies
@@ -39,7 +42,7 @@ def compute_scores(run_dir: str, kind: str, rows_digest: str, queries: str | Non
     and ``constant_train``.
     """
     store = RunStore(RunLayout(run_dir).store)
-    a, b = store.open("losses_train"), store.open("losses_query")
+    a, b = store.losses("losses_train", num_models), store.losses("losses_query", num_models)
     ids = None
     if queries is not None:
         ids = pl.read_parquet(Path(queries) / "index.parquet")["example_id"].to_numpy()
@@ -65,6 +68,7 @@ def compute_scores(run_dir: str, kind: str, rows_digest: str, queries: str | Non
         shape=[n, m],
     )
     return record | {
+        "companions": [str(store.root / "self_influence")],
         "valid": len(stats.valid_rows),
         "excluded": stats.excluded_rows.tolist(),
         "warnings": [str(w.message) for w in caught],

@@ -74,6 +74,11 @@ def test_capabilities_are_checked_against_the_objective():
     with pytest.raises(DaunceError, match="custom_objective"):
         check_objective("api", limited, Objective(access="black_box", variant="efim"))
     check_objective("api", limited, Objective(access="black_box"))
+    queries_only = Capabilities(
+        gradients=False, fine_tuning=False, custom_objective=False, deterministic=True
+    )
+    with pytest.raises(DaunceError, match="fine_tuning or custom_objective"):
+        check_objective("nothing", queries_only, Objective(access="black_box"))
 
 
 def test_a_damaged_or_deleted_loss_chunk_is_measured_again_without_training(finished):

@@ -57,6 +57,12 @@ def _damage(kind: str, ws: Workspace, run: RunLayout) -> None:
         shutil.rmtree(run.scores)
     elif kind == "export":
         run.export("top_proponents").unlink()
+    elif kind == "self-influence":
+        shutil.rmtree(run.store / "self_influence")
+    elif kind == "run identity":
+        run.identity.write_text('{"identity": ')
+    elif kind == "loss array metadata":
+        _garble(run.store / "losses_train" / "zarr.json")
 
 
 KINDS = [
@@ -69,6 +75,9 @@ KINDS = [
     "loss chunk (deleted)",
     "scores",
     "export",
+    "self-influence",
+    "run identity",
+    "loss array metadata",
 ]
 
 
@@ -167,3 +176,39 @@ def test_a_failed_rerun_keeps_an_intact_completed_run_completed(
     with Lineage(Workspace(config.workspace).lineage).connect(read_only=True) as con:
         row = con.execute("SELECT status FROM runs WHERE run_id = ?", [first["run_id"]])
         assert row.fetchone()[0] == "failed"
+
+
+def test_a_moved_training_file_reuses_the_run(harness, data, tmp_path):
+    config = load_config(write_config(tmp_path / "a.yaml", tmp_path / "ws", data))
+    first = run_attribute(config)
+    moved = {split: tmp_path / "moved" / path.name for split, path in data.items()}
+    moved["train"].parent.mkdir()
+    for split, path in data.items():
+        shutil.copy(path, moved[split])
+    again = run_attribute(load_config(write_config(tmp_path / "b.yaml", tmp_path / "ws", moved)))
+    assert again["run_id"] == first["run_id"]
+    assert again["trained_now"] == 0
+    assert again["states"]["base-model[model]"] == "Cached"
+    np.testing.assert_array_equal(scores_of(again["run_dir"]), scores_of(first["run_dir"]))
+
+
+def test_a_run_asking_for_fewer_copies_than_stored_scores_the_first(harness, data, tmp_path):
+    config = load_config(write_config(tmp_path / "a.yaml", tmp_path / "ws", data))
+    more = dataclasses.replace(config, daunce=dataclasses.replace(config.daunce, num_models=12))
+    run_attribute(more)  # as after `daunce extend --num-models 12`
+    again = run_attribute(config)  # the original configuration, K = 8
+    assert again["trained_now"] == 0
+    fresh = run_attribute(dataclasses.replace(config, workspace=str(tmp_path / "fresh")))
+    np.testing.assert_array_equal(scores_of(again["run_dir"]), scores_of(fresh["run_dir"]))
+    assert losses_of(again["run_dir"])[0].shape[0] == 12  # the other copies are kept
+
+
+def test_status_tells_an_interrupted_run_from_a_running_one(harness, data, tmp_path, capsys):
+    from flows.cli import main
+
+    config = load_config(write_config(tmp_path / "a.yaml", tmp_path / "ws", data))
+    first = run_attribute(config)
+    with Lineage(Workspace(config.workspace).lineage).connect() as con:
+        con.execute("UPDATE runs SET status = 'running' WHERE run_id = ?", [first["run_id"]])
+    assert main(["status", "--workspace", config.workspace]) == 0
+    assert "interrupted (no process is running it" in capsys.readouterr().out

@@ -141,3 +141,16 @@ def test_query_index_out_of_range():
     with pytest.raises(DaunceError, match="query index 5 is out of range; there are 5"):
         result.top_proponents(5)
     assert np.isfinite(result.scores).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu_is_refused_when_the_configuration_loads(tmp_path):
+    from pipeline_helpers import write_config, write_data
+
+    from flows.config import load_config
+
+    path = write_config(tmp_path / "a.yaml", tmp_path / "ws", write_data(tmp_path / "data"))
+    text = path.read_text().replace("group_size: 4", "group_size: 4\n  device: cuda")
+    path.write_text(text)
+    with pytest.raises(DaunceError, match=r"device 'cuda'.*no GPU"):
+        load_config(path)

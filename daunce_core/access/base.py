@@ -54,35 +54,55 @@ class Capabilities:
 
 
 def requirements(objective: Objective) -> dict[str, str]:
-    """The capabilities ``objective`` needs, each with the reason."""
-    needs = {}
+    """The capabilities ``objective`` needs, each with the reason.
+
+    A name ``"a|b"`` needs either capability: the paper's black-box form trains copies on
+    random subsets by plain fine-tuning, or by any trainer of a custom objective over loss
+    queries (prompt optimisation).
+    """
     if objective.access == "white_box":
-        why = "the white-box objectives' first-order term is computed from the base logits"
-        needs["gradients"] = why
-        needs["fine_tuning"] = "white-box copies are trained by gradient steps on parameters"
-        needs["custom_objective"] = "the white-box objective is not plain NLL"
-    elif objective.variant != "hessian":
-        needs["custom_objective"] = (
-            f"the black-box {objective.variant!r} objective (a squared loss) is not plain NLL"
-        )
-    return needs
+        return {
+            "gradients": "the white-box objectives' first-order term needs the base logits",
+            "fine_tuning": "white-box copies are trained by gradient steps on parameters",
+            "custom_objective": "the white-box objective is not plain NLL",
+        }
+    if objective.variant != "hessian":
+        return {
+            "custom_objective": (
+                f"the black-box {objective.variant!r} objective (a squared loss) is not plain NLL"
+            )
+        }
+    return {"fine_tuning|custom_objective": "black-box copies must be trained somehow"}
+
+
+def lacks(capabilities: Capabilities, objective: Objective) -> dict[str, str]:
+    """The requirements of ``objective`` that ``capabilities`` do not meet."""
+    return {
+        name: why
+        for name, why in requirements(objective).items()
+        if not any(getattr(capabilities, part) for part in name.split("|"))
+    }
 
 
 def check_objective(kind: str, capabilities: Capabilities, objective: Objective) -> None:
     """Raise a `DaunceError` naming what a ``kind`` model cannot do for ``objective``."""
-    missing = {
-        name: why
-        for name, why in requirements(objective).items()
-        if not getattr(capabilities, name)
-    }
+    missing = lacks(capabilities, objective)
     if not missing:
         return
-    reasons = "; ".join(f"{name} ({why})" for name, why in missing.items())
+    reasons = "; ".join(f"{name.replace('|', ' or ')} ({why})" for name, why in missing.items())
+    usable = [
+        f"access {o.access}, variant {o.variant}"
+        for o in (
+            Objective(),
+            Objective(access="black_box"),
+            Objective(access="black_box", variant="efim"),
+        )
+        if not lacks(capabilities, o)
+    ]
+    hint = f" It can run: {'; '.join(usable)}." if usable else ""
     raise DaunceError(
         f"a {kind!r} model cannot run objective variant={objective.variant!r}, "
-        f"access={objective.access!r}: it lacks {reasons}. Use objective access: black_box with "
-        "variant: hessian (the paper's Table 2 form: copies fine-tuned on random subsets), "
-        "which needs fine-tuning only."
+        f"access={objective.access!r}: it lacks {reasons}.{hint}"
     )
 
 

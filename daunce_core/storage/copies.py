@@ -44,6 +44,7 @@ class CopyReport:
     remeasured: list[int] = field(default_factory=list)
     queries_added_to: list[int] = field(default_factory=list)
     diverged: list[int] = field(default_factory=list)
+    params_missing: list[int] = field(default_factory=list)
 
 
 class RecordJournal:
@@ -103,6 +104,9 @@ class RunCopies:
         self._remeasure(remeasure, records, report)
         self._add_queries([k for k in behind if k not in lost], records, report)
         report.diverged = [k for k in report.ks if records[k].status == "diverged"]
+        report.params_missing = [
+            k for k in report.ks if records[k].status == "done" and not self.run.copy(k).exists()
+        ]
         return report
 
     def _read(self, k: int) -> CopyRecord:

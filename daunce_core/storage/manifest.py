@@ -69,8 +69,9 @@ def _to_local(text: str, root: str) -> str:
 
 
 def _uris(record: Any) -> list[str]:
-    records = record if isinstance(record, list) else [record]
-    return [r["uri"] for r in records if isinstance(r, dict) and r.get("uri")]
+    """The files a record names: each ``uri``, and its ``companions`` (written by the same step)."""
+    records = [r for r in (record if isinstance(record, list) else [record]) if isinstance(r, dict)]
+    return [u for r in records for u in [r.get("uri"), *r.get("companions", [])] if u]
 
 
 def _content(uris: list[str]) -> dict[str, str | None]:

@@ -20,6 +20,7 @@ an orphan ``*.partial`` file (`daunce_core.storage.layout.remove_partials`).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,30 @@ from daunce_core.errors import DaunceError
 PENDING, DONE = 0, 1
 LOSSES = ("losses_train", "losses_query")
 ROW_CHUNK = 65536
+
+
+class RowPrefix:
+    """The leading ``count`` rows of a 2-d array (read-only view, sliced like the array)."""
+
+    def __init__(self, array, count: int) -> None:
+        self.array, self.count = array, min(count, array.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(count, columns)``."""
+        return (self.count, self.array.shape[1])
+
+    @property
+    def dtype(self):
+        """The array's dtype."""
+        return self.array.dtype
+
+    def __getitem__(self, key):
+        rows = key[0] if isinstance(key, tuple) else key
+        if isinstance(rows, slice):
+            rows = slice(*rows.indices(self.count))
+            key = (rows, *key[1:]) if isinstance(key, tuple) else rows
+        return self.array[key]
 
 
 class RunStore:
@@ -64,44 +89,61 @@ class RunStore:
     def ensure(self, num_models: int, n: int, m: int, dtype: str = "float32") -> None:
         """Create the loss arrays for ``num_models`` copies, or resize them.
 
-        K may only grow (copies are never dropped); the number of queries may change (each
-        copy's record says which queries its row covers).
+        The arrays never shrink: a run asking for fewer copies than stored keeps the others
+        (its scores read the first ``num_models`` rows, `losses`). The number of queries may
+        change (each copy's record says which queries its row covers). An array whose metadata
+        is damaged is made again (`_repair`).
 
         Raises:
-            DaunceError: fewer copies than stored, or a different number of training examples.
+            DaunceError: a different number of training examples.
         """
-        if not all(self.exists(name) for name in LOSSES):
-            # Created together; a kill between the two creations leaves no copy done.
-            for name, width in (("losses_train", n), ("losses_query", m)):
+        self._repair()
+        stored = [self.open(name).shape[0] for name in LOSSES if self.exists(name)]
+        rows = max([num_models, *stored])
+        for name, width in (("losses_train", n), ("losses_query", m)):
+            if not self.exists(name):
                 chunks = (1, max(1, min(width, ROW_CHUNK)))
-                self._create(name, (num_models, width), chunks, dtype, np.nan)
-            return
+                self._create(name, (rows, width), chunks, dtype, np.nan)
         stored_k, stored_n = self.open("losses_train").shape
-        if num_models < stored_k:
-            raise DaunceError(
-                f"the run holds {stored_k} perturbed copies; num_models={num_models} would drop "
-                f"some. Set daunce.num_models to at least {stored_k} in the configuration (e.g. "
-                "after `daunce extend`), or pass --num-models to `daunce extend`."
-            )
         if n != stored_n:
             raise DaunceError(
                 f"the run holds losses for {stored_n} training examples, the data has {n}; "
                 "different training data makes a different run: give it another name."
             )
-        for name, shape in (("losses_train", (num_models, n)), ("losses_query", (num_models, m))):
+        for name, width in (("losses_train", n), ("losses_query", m)):
             array = self.open(name, "r+")
+            shape = (max(num_models, stored_k), width)  # K never shrinks: copies are kept
             if array.shape != shape:
                 array.resize(shape)
 
-    def check_copies_key(self, copies_key: str, legacy: str | None = None) -> None:
+    def _repair(self) -> list[str]:
+        """Remove loss arrays whose metadata cannot be read; return their names.
+
+        Their rows are then missing, and each copy's record sends it to be measured again.
+        """
+        damaged = []
+        for name in LOSSES:
+            if (self.root / name).exists():
+                try:
+                    self.open(name)
+                except Exception:
+                    shutil.rmtree(self.root / name)
+                    damaged.append(name)
+        return damaged
+
+    def losses(self, name: str, num_models: int) -> RowPrefix:
+        """The first ``num_models`` rows of loss array ``name`` (a run may hold more copies)."""
+        return RowPrefix(self.open(name), num_models)
+
+    def check_copies_key(self, copies_key: str, legacy: tuple[str, ...] = ()) -> None:
         """Tie the stored rows to the inputs that made them (``copies_key``); refuse others.
 
-        ``legacy``: the same inputs' key as an earlier version wrote it (with the workspace's
-        absolute paths); rows stored under it are taken, and their key rewritten.
+        ``legacy``: the same inputs' keys as earlier versions wrote them (with paths); rows
+        stored under one are taken, and their key rewritten.
         """
         train = self.open("losses_train", "r+")
         stored = train.attrs.get("copies_key")
-        if stored is not None and stored not in (copies_key, legacy):
+        if stored is not None and stored not in (copies_key, *legacy):
             raise DaunceError(
                 f"the copies stored in {self.root} were made from other inputs (base model, "
                 "training data or settings changed under the same run folder); rerun with "
