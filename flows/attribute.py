@@ -9,12 +9,10 @@ the new copies.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,7 @@ from daunce_core.storage.records import CopyRecords
 from daunce_core.storage.zarr_store import RunStore
 from flows.config import RunConfig
 from flows.fanout import groups_of, map_groups
+from flows.lock import workspace_lock
 from tasks.copies import train_copies
 from tasks.data import prepare_data
 from tasks.model import base_model, base_quality, base_signals
@@ -86,27 +85,6 @@ def _held_identity(marker: Path) -> dict | None:
         return json.loads(marker.read_text())["identity"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-@contextmanager
-def workspace_lock(workspace: Path):
-    """Hold the workspace for one run at a time (released by the OS if the process dies).
-
-    Cleaning up orphan temporary files is safe only while no other run writes in the workspace.
-    """
-    workspace.mkdir(parents=True, exist_ok=True)
-    with open(Workspace(workspace).lock, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as error:
-            raise DaunceError(
-                f"another daunce run is working in {workspace}; wait for it to finish, or give "
-                "this run another workspace."
-            ) from error
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _task_runner(config: RunConfig):

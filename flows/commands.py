@@ -12,6 +12,7 @@ from daunce_core.errors import DaunceError
 from daunce_core.storage.layout import Workspace
 from daunce_core.storage.lineage import Lineage, query_frame
 from flows.cli import prefect_environment
+from flows.lock import workspace_lock
 
 
 def _load(args, **overrides):
@@ -20,15 +21,23 @@ def _load(args, **overrides):
     return load_config(args.config, workspace=getattr(args, "workspace", None), **overrides)
 
 
+@contextmanager
+def _running(config):
+    """Hold the run's workspace (refusing a second run at once), then start Prefect."""
+    with workspace_lock(Path(config.workspace)):
+        prefect_environment(config.workspace)
+        yield
+
+
 def run(args) -> int:
     """``daunce run CONFIG``: the attribute flow; prints where the results are."""
     config = _load(args)
-    prefect_environment(config.workspace)
-    from flows.attribute import run_attribute
+    with _running(config):
+        from flows.attribute import run_attribute
 
-    summary = run_attribute(config, overwrite=args.overwrite)
-    _print_summary(summary)
-    return 0
+        summary = run_attribute(config, overwrite=args.overwrite)
+        _print_summary(summary)
+        return 0
 
 
 def extend(args) -> int:
@@ -43,11 +52,11 @@ def extend(args) -> int:
         )
     daunce = dataclasses.replace(config.daunce, num_models=args.num_models)
     config = dataclasses.replace(config, daunce=daunce)
-    prefect_environment(config.workspace)
-    from flows.attribute import run_attribute
+    with _running(config):
+        from flows.attribute import run_attribute
 
-    _print_summary(run_attribute(config))
-    return 0
+        _print_summary(run_attribute(config))
+        return 0
 
 
 def add_queries(args) -> int:
@@ -61,15 +70,15 @@ def add_queries(args) -> int:
     sources = [*config.data.query_sources(), DataSource(path=str(Path(args.queries).resolve()))]
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, queries=sources))
     check_inputs(config)  # the new query file too, before the server starts
-    prefect_environment(config.workspace)
-    from flows.attribute import run_attribute
+    with _running(config):
+        from flows.attribute import run_attribute
 
-    _print_summary(run_attribute(config))
-    print(
-        f"to keep these queries in later runs, list {args.queries} under data.queries in "
-        f"{args.config}."
-    )
-    return 0
+        _print_summary(run_attribute(config))
+        print(
+            f"to keep these queries in later runs, list {args.queries} under data.queries in "
+            f"{args.config}."
+        )
+        return 0
 
 
 def _evaluation_config(args, section: str):
@@ -108,32 +117,32 @@ def _evaluation_config(args, section: str):
 def lds(args) -> int:
     """``daunce lds CONFIG``: ground truth, then the LDS of every method; prints a table."""
     config = _evaluation_config(args, "lds")
-    prefect_environment(config.workspace)
-    from flows.evaluate import run_lds
+    with _running(config):
+        from flows.evaluate import run_lds
 
-    summary = run_lds(config, overwrite=args.overwrite)
-    m, s = summary["grid"]
-    print(f"\nLDS ({summary['outcome']}) of run {summary['run_id']}, {m} subsets × {s} seeds:")
-    for name, r in sorted(summary["results"].items(), key=lambda kv: -kv[1]["mean"]):
-        print(f"  {name:<24} {r['mean']:.3f} ± {r['stderr']:.3f}")
-    print("per query: SELECT * FROM lds_per_query; all runs: SELECT * FROM lds_results")
-    return 0
+        summary = run_lds(config, overwrite=args.overwrite)
+        m, s = summary["grid"]
+        print(f"\nLDS ({summary['outcome']}) of run {summary['run_id']}, {m} subsets × {s} seeds:")
+        for name, r in sorted(summary["results"].items(), key=lambda kv: -kv[1]["mean"]):
+            print(f"  {name:<24} {r['mean']:.3f} ± {r['stderr']:.3f}")
+        print("per query: SELECT * FROM lds_per_query; all runs: SELECT * FROM lds_results")
+        return 0
 
 
 def removal(args) -> int:
     """``daunce removal CONFIG``: the subset-removal test of every method; prints a table."""
     config = _evaluation_config(args, "removal")
-    prefect_environment(config.workspace)
-    from flows.evaluate import run_removal
+    with _running(config):
+        from flows.evaluate import run_removal
 
-    summary = run_removal(config, overwrite=args.overwrite)
-    print(f"\nsubset removal, run {summary['run_id']}: fraction of queries flipped")
-    import polars as pl
+        summary = run_removal(config, overwrite=args.overwrite)
+        print(f"\nsubset removal, run {summary['run_id']}: fraction of queries flipped")
+        import polars as pl
 
-    with pl.Config(tbl_rows=100):
-        print(pl.DataFrame(summary["table"]))
-    print("all runs: SELECT * FROM removal_results")
-    return 0
+        with pl.Config(tbl_rows=100):
+            print(pl.DataFrame(summary["table"]))
+        print("all runs: SELECT * FROM removal_results")
+        return 0
 
 
 def _print_summary(summary: dict) -> None:
@@ -531,24 +540,24 @@ def demo_config(workspace: str | None = None):
 def demo(args) -> int:
     """``daunce demo``: the attribute flow on the embedded digits data, then a few answers."""
     config = demo_config(args.workspace)
-    prefect_environment(config.workspace)
-    from flows.attribute import run_attribute
+    with _running(config):
+        from flows.attribute import run_attribute
 
-    summary = run_attribute(config)
-    _print_summary(summary)
-    for query in range(args.queries):
-        print()
-        top(
-            argparse.Namespace(
-                query=query,
-                k=5,
-                opponents=False,
-                method="daunce",
-                run=summary["run_id"],
-                workspace=config.workspace,
+        summary = run_attribute(config)
+        _print_summary(summary)
+        for query in range(args.queries):
+            print()
+            top(
+                argparse.Namespace(
+                    query=query,
+                    k=5,
+                    opponents=False,
+                    method="daunce",
+                    run=summary["run_id"],
+                    workspace=config.workspace,
+                )
             )
-        )
-    query = DEMO_SQL.replace("?", f"'{summary['run_id']}'")
-    print(f'\n$ daunce sql "{query}"')
-    _print_query(_lineage(config.workspace), query, "table")
-    return 0
+        query = DEMO_SQL.replace("?", f"'{summary['run_id']}'")
+        print(f'\n$ daunce sql "{query}"')
+        _print_query(_lineage(config.workspace), query, "table")
+        return 0

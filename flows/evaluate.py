@@ -36,10 +36,10 @@ from flows.attribute import (
     _inputs,
     _locked_attribute,
     _task_runner,
-    workspace_lock,
 )
 from flows.config import RunConfig
 from flows.fanout import groups_of, map_groups
+from flows.lock import workspace_lock
 from tasks.evaluation import baseline, ground_truth, lds_of_scores, prepare_truth, score_source
 from tasks.removal import plan_removal_jobs, summarize_removal_jobs
 

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,10 @@ from daunce_core.method.draws import draw_perturbation
 from daunce_core.storage.digest import digest_rows
 from daunce_core.storage.lineage import Lineage, query_frame
 from daunce_core.storage.sources import DataSource
-from flows.attribute import claim_run_dir, run_attribute, workspace_lock
+from flows.attribute import claim_run_dir, run_attribute
 from flows.cli import main
 from flows.config import ExportConfig, load_config
+from flows.lock import workspace_lock
 from tasks.common import load_base_model, load_split
 
 
@@ -280,7 +282,24 @@ def test_exports_follow_the_current_settings(harness, data, tmp_path):
         assert top["rank"].max() == k
 
 
-def test_one_run_at_a_time_per_workspace(data, tmp_path):
+def test_one_run_at_a_time_per_workspace(data, tmp_path, capsys):
     config = load_config(write_config(tmp_path / "a.yaml", tmp_path / "ws", data))
-    with workspace_lock(tmp_path / "ws"), pytest.raises(DaunceError, match="another daunce run"):
-        run(config)
+    held, release = threading.Event(), threading.Event()
+
+    def other_run():  # another run holding the workspace, in another thread
+        with workspace_lock(tmp_path / "ws"):
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    held.wait(60)
+    try:
+        with pytest.raises(DaunceError, match="another daunce run"):
+            run(config)
+        # The command refuses before it starts a Prefect server (no server output at all).
+        assert main(["run", str(tmp_path / "a.yaml")]) == 2
+        assert "another daunce run is working" in capsys.readouterr().err
+    finally:
+        release.set()
+        thread.join()
