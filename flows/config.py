@@ -384,6 +384,13 @@ def check_inputs(config: RunConfig) -> None:
             f"model.checkpoint {checkpoint!r} does not exist; give the path of the trained "
             "model's parameters, or leave model.checkpoint out to train model.recipe."
         )
+    if checkpoint and recipe:
+        from daunce_core.access.torch_module.models import build_model, load_parameters
+
+        try:
+            load_parameters(build_model(recipe), checkpoint)  # readable, and fits the recipe
+        except DaunceError as error:
+            raise DaunceError(f"model.checkpoint: {error}") from error
     schemas = {where: (source, _schema(source, where)) for where, source in _sources(config)}
     train = schemas["data.train"][1]
     for where, (source, schema) in schemas.items():

@@ -154,3 +154,23 @@ def test_device_cuda_without_a_gpu_is_refused_when_the_configuration_loads(tmp_p
     path.write_text(text)
     with pytest.raises(DaunceError, match=r"device 'cuda'.*no GPU"):
         load_config(path)
+
+
+def test_a_truncated_checkpoint_is_named_when_the_configuration_loads(tmp_path):
+    import yaml
+    from pipeline_helpers import write_config, write_data
+
+    from daunce_core.access.torch_module.models import build_model, save_parameters
+    from flows.config import load_config
+
+    path = write_config(tmp_path / "a.yaml", tmp_path / "ws", write_data(tmp_path / "data"))
+    config = yaml.safe_load(path.read_text())
+    checkpoint = tmp_path / "base.safetensors"
+    save_parameters(build_model(config["model"]["recipe"]), checkpoint)
+    checkpoint.write_bytes(checkpoint.read_bytes()[:200])
+    config["model"]["checkpoint"] = str(checkpoint)
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(
+        DaunceError, match=r"model\.checkpoint: .*base\.safetensors.*cannot be read"
+    ):
+        load_config(path)

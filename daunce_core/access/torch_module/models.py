@@ -94,10 +94,17 @@ def save_parameters(model: nn.Module, path: str | Path) -> None:
 def load_parameters(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a safetensors (or ``torch.save`` state dict) file into ``model``; strict."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise DaunceError(
+            f"the checkpoint {str(path)!r} cannot be read ({type(error).__name__}: {error}); it "
+            "is damaged or truncated: write it again (a base model the flow trained is trained "
+            "again if you delete it)."
+        ) from error
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
