@@ -18,7 +18,7 @@ def _run(config, env) -> dict:
         timeout=400,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    run_dir = done.stdout.split("results: ")[-1].strip()
+    run_dir = done.stdout.split("results: ")[-1].splitlines()[0].strip()
     return json.loads((REPO / run_dir / "summary.json").read_text()) | {"run_dir": run_dir}
 
 
