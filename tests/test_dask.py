@@ -1,11 +1,13 @@
 """The copies fan out over a local 2-worker Dask cluster, reporting to one real Prefect server."""
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
-from pipeline_helpers import REPO, prefect_server, scores_of, write_config, write_data
+from conftest import PREFECT_BUDGETS, session_prefect_api
+from pipeline_helpers import REPO, scores_of, write_config, write_data
 
 
 def _run(config, env) -> dict:
@@ -35,9 +37,11 @@ def test_dask_cluster_gives_the_same_scores_as_threads(tmp_path):
     threads = write_config(
         tmp_path / "threads.yaml", tmp_path / "ws-threads", data, num_models=8, group_size=2
     )
-    with prefect_server(tmp_path) as (_, env):
-        on_dask = _run(dask, env)
-        on_threads = _run(threads, env)
+    # Every process (daunce and the Dask workers) reports to the session's one Prefect server.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= PREFECT_BUDGETS | {"PREFECT_API_URL": session_prefect_api()}
+    on_dask = _run(dask, env)
+    on_threads = _run(threads, env)
     assert on_dask["trained_now"] == 8
     assert on_dask["flow_process"] not in on_dask["copy_processes"]
     assert len(on_dask["copy_processes"]) == 2

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from conftest import PREFECT_BUDGETS, session_prefect_api
 from pipeline_helpers import scores_of, write_config, write_data
 
 from daunce_core.storage.layout import TEMPORARY
@@ -18,8 +19,10 @@ K = 16
 
 
 def _env() -> dict:
+    """The daunce processes report to the session's Prefect server (none starts its own)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    return env | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    server = PREFECT_BUDGETS | {"PREFECT_API_URL": session_prefect_api()}
+    return env | server | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _daunce(*args) -> list[str]:
