@@ -9,33 +9,44 @@ Packages: `method` (draws, objectives, signals, scores, top-k, in-memory `attrib
 `access` (how a model is reached: the protocol and one module per kind), `storage` (layout,
 Zarr stores, copy records, sources, exports, lineage), `evaluation` (LDS, subset removal),
 `baselines` (other attribution methods, peers' packages).
+
+The names below are imported on first use, so that tools which need only part of the package
+(the command line's ``sql``, ``top`` and ``status``) do not import torch.
 """
 
-from daunce_core.access.base import Capabilities, CopyLosses, ModelAccess
-from daunce_core.access.task import ClassificationTask, RegressionTask, Task
-from daunce_core.access.torch_module.access import TorchModuleAccess
-from daunce_core.access.torch_module.training import fit
-from daunce_core.errors import DaunceError, DaunceWarning, TaskError
-from daunce_core.method.attribute import Attribution, attribute
-from daunce_core.method.config import ComputeConfig, DaunceConfig, TrainConfig
-from daunce_core.method.objectives import Objective
+import importlib
 
-__all__ = [
-    "Attribution",
-    "Capabilities",
-    "ClassificationTask",
-    "ComputeConfig",
-    "CopyLosses",
-    "DaunceConfig",
-    "DaunceError",
-    "DaunceWarning",
-    "ModelAccess",
-    "Objective",
-    "RegressionTask",
-    "Task",
-    "TaskError",
-    "TorchModuleAccess",
-    "TrainConfig",
-    "attribute",
-    "fit",
-]
+_HOMES = {
+    "Attribution": "daunce_core.method.attribute",
+    "attribute": "daunce_core.method.attribute",
+    "Capabilities": "daunce_core.access.base",
+    "CopyLosses": "daunce_core.access.base",
+    "ModelAccess": "daunce_core.access.base",
+    "ClassificationTask": "daunce_core.access.task",
+    "RegressionTask": "daunce_core.access.task",
+    "Task": "daunce_core.access.task",
+    "TorchModuleAccess": "daunce_core.access.torch_module.access",
+    "fit": "daunce_core.access.torch_module.training",
+    "DaunceError": "daunce_core.errors",
+    "DaunceWarning": "daunce_core.errors",
+    "TaskError": "daunce_core.errors",
+    "ComputeConfig": "daunce_core.method.config",
+    "DaunceConfig": "daunce_core.method.config",
+    "TrainConfig": "daunce_core.method.config",
+    "Objective": "daunce_core.method.objectives",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    """Import ``name`` from its module the first time it is asked for."""
+    if name not in _HOMES:
+        raise AttributeError(f"module 'daunce_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])
