@@ -10,11 +10,14 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: demo test test-all lint format bench env clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,dask,peers]"
+	# kronfluence declares torchvision, and PyPI's torchvision does not match the local CPU
+	# torch: with it, no transformers model class imports. kronfluence runs without it.
+	$(PY) -m pip uninstall --quiet --yes torchvision
 	touch $(STAMP)
 
 env: $(STAMP)
