@@ -161,11 +161,11 @@ class RunLayout:
 
     def copy(self, k: int) -> Path:
         """The trained parameters (or adapter) of perturbed copy ``k``."""
-        return self.copies / f"copy-{k:06d}.safetensors"
+        return copy_file(self.copies, k, ".safetensors")
 
     def copy_record(self, k: int) -> Path:
         """The record of perturbed copy ``k`` (`daunce_core.storage.records`)."""
-        return self.copies / f"copy-{k:06d}.json"
+        return copy_file(self.copies, k, ".json")
 
     @property
     def exports(self) -> Path:
@@ -198,6 +198,11 @@ class RunLayout:
     def reports(self) -> Path:
         """The folder of curation reports."""
         return self.root / "reports"
+
+
+def copy_file(folder: str | Path, k: int, suffix: str) -> Path:
+    """Copy ``k``'s file with ``suffix`` in a run's copies folder: ``copy-000007<suffix>``."""
+    return Path(folder) / f"copy-{k:06d}{suffix}"
 
 
 def manifest_of(artefact: str | Path) -> Path:

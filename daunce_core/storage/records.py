@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from daunce_core.errors import DaunceError
+from daunce_core.storage.layout import copy_file
 
 STATUSES = ("pending", "training", "done", "diverged")
 """``training`` is written when a copy starts (with its attempt count and job id, if any);
@@ -82,7 +83,7 @@ class CopyRecords:
 
     def path(self, k: int) -> Path:
         """The record file of copy ``k``."""
-        return self.folder / f"copy-{k:06d}.json"
+        return copy_file(self.folder, k, ".json")
 
     def read(self, k: int) -> CopyRecord:
         """Copy ``k``'s record; a copy never started is ``pending``.

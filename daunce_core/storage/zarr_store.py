@@ -151,11 +151,6 @@ class RunStore:
             )
         train.attrs["copies_key"] = copies_key
 
-    @property
-    def num_queries(self) -> int:
-        """m, the number of query columns."""
-        return int(self.open("losses_query").shape[1])
-
     def read_row(self, k: int, queries: int) -> tuple[np.ndarray, np.ndarray]:
         """Row ``k`` of both loss arrays (the first ``queries`` query columns)."""
         train = np.asarray(self.open("losses_train")[k])
