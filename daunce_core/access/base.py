@@ -10,7 +10,7 @@ evaluation, and declares what it can do (`Capabilities`):
 kind                   module                          capabilities
 =====================  ==============================  =====================================
 ``torch``              `access.torch_module`           all four
-``hf_lora`` (planned)  ``access/hf_lora/``             all four (LoRA adapters as copies)
+``hf_lora``            `access.hf_lora`                all four (LoRA adapters as copies)
 ``api`` (planned)      ``access/api/``                 fine-tuning only (not deterministic)
 ``prompt`` (planned)   ``access/prompt/``              deterministic loss queries only
 =====================  ==============================  =====================================

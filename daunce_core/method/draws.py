@@ -31,6 +31,7 @@ class Stream(IntEnum):
     SUBSET = 0  # copy k's subset D^k
     XI = 1  # copy k's ξ for every training example
     ORDER = 2  # copy k's visiting order, per epoch
+    TOKEN_XI = 3  # copy k's uniforms per answer token (sampled labels of a language model)
     LDS_SUBSETS = 7  # the LDS ground truth's random subsets
     REMOVAL_RANDOM = 11  # subset removal: the random examples removed
     REMOVAL_ORDER = 12  # subset removal: a retraining's visiting order
@@ -48,6 +49,7 @@ class PerturbationDraw:
         k: copy index.
         subset: sorted indices of ``D^k``, int64, shape ``[round(r·n)]``.
         xi: ``ξ^k`` for every training example, float64, shape ``[n]``, in (0, 1).
+            (A language model's sampled labels use ``[n, tokens]``, `token_uniforms`.)
         source: the copy whose random streams these draws come from: ``k`` itself, or the even
             partner of an antithetic pair (the pair also shares its visiting order).
     """
@@ -96,3 +98,16 @@ def draw_perturbation(
 def epoch_order(draw: PerturbationDraw, epoch: int, seed: int) -> np.ndarray:
     """The order in which copy ``draw.k`` visits its subset in ``epoch`` (a permutation)."""
     return stream_rng(seed, draw.source, Stream.ORDER, epoch).permutation(draw.subset)
+
+
+def token_uniforms(draw: PerturbationDraw, seed: int, width: int) -> np.ndarray:
+    """Copy ``draw.k``'s uniforms, one per training example and answer token, ``[n, width]``.
+
+    A language model's sampled-label perturbation draws one token per completion position;
+    each needs its own uniform (independent tokens give the Gauss-Newton covariance, which is
+    block-diagonal over positions). Antithetic partners use ``u`` and ``1 − u``.
+    """
+    n = len(draw.xi)
+    u = stream_rng(seed, draw.source, Stream.TOKEN_XI).random((n, width))
+    u = u.clip(_XI_EPS, 1 - _XI_EPS)
+    return 1.0 - u if draw.k != draw.source else u

@@ -149,6 +149,7 @@ def train_copies(
     total = config.total_steps(plan.size)
     opt, schedule = _optimizer(list(params.values()), config, total)
     xi_all = torch.from_numpy(np.stack([d.xi for d in draws]))
+    copies = torch.arange(len(draws)).unsqueeze(1)
     step_fn = _copy_objective_fn(model, task, objective)
     diverged = torch.zeros(len(draws), dtype=torch.bool)
     last = torch.full((len(draws),), float("nan"), dtype=torch.float64)
@@ -156,7 +157,7 @@ def train_copies(
         rows = plan.rows(step)
         batch = take(data, rows)
         extra = {k: v[rows] for k, v in (side or {}).items()}
-        extra["xi"] = torch.gather(xi_all, 1, rows)
+        extra["xi"] = xi_all[copies, rows]  # [G, B] or [G, B, tokens]
         values = map_copies(step_fn, (params, batch, extra), vectorize)
         values = values + _penalty(params, l2, anchor) if l2 else values
         diverged |= ~torch.isfinite(values.detach())
