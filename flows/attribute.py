@@ -22,6 +22,7 @@ from prefect import flow
 from daunce_core.access import KINDS
 from daunce_core.conversion import from_dict, to_dict
 from daunce_core.errors import DaunceError
+from daunce_core.storage import validate
 from daunce_core.storage.digest import digest_json, digest_path
 from daunce_core.storage.layout import RunLayout, Workspace, manifest_of, remove_partials
 from daunce_core.storage.lineage import Lineage
@@ -169,12 +170,15 @@ def _content_of(value):
 def _prepare(config: RunConfig, layout: Workspace, records: dict, states: list) -> None:
     """Both splits in canonical form, in folders named by their sources and content."""
     splits = {"train": [config.data.train], "queries": config.data.query_sources()}
+    columns = validate.task_columns(config.task)
+    text = sorted({columns[name] for name in validate.TEXT_FIELDS if name in columns})
     for split, sources in splits.items():
         sources = [to_dict(source) for source in sources]
         content = digest_json([digest_path(source["path"]) for source in sources])
         # Named by content and how it is read, not where the file is: a moved file is reused.
         how = [{k: v for k, v in source.items() if k != "path"} for source in sources]
-        folder = layout.data(digest_json({"sources": how, "content": content}))
+        named = {"sources": how, "content": content} | ({"text": text} if text else {})
+        folder = layout.data(digest_json(named))
         _call(
             records,
             states,
@@ -184,6 +188,7 @@ def _prepare(config: RunConfig, layout: Workspace, records: dict, states: list) 
             split,
             str(folder),
             content,
+            text,
             artefact=folder,
             root=layout.root,
         )
@@ -285,7 +290,8 @@ def _inputs(config: RunConfig, layout: Workspace, states: list) -> dict:
     _prepare(config, layout, records, states)
     _model(config, layout, records, states)
     _quality(config, layout, records, states)
-    if config.daunce.objective.needs_base_signals:
+    # A language model's base signals are recomputed per batch from cached hidden states.
+    if config.daunce.objective.needs_base_signals and config.model.access == "torch":
         _signals(config, layout, records, states)
     return records
 

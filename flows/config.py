@@ -44,6 +44,7 @@ from typing import Any
 import yaml
 
 from daunce_core.access import KINDS, check_objective
+from daunce_core.access.hf_lora.base import PATH_FIELDS, check_recipe_paths, parse_recipe
 from daunce_core.conversion import from_dict, to_dict
 from daunce_core.errors import DaunceError
 from daunce_core.method.config import ComputeConfig, DaunceConfig, TrainConfig
@@ -86,6 +87,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.access not in KINDS:
             raise DaunceError(f"model.access must be one of {sorted(KINDS)}; got {self.access!r}.")
+        if self.access == "hf_lora":
+            parse_recipe(self.recipe)
 
 
 @dataclass(frozen=True)
@@ -288,6 +291,14 @@ class RunConfig:
     def __post_init__(self) -> None:
         access = KINDS[self.model.access]
         check_objective(access.kind, access.capabilities, self.daunce.objective)
+        language = self.task.get("kind") in validate.LM_TASKS
+        if language != (self.model.access == "hf_lora"):
+            raise DaunceError(
+                f"task.kind {self.task.get('kind', 'classification')!r} does not go with "
+                f"model.access {self.model.access!r}: the language-model tasks (causal_lm, "
+                "sequence_classification) need model.access: hf_lora, and hf_lora needs one "
+                "of them."
+            )
         self.compute.torch_device  # noqa: B018 - refuses device: cuda without a GPU, now
 
     def identity(self) -> dict:
@@ -304,6 +315,11 @@ class RunConfig:
         checkpoint = plain["model"]["checkpoint"]
         if checkpoint:
             plain["model"]["checkpoint"] = digest_path(checkpoint)
+        if self.model.access == "hf_lora":
+            recipe = plain["model"]["recipe"] = dict(plain["model"]["recipe"])  # not the config's
+            for name in PATH_FIELDS:
+                if isinstance(recipe.get(name), str) and Path(recipe[name]).exists():
+                    recipe[name] = digest_path(recipe[name])
         for key in ("name", "workspace", "exports", "execution", "evaluation", "compute"):
             plain.pop(key)
         return plain
@@ -378,6 +394,8 @@ def check_inputs(config: RunConfig) -> None:
     recipe = config.model.recipe if config.model.access == "torch" else {}
     if recipe:
         validate.check_recipe(recipe)
+    if config.model.access == "hf_lora":
+        check_recipe_paths(parse_recipe(config.model.recipe))
     checkpoint = config.model.checkpoint
     if checkpoint and not Path(checkpoint).exists():
         raise DaunceError(
@@ -424,7 +442,7 @@ def _schema(source: DataSource, where: str) -> Schema:
 
 def _check_label_values(config: RunConfig, source: DataSource, where: str) -> None:
     """Class labels within the recipe's outputs (one column of ``source`` read)."""
-    if config.task.get("kind", "classification") != "classification":
+    if config.task.get("kind", "classification") not in ("classification", *validate.LM_TASKS[1:]):
         return
     label = validate.task_columns(config.task)["label"]
     recipe = config.model.recipe
@@ -464,6 +482,9 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
         for source in sources if isinstance(sources, list) else [sources]:
             resolve(source, "path")
     resolve(raw.get("model"), "checkpoint")
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    for name in PATH_FIELDS:
+        resolve(model.get("recipe"), name)
     evaluation = raw.get("evaluation") if isinstance(raw.get("evaluation"), dict) else {}
     scores = evaluation.get("scores")
     for score in scores if isinstance(scores, list) else []:

@@ -43,7 +43,14 @@ def artifact(uri, kind: str, digest: str, producer: str, inputs=(), shape=None) 
 def load_split(folder: str, digest: str) -> ExampleSet:
     """A canonical split as tensors (floats as float32); memoised per process by digest."""
     columns, _ = read_canonical(folder)
-    return {k: _tensor(v) for k, v in columns.items()}
+    return {k: _tensor(v) for k, v in columns.items() if v.dtype.kind != "U"}
+
+
+@functools.lru_cache(maxsize=8)
+def load_columns(folder: str, digest: str) -> dict[str, np.ndarray]:
+    """A canonical split's columns as NumPy arrays, text included; memoised by digest."""
+    columns, _ = read_canonical(folder)
+    return columns
 
 
 def _tensor(values: np.ndarray) -> torch.Tensor:
@@ -113,6 +120,9 @@ def copy_access(spec: dict) -> ModelAccess:
     if kind not in KINDS:
         raise DaunceError(f"unknown model access kind {kind!r}; known kinds: {sorted(KINDS)}.")
     config = from_dict(DaunceConfig, spec["daunce"], "daunce")
+    compute = from_dict(ComputeConfig, spec["compute"], "compute")
+    if kind == "hf_lora":
+        return _language_access(spec, config, compute)
     signals = load_file(spec["signals"]["uri"]) if spec.get("signals") else None
     return KINDS[kind](
         load_base_model(spec["recipe"], spec["model"]["uri"]),
@@ -122,5 +132,22 @@ def copy_access(spec: dict) -> ModelAccess:
         config,
         base_l2=spec["l2"],
         signals=signals,
-        compute=from_dict(ComputeConfig, spec["compute"], "compute"),
+        compute=compute,
+    )
+
+
+def _language_access(spec: dict, config: DaunceConfig, compute: ComputeConfig) -> ModelAccess:
+    """The ``hf_lora`` access of a copy spec: θ0's folder and the splits' text columns."""
+    from daunce_core.access.hf_lora.access import HFLoraAccess
+    from daunce_core.access.hf_lora.base import parse_recipe
+
+    return HFLoraAccess.from_folder(
+        spec["model"]["uri"],
+        spec["task"],
+        load_columns(spec["train"]["uri"], spec["train"]["digest"]),
+        load_columns(spec["queries"]["uri"], spec["queries"]["digest"]),
+        config,
+        lora=parse_recipe(spec["recipe"]).lora,
+        compute=compute,
+        base_l2=spec["l2"],
     )

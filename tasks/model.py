@@ -9,6 +9,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from safetensors.torch import save_file
 
+from daunce_core.access.hf_lora.access import encode, make_task
+from daunce_core.access.hf_lora.base import make_base, num_labels, parse_recipe
+from daunce_core.access.hf_lora.models import context_window, load_model
 from daunce_core.access.task import task_from_spec
 from daunce_core.access.torch_module.models import build_model, load_parameters, save_parameters
 from daunce_core.access.torch_module.training import fit
@@ -17,10 +20,10 @@ from daunce_core.evaluation.base_quality import fit_warning, measure_split, summ
 from daunce_core.method.config import DTYPES, TrainConfig
 from daunce_core.method.objectives import Objective
 from daunce_core.method.signals import compute_base_signals
-from daunce_core.storage.digest import digest_arrays, digest_json, digest_model
+from daunce_core.storage.digest import digest_arrays, digest_json, digest_model, digest_path
 from daunce_core.storage.exports import write_parquet
 from daunce_core.storage.sources import read_canonical
-from tasks.common import artifact, load_base_model, load_split, retry_transient
+from tasks.common import artifact, load_base_model, load_columns, load_split, retry_transient
 
 
 @task(
@@ -33,7 +36,13 @@ from tasks.common import artifact, load_base_model, load_split, retry_transient
 def base_model(
     model_spec: dict, task_spec: dict, train: dict, path: str, checkpoint_digest: str | None
 ) -> dict:
-    """Train the base model from its recipe, or load the user's checkpoint; save to ``path``."""
+    """Train the base model from its recipe, or load the user's checkpoint; save to ``path``.
+
+    A language model (``access: hf_lora``) is made by `daunce_core.access.hf_lora.base.make_base`
+    instead: ``path``'s folder gets ``pretrained/`` and ``theta0/`` model folders.
+    """
+    if model_spec.get("access") == "hf_lora":
+        return _language_model(model_spec, task_spec, train, path)
     model = build_model(model_spec["recipe"], seed=model_spec["seed"])
     if model_spec.get("checkpoint"):
         load_parameters(model, model_spec["checkpoint"])
@@ -52,6 +61,27 @@ def base_model(
     save_parameters(model, path)
     inputs = [train["uri"]] + ([model_spec["checkpoint"]] if model_spec.get("checkpoint") else [])
     return artifact(path, "model/base", digest_model(model), "base-model", inputs=inputs)
+
+
+def _language_model(model_spec: dict, task_spec: dict, train: dict, path: str) -> dict:
+    """θ0 of an ``hf_lora`` run (and the model it was fine-tuned from), as model folders."""
+    recipe = parse_recipe(model_spec["recipe"])
+    columns = load_columns(train["uri"], train["digest"])
+    folder = Path(path).parent
+    made = make_base(
+        recipe,
+        from_dict(TrainConfig, model_spec["train"], "model.train"),
+        task_spec,
+        columns,
+        folder,
+        seed=model_spec["seed"],
+        labels=num_labels(task_spec, columns),
+    )
+    theta0 = made["theta0"]
+    record = artifact(
+        theta0, "model/base", digest_path(theta0), "base-model", inputs=[train["uri"]]
+    )
+    return record | {"pretrained": str(made["pretrained"])}
 
 
 @task(name="base-signals", cache_policy=NO_CACHE)
@@ -110,20 +140,29 @@ def base_quality(
     (`~daunce_core.evaluation.base_quality.fit_warning`). Accuracy needs
     ``Task.correct_from_outputs`` (classification has it). ``batch_size`` says only how.
     """
-    network = load_base_model(model_spec["recipe"], model["uri"])
-    task_ = task_from_spec(task_spec)
+    if model_spec.get("access") == "hf_lora":
+        network, task_, data = _language_split_data(model_spec, task_spec, model, train, queries)
+    else:
+        network, task_ = (
+            load_base_model(model_spec["recipe"], model["uri"]),
+            task_from_spec(task_spec),
+        )
+        data = {
+            split: load_split(record["uri"], record["digest"])
+            for split, record in (("train", train), ("queries", queries))
+        }
     label = getattr(task_, "label_key", None) or getattr(task_, "target_key", None)
     frames, measured, labels = [], {}, {}
     for split, record in (("train", train), ("queries", queries)):
-        data = load_split(record["uri"], record["digest"])
-        measured[split] = measure_split(network, task_, data, batch_size=batch_size)
+        measured[split] = measure_split(network, task_, data[split], batch_size=batch_size)
         _, ids = read_canonical(record["uri"])
         columns = {"split": [split] * len(ids), "example_id": ids}
-        if label in data and data[label].dim() == 1:
-            labels[split] = data[label].numpy()
+        if label in data[split] and data[split][label].dim() == 1:
+            labels[split] = data[split][label].numpy()
             columns["label"] = labels[split]
         frames.append(pl.DataFrame(columns | measured[split]))
-    classification = task_spec.get("kind", "classification") == "classification"
+    kind = task_spec.get("kind", "classification")
+    classification = kind in ("classification", "sequence_classification")
     metrics = summarize(
         measured["train"], measured["queries"], labels.get("train") if classification else None
     )
@@ -134,3 +173,20 @@ def base_quality(
         "metrics": metrics,
         "warning": fit_warning(metrics),
     }
+
+
+def _language_split_data(model_spec, task_spec, model, train, queries):
+    """θ0 of an ``hf_lora`` run, its task, and both splits tokenised for it."""
+    columns = {
+        split: load_columns(record["uri"], record["digest"])
+        for split, record in (("train", train), ("queries", queries))
+    }
+    network, tokenizer = load_model(
+        model["uri"], task_spec["kind"], num_labels=num_labels(task_spec, *columns.values())
+    )
+    window = context_window(network)
+    data = {
+        split: encode(task_spec, tokenizer, values, window, f"data.{split}")
+        for split, values in columns.items()
+    }
+    return network, make_task(task_spec["kind"]), data

@@ -250,9 +250,16 @@ def task_from_spec(spec: dict) -> Task:
         return ClassificationTask(spec.pop("input", "x"), spec.pop("label", "y"), **spec)
     if kind == "regression":
         return RegressionTask(spec.pop("input", "x"), spec.pop("target", "y"), **spec)
+    if kind in ("causal_lm", "sequence_classification"):
+        from daunce_core.access.hf_lora.access import make_task
+
+        return make_task(kind)
     if kind == "factory":
         import importlib
 
         module_name, _, function = spec["factory"].partition(":")
         return getattr(importlib.import_module(module_name), function)(**spec.get("kwargs", {}))
-    raise TaskError(f"task kind must be 'classification', 'regression' or 'factory'; got {kind!r}.")
+    raise TaskError(
+        "task kind must be 'classification', 'regression', 'factory', 'causal_lm' or "
+        f"'sequence_classification'; got {kind!r}."
+    )

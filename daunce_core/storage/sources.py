@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,29 +363,42 @@ def read_column(source: DataSource, name: str) -> np.ndarray:
     return _read_table(path, source.resolved_format(), [column])[column]
 
 
-def write_canonical(columns: dict[str, np.ndarray], ids: np.ndarray, folder: str | Path) -> dict:
+def is_text(values: np.ndarray) -> bool:
+    """Whether a column holds one string per example (a language model's prompts, texts)."""
+    if values.ndim != 1:
+        return False
+    if values.dtype.kind == "U":
+        return True
+    return values.dtype == object and all(isinstance(v, str) for v in values)
+
+
+def write_canonical(
+    columns: dict[str, np.ndarray], ids: np.ndarray, folder: str | Path, text: Sequence[str] = ()
+) -> dict:
     """Write one split in canonical form; return its digest, size and column shapes.
 
-    ``folder/examples.npz`` holds the numeric columns (row i = example ``ids[i]``);
-    ``folder/index.parquet`` the ids, per-example content digests and scalar columns, text
-    included (to join on ``example_id`` in SQL). Other columns are left out. The digest and
-    shapes cover the numeric columns.
+    ``folder/examples.npz`` holds the numeric columns and the ``text`` columns a language
+    model reads (fixed-width unicode, never pickled), row i = example ``ids[i]``;
+    ``folder/index.parquet`` the ids, per-example content digests and scalar columns, all text
+    included (to join on ``example_id`` in SQL). Other columns are left out. The digests cover
+    the numeric and ``text`` columns; the shapes the numeric ones.
     """
     import polars as pl
 
     from daunce_core.storage.digest import digest_arrays, digest_rows
 
     numeric = {k: v for k, v in columns.items() if v.dtype.kind in NUMERIC}
+    texts = {k: np.asarray(columns[k].tolist(), dtype=str) for k in text}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / "examples.partial.npz"
-    np.savez(partial, __ids__=ids, **numeric)
+    np.savez(partial, __ids__=ids, **numeric, **texts)
     partial.replace(folder / "examples.npz")
-    index = [pl.Series("example_id", ids), pl.Series("digest", digest_rows(numeric))]
+    index = [pl.Series("example_id", ids), pl.Series("digest", digest_rows(numeric | texts))]
     index += [_index_column(k, v) for k, v in columns.items() if v.ndim == 1 and _scalar(v)]
     pl.DataFrame(index).write_parquet(folder / "index.parquet")
     return {
-        "digest": digest_arrays({**numeric, "__ids__": ids}),
+        "digest": digest_arrays({**numeric, **texts, "__ids__": ids}),
         "count": len(ids),
         "shapes": {k: list(v.shape[1:]) for k, v in numeric.items()},
     }

@@ -21,16 +21,29 @@ import torch
 from daunce_core.access.torch_module.models import KINDS as RECIPE_KINDS
 from daunce_core.data import as_example_set, check_compatible
 from daunce_core.errors import DaunceError
-from daunce_core.storage.sources import NUMERIC, DataSource, Schema
+from daunce_core.storage.sources import NUMERIC, DataSource, Schema, is_text
 
 TASK_FIELDS = {
     "classification": ("input", "label"),
     "regression": ("input", "target"),
     "factory": ("factory", "kwargs"),
+    "causal_lm": ("prompt", "completion", "chat", "separator"),
+    "sequence_classification": ("text", "label"),
 }
 """The fields of each task kind (`daunce_core.access.task.task_from_spec`) besides ``kind``."""
 
-DEFAULT_COLUMNS = {"input": "x", "label": "y", "target": "y"}
+DEFAULT_COLUMNS = {
+    "input": "x",
+    "label": "y",
+    "target": "y",
+    "prompt": "prompt",
+    "completion": "completion",
+    "text": "text",
+}
+TEXT_FIELDS = ("prompt", "completion", "text")
+"""Task fields naming text columns (language models, `daunce_core.access.hf_lora`)."""
+LM_TASKS = ("causal_lm", "sequence_classification")
+"""Task kinds of Hugging Face models (``model.access: hf_lora``)."""
 RECIPE_FIELDS = {
     "mlp": ("inputs", "hidden", "outputs"),
     "linear": ("inputs", "outputs"),
@@ -50,6 +63,10 @@ def check_task(task: dict) -> None:
     for name, column in task_columns(task).items():
         if not isinstance(column, str):
             raise DaunceError(f"task.{name} must be a column name (a string); got {column!r}.")
+    if not isinstance(task.get("chat", False), bool):
+        raise DaunceError(f"task.chat must be true or false; got {task['chat']!r}.")
+    if not isinstance(task.get("separator", " "), str):
+        raise DaunceError(f"task.separator must be text; got {task['separator']!r}.")
 
 
 def task_columns(task: dict) -> dict[str, str]:
@@ -57,7 +74,8 @@ def task_columns(task: dict) -> dict[str, str]:
     kind = task.get("kind", "classification")
     if kind == "factory":
         return {}
-    return {name: task.get(name, DEFAULT_COLUMNS[name]) for name in TASK_FIELDS[kind]}
+    names = [name for name in TASK_FIELDS[kind] if name in DEFAULT_COLUMNS]
+    return {name: task.get(name, DEFAULT_COLUMNS[name]) for name in names}
 
 
 def check_recipe(recipe: dict) -> None:
@@ -109,6 +127,10 @@ def check_columns(schema: Schema, where: str, task: dict, recipe: dict) -> None:
     for name, column in task_columns(task).items():
         _check_task_column(schema, where, name, column)
     kind = task.get("kind", "classification")
+    if kind in LM_TASKS:
+        if kind == "sequence_classification":
+            _check_label_type(schema, where, task_columns(task)["label"])
+        return
     if kind != "factory":
         _check_input(schema, where, task_columns(task)["input"], recipe)
     if kind == "classification":
@@ -125,6 +147,13 @@ def _check_task_column(schema: Schema, where: str, name: str, column: str) -> No
             f"it has {sorted(schema.columns)}. Set task.{name} to one of them, or map a column "
             f"to {column!r} with {where}.columns."
         )
+    if name in TEXT_FIELDS:
+        if found.numeric or found.shape:
+            raise DaunceError(
+                f"task.{name} is {column!r}, but that column of {where} ({schema.path}) holds "
+                f"{found.dtype} values, not text; name a text column (one string per example)."
+            )
+        return
     if not found.numeric:
         raise DaunceError(
             f"task.{name} is {column!r}, but that column of {where} ({schema.path}) holds "
@@ -225,11 +254,14 @@ def check_source(columns: dict[str, np.ndarray], source: DataSource) -> None:
     file ``source.path``.
     """
     numeric = {k: v for k, v in columns.items() if v.dtype.kind in NUMERIC}
-    if not numeric:
+    if not numeric and not any(is_text(v) for v in columns.values()):
         raise DaunceError(
-            f"data file {source.path!r} has no numeric column (it has {sorted(columns)}); the "
-            "model's inputs and labels must be numbers or vectors of numbers."
+            f"data file {source.path!r} has no numeric or text column (it has "
+            f"{sorted(columns)}); the model's inputs and labels must be numbers, vectors of "
+            "numbers, or (for language models) text."
         )
+    if not numeric:
+        return
     try:
         with warnings.catch_warnings():  # read-only arrays (Parquet): read here, never written
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")

@@ -32,6 +32,7 @@ from torch import nn
 
 from daunce_core.access.base import Capabilities
 from daunce_core.access.hf_lora.models import (
+    BUILDING,
     LoraSpec,
     add_lora,
     context_window,
@@ -127,8 +128,9 @@ class HFLoraAccess(TorchModuleAccess):
         device = self.compute.torch_device
         dtype = config.torch_dtype
         frozen = torch.bfloat16 if device.type == "cuda" else dtype
-        self.model = copy.deepcopy(model).to(device=device, dtype=frozen).eval()
-        add_lora(self.model, lora or LoraSpec(), seed=config.seed)
+        with BUILDING:
+            self.model = copy.deepcopy(model).to(device=device, dtype=frozen).eval()
+            add_lora(self.model, lora or LoraSpec(), seed=config.seed)
         for name, p in self.model.named_parameters():
             if "lora_" in name:
                 p.data = p.data.to(dtype)
@@ -159,19 +161,22 @@ class HFLoraAccess(TorchModuleAccess):
         gguf_file: str | None = None,
         adapter: str | None = None,
         compute: ComputeConfig | None = None,
+        base_l2: float = 0.0,
     ) -> HFLoraAccess:
         """The access of a model folder on text columns (``train``/``queries``: name → values).
 
         ``task_spec`` is the run's ``task`` section (kind, column names, ``chat``).
         """
+        from daunce_core.access.hf_lora.base import num_labels
+
         kind = task_spec.get("kind")
         task = make_task(kind)
-        labels = None
-        if kind == "sequence_classification":
-            label = task_spec.get("label", "y")
-            labels = int(max(np.max(train[label]), np.max(queries[label]))) + 1
         model, tokenizer = load_model(
-            folder, kind, gguf_file=gguf_file, adapter=adapter, num_labels=labels
+            folder,
+            kind,
+            gguf_file=gguf_file,
+            adapter=adapter,
+            num_labels=num_labels(task_spec, train, queries),
         )
         window = context_window(model)
         return cls(
@@ -181,6 +186,7 @@ class HFLoraAccess(TorchModuleAccess):
             encode(task_spec, tokenizer, queries, window, "data.queries"),
             config,
             lora=lora,
+            base_l2=base_l2,
             compute=compute,
         )
 

@@ -13,7 +13,9 @@ data and merges it (the recipe of the shipped ``data/instructions.yaml``).
 
 from __future__ import annotations
 
+import functools
 import shutil
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,20 @@ DEFAULT_TARGETS = {
     "bert": ["query", "key", "value", "dense"],
 }
 """LoRA target modules where a configuration names none, by ``config.model_type``."""
+
+BUILDING = threading.RLock()
+"""Held while a model or adapter is created: transformers builds models on the ``meta`` device
+under a process-wide patch, so a model made in another thread at the same moment (two copy
+groups starting together) would get weights without data."""
+
+
+def _one_at_a_time(function):
+    @functools.wraps(function)
+    def locked(*args, **kwargs):
+        with BUILDING:
+            return function(*args, **kwargs)
+
+    return locked
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,7 @@ def _require_folder(folder: str | Path, what: str) -> Path:
     return path
 
 
+@_one_at_a_time
 def load_model(
     folder: str | Path,
     task_kind: str,
@@ -197,6 +214,7 @@ def targets(model: nn.Module, spec: LoraSpec) -> list[str]:
     return list(wanted)
 
 
+@_one_at_a_time
 def add_lora(model: nn.Module, spec: LoraSpec, seed: int = 0) -> nn.Module:
     """Put a LoRA adapter (dropout 0, ``B = 0`` so it starts at θ0) into ``model``, in place.
 
@@ -284,6 +302,7 @@ def train_tokenizer(texts: Sequence[str], vocab: int):
     )
 
 
+@_one_at_a_time
 def build_gpt2(recipe: GPT2Recipe, texts: Sequence[str], seed: int = 0):
     """A fresh small GPT-2 (dropout 0) and a tokenizer trained on ``texts``."""
     from transformers import GPT2Config, GPT2LMHeadModel
