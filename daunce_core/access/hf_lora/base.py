@@ -43,6 +43,7 @@ from daunce_core.access.hf_lora.models import (
     load_model,
     pretrain,
     save_model,
+    targets,
 )
 from daunce_core.errors import DaunceError
 
@@ -159,17 +160,20 @@ def starting_model(recipe: HFRecipe, task: Mapping, train: Mapping, seed: int, l
     source = recipe.source
     kind = task.get("kind")
     if isinstance(source, PretrainedRecipe):
-        return load_model(
+        model, tokenizer = load_model(
             source.path,
             kind,
             gguf_file=source.gguf_file,
             adapter=source.adapter,
             num_labels=labels,
         )
+        targets(model, recipe.lora)  # refuse missing target modules before any training
+        return model, tokenizer
     corpus = []
     if source.corpus:
         corpus = [line for line in Path(source.corpus).read_text().splitlines() if line.strip()]
     model, tokenizer = build_gpt2(source, corpus + _texts(task, train), seed=seed)
+    targets(model, recipe.lora)  # refuse missing target modules before any training
     if corpus and source.pretrain_steps:
         pretrain(model, tokenizer, corpus, source, seed=seed)
     if kind == "sequence_classification":

@@ -1,0 +1,178 @@
+"""Language models through the attribute flow: a tiny causal LM and a tiny classifier, end to end.
+
+Real Prefect (the session's server), real Zarr stores and DuckDB files, models built from config
+with a tokenizer trained on the data (no downloads). Also: SIGKILL mid-run and resume, and the
+configuration errors a language-model run refuses before anything trains.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+from pipeline_helpers import losses_of, scores_of
+from test_resume import _daunce, _env, _kill_when, _run_to_end
+
+from daunce_core.access.hf_lora.models import load_model
+from daunce_core.errors import DaunceError
+from daunce_core.evaluation.instructions import corpus, instructions
+from daunce_core.storage.lineage import Lineage
+from flows.attribute import run_attribute
+from flows.config import load_config
+
+N, M, K = 48, 12, 4
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """Instruction data (train, queries) as Parquet, and a small pretraining corpus."""
+    folder = tmp_path_factory.mktemp("lm-data")
+    train, queries = instructions(num_train=N, num_queries=M, seed=1)
+    paths = {"train": folder / "train.parquet", "queries": folder / "queries.parquet"}
+    pl.DataFrame(train).write_parquet(paths["train"])
+    pl.DataFrame(queries).write_parquet(paths["queries"])
+    paths["corpus"] = folder / "corpus.txt"
+    paths["corpus"].write_text("\n".join(corpus(200, seed=1)))
+    return paths
+
+
+def lm_config(tmp_path: Path, data: dict, kind: str = "causal_lm", **sections) -> Path:
+    """A run configuration of a one-layer GPT-2 with LoRA copies (``sections`` replace)."""
+    task = {"kind": kind, "prompt": "prompt", "completion": "completion"}
+    if kind == "sequence_classification":
+        task = {"kind": kind, "text": "prompt", "label": "skill_id"}
+    config = {
+        "name": "lm",
+        "workspace": str(tmp_path / "ws"),
+        "data": {"train": {"path": str(data["train"])}, "queries": {"path": str(data["queries"])}},
+        "task": task,
+        "model": {
+            "access": "hf_lora",
+            "recipe": {
+                "kind": "gpt2",
+                "layers": 1,
+                "width": 32,
+                "heads": 2,
+                "context": 48,
+                "vocab": 320,
+                "corpus": str(data["corpus"]),
+                "pretrain_steps": 10,
+                "pretrain_batch": 8,
+                "lora": {"rank": 4, "alpha": 8},
+            },
+            "train": {"optimizer": "adamw", "lr": 0.01, "epochs": 1, "batch_size": 16},
+        },
+        "daunce": {"num_models": K, "train": {"lr": 0.001, "epochs": 1, "batch_size": 16}},
+        "compute": {"group_size": 2},
+        "exports": {"top_k": 3},
+        "execution": {"workers": 2, "retries": 0},
+    } | sections
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_causal_lm_end_to_end_then_served_from_the_workspace(harness, data, tmp_path):
+    config = load_config(lm_config(tmp_path, data))
+    first = run_attribute(config)
+    assert first["trained_now"] == K
+    assert (first["num_train"], first["num_queries"]) == (N, M)
+    scores = scores_of(first["run_dir"])
+    assert scores.shape == (N, M)
+    assert np.isfinite(scores).all()
+    train_losses, query_losses = losses_of(first["run_dir"])
+    assert train_losses.shape == (K, N)
+    assert np.isfinite(query_losses).all()
+    assert np.ptp(train_losses, axis=0).max() > 0  # the copies differ
+    # θ0 is a model folder next to the model it was fine-tuned from.
+    theta0 = next((tmp_path / "ws").glob("models/*/theta0"))
+    assert (theta0.parent / "pretrained" / "config.json").exists()
+    model, tokenizer = load_model(theta0, "causal_lm")
+    assert tokenizer.pad_token_id is not None
+    assert model.config.n_layer == 1
+    # Each copy's adapter is saved (safetensors) with its digest in its record.
+    records = sorted(Path(first["run_dir"]).glob("copies/copy-*.json"))
+    assert len(records) == K
+    adapters = sorted(Path(first["run_dir"]).glob("copies/*.safetensors"))
+    assert len(adapters) == K
+    # The base model's quality: loss and greedy exact-match accuracy per example.
+    assert {"base/train_loss", "base/query_accuracy"} <= set(first["base_model"]["metrics"])
+    second = run_attribute(config)
+    assert second["trained_now"] == 0
+    assert set(second["states"].values()) == {"Cached"}
+    np.testing.assert_array_equal(scores_of(second["run_dir"]), scores)
+    # The prompts are in SQL beside the scores.
+    with Lineage(tmp_path / "ws" / "lineage.duckdb").connect(read_only=True) as con:
+        count = con.execute("SELECT count(*) FROM top_proponents").fetchone()[0]
+    assert count == M * 3
+
+
+def test_a_sequence_classifier_end_to_end(harness, data, tmp_path):
+    config = load_config(lm_config(tmp_path, data, kind="sequence_classification"))
+    result = run_attribute(config)
+    assert result["trained_now"] == K
+    assert scores_of(result["run_dir"]).shape == (N, M)
+    assert "base/train_accuracy" in result["base_model"]["metrics"]
+
+
+def test_sigkill_then_resume_gives_the_scores_of_an_uninterrupted_run(data, tmp_path):
+    slow = {"daunce": {"num_models": 8, "train": {"lr": 0.001, "epochs": 4, "batch_size": 8}}}
+    (tmp_path / "killed").mkdir()
+    config = lm_config(tmp_path / "killed", data, **slow)
+    workspace = tmp_path / "killed" / "ws"
+    done = _kill_when(config, workspace, lambda finished, t: finished >= 2, timeout=600)
+    assert 2 <= done < 8
+    finished = _run_to_end(config)
+    assert f"{8 - done} copies trained now" in finished.stdout
+    (tmp_path / "clean").mkdir()
+    reference = lm_config(tmp_path / "clean", data, **slow)
+    _run_to_end(reference)
+    resumed = next(workspace.glob("runs/*"))
+    clean = next((tmp_path / "clean" / "ws").glob("runs/*"))
+    np.testing.assert_array_equal(scores_of(str(resumed)), scores_of(str(clean)))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"task": {"kind": "causal_lm", "prompt": "nope"}}, r"task.prompt is 'nope'"),
+        ({"task": {"kind": "causal_lm", "prompt": "skill_id"}}, r"not text"),
+        ({"task": {"kind": "classification"}}, r"does not go with model.access 'hf_lora'"),
+        ({"model": {"access": "hf_lora", "recipe": {"kind": "bert"}}}, r"'gpt2'.*'pretrained'"),
+        (
+            {"model": {"access": "hf_lora", "recipe": {"kind": "gpt2", "corpus": "missing.txt"}}},
+            r"model.recipe.corpus .* does not exist",
+        ),
+        (
+            {"model": {"access": "hf_lora", "recipe": {"kind": "pretrained", "path": "nowhere"}}},
+            r"model.recipe.path .* does not exist",
+        ),
+        (
+            {"model": {"access": "hf_lora", "recipe": {"kind": "gpt2", "lora": {"rank": 0}}}},
+            r"lora.rank must be a positive integer",
+        ),
+        (
+            {"model": {"access": "hf_lora", "recipe": {"kind": "gpt2", "layer": 2}}},
+            r"unknown field\(s\) \['model.recipe.layer'\]",
+        ),
+    ],
+)
+def test_bad_language_model_configurations_are_refused_at_load(data, tmp_path, change, message):
+    with pytest.raises(DaunceError, match=message):
+        load_config(lm_config(tmp_path, data, **change))
+
+
+def test_a_missing_lora_target_module_is_refused_before_any_copy_trains(data, tmp_path):
+    recipe = yaml.safe_load(lm_config(tmp_path, data).read_text())["model"]
+    recipe["recipe"]["lora"]["target_modules"] = ["q_proj"]
+    path = lm_config(tmp_path, data, model=recipe)
+    done = subprocess.run(
+        _daunce("run", str(path)), env=_env(), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode != 0
+    assert "target_modules names ['q_proj']" in done.stderr + done.stdout
+    assert not list((tmp_path / "ws").glob("runs/*/copies/*.safetensors"))
