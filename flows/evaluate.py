@@ -50,7 +50,10 @@ def retrain_spec(run: RunConfig, records: dict, outcome: str) -> dict:
     def pick(record: dict) -> dict:
         return {"uri": record["uri"], "digest": record["digest"]}
 
-    return {
+    language = {}
+    if run.model.access == "hf_lora":  # retrained from the model θ0 was fine-tuned from
+        language = {"kind": "hf_lora", "pretrained": records["model"]["pretrained"]}
+    return language | {
         "recipe": run.model.recipe,
         "model_seed": run.model.seed,
         "task": run.task,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import torch
 import zarr
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -35,7 +36,14 @@ from daunce_core.storage.digest import digest_json
 from daunce_core.storage.exports import top_table, write_parquet
 from daunce_core.storage.layout import RunLayout, remove_partials
 from daunce_core.storage.zarr_store import DONE, OutcomeStore, RunStore
-from tasks.common import artifact, load_base_model, load_split, per_thread, retry_transient
+from tasks.common import (
+    artifact,
+    load_base_model,
+    load_columns,
+    load_split,
+    per_thread,
+    retry_transient,
+)
 
 LDS_ORDER = 100_003
 """Job ``(m, s)`` of the LDS grid visits its subset in the order keyed ``m·LDS_ORDER + s``."""
@@ -43,15 +51,63 @@ LDS_ORDER = 100_003
 
 @per_thread
 def retrain_context(spec: dict) -> dict:
-    """Model builder, task, data and recipe of a retraining spec (once per process and thread)."""
+    """Model builder, task, data and recipe of a retraining spec (once per process and thread).
+
+    ``base()`` gives a fresh copy of the base model as the task trains it: θ0, or for a
+    language model θ0 with a zero LoRA adapter (the parameters its baselines take gradients
+    in).
+    """
+    if spec.get("kind") == "hf_lora":
+        return _language_context(spec)
     recipe, seed = spec["recipe"], spec["model_seed"]
     return {
         "make_model": lambda s: build_model(recipe, seed=seed + s),
+        "base": lambda: load_base_model(recipe, spec["model"]["uri"], seed=seed),
         "task": task_from_spec(spec["task"]),
         "train": load_split(spec["train"]["uri"], spec["train"]["digest"]),
         "queries": load_split(spec["queries"]["uri"], spec["queries"]["digest"]),
         "config": from_dict(TrainConfig, spec["train_recipe"], "model.train"),
         "l2": spec["l2"],
+        "vectorize": True,
+    }
+
+
+def _language_context(spec: dict) -> dict:
+    """A language model's retraining: θ0's LoRA fine-tuning again, from the model before it.
+
+    ``make_model(s)`` is that model with a fresh adapter from seed ``model.seed + s``, so a
+    retraining on a subset repeats θ0's recipe (θ0 is ``s = 0`` on all the data). The splits
+    are tokenised, with their numeric columns beside (``evaluation.removal.group_by``).
+    """
+    import copy
+
+    from daunce_core.access.hf_lora.access import encode
+    from daunce_core.access.hf_lora.base import head_task, num_labels, parse_recipe
+    from daunce_core.access.hf_lora.models import add_lora, context_window, load_model
+
+    task_spec, seed = spec["task"], spec["model_seed"]
+    columns = {
+        split: load_columns(spec[split]["uri"], spec[split]["digest"])
+        for split in ("train", "queries")
+    }
+    labels = num_labels(task_spec, *columns.values())
+    lora = parse_recipe(spec["recipe"]).lora
+    start, tokenizer = load_model(spec["pretrained"], task_spec["kind"], num_labels=labels)
+    theta0, _ = load_model(spec["model"]["uri"], task_spec["kind"], num_labels=labels)
+    window = context_window(start)
+    data = {}
+    for split, values in columns.items():
+        numbers = {k: torch.as_tensor(v) for k, v in values.items() if v.dtype.kind in "iufb"}
+        data[split] = numbers | encode(task_spec, tokenizer, values, window, f"data.{split}")
+    return {
+        "make_model": lambda s: add_lora(copy.deepcopy(start), lora, seed=seed + s),
+        "base": lambda: add_lora(copy.deepcopy(theta0), lora, seed=seed),
+        "task": head_task(task_spec),
+        "train": data["train"],
+        "queries": data["queries"],
+        "config": from_dict(TrainConfig, spec["train_recipe"], "model.train"),
+        "l2": spec["l2"],
+        "vectorize": task_spec["kind"] == "causal_lm",
     }
 
 
@@ -67,6 +123,7 @@ def _retrain(spec: dict, jobs: list[RetrainJob]) -> np.ndarray:
         l2=context["l2"],
         outcome=spec["outcome"],
         group_size=len(jobs),
+        vectorize=context["vectorize"],
     )
 
 
@@ -243,10 +300,9 @@ def baseline(
     """
     started = time.perf_counter()
     context = retrain_context(spec)
-    model = load_base_model(spec["recipe"], spec["model"]["uri"], seed=spec["model_seed"])
     scores = baseline_scores(
         method,
-        model,
+        context["base"](),
         context["task"],
         context["train"],
         context["queries"],

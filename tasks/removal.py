@@ -27,15 +27,13 @@ from daunce_core.storage.digest import digest_json
 from daunce_core.storage.exports import write_parquet
 from daunce_core.storage.layout import RunLayout, remove_partials
 from daunce_core.storage.zarr_store import DONE, OutcomeStore
-from tasks.common import load_base_model
 from tasks.evaluation import num_queries, read_scores, retrain_context
 
 
 def _groups(spec: dict, settings: dict) -> list[np.ndarray]:
     """Groups of the queries the base model answers correctly."""
     context = retrain_context(spec)
-    model = load_base_model(spec["recipe"], spec["model"]["uri"], seed=spec["model_seed"])
-    correct = correct_queries(model, context["task"], context["queries"])
+    correct = correct_queries(context["base"](), context["task"], context["queries"])
     labels, group_by = None, settings["group_by"]
     if group_by is not None:
         if group_by not in context["queries"]:

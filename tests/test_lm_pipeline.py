@@ -21,8 +21,10 @@ from daunce_core.access.hf_lora.models import load_model
 from daunce_core.errors import DaunceError
 from daunce_core.evaluation.instructions import corpus, instructions
 from daunce_core.storage.lineage import Lineage
+from daunce_core.storage.zarr_store import OutcomeStore
 from flows.attribute import run_attribute
 from flows.config import load_config
+from flows.evaluate import run_lds, run_removal
 
 N, M, K = 48, 12, 4
 
@@ -176,3 +178,47 @@ def test_a_missing_lora_target_module_is_refused_before_any_copy_trains(data, tm
     assert done.returncode != 0
     assert "target_modules names ['q_proj']" in done.stderr + done.stdout
     assert not list((tmp_path / "ws").glob("runs/*/copies/*.safetensors"))
+
+
+def test_lds_and_subset_removal_on_a_language_model(harness, data, tmp_path):
+    evaluation = {
+        "baselines": ["gradient_dot", "trak"],
+        "lds": {"subsets": 4, "seeds": 1, "group_size": 2},
+        "removal": {"sizes": [4], "seeds": 1, "group_by": "skill_id", "per_group": 2},
+    }
+    config = load_config(lm_config(tmp_path, data, evaluation=evaluation))
+    lds = run_lds(config)
+    assert set(lds["results"]) == {"daunce", "gradient_dot", "trak"}
+    truth = OutcomeStore(lds["truth_dir"]).outcomes()
+    assert truth.shape == (4, 1, M)
+    assert np.isfinite(truth).all()
+    assert np.ptp(truth, axis=0).max() > 0  # subsets give different fine-tunings
+    again = run_lds(config)  # the ground truth is reused
+    assert not [k for k in again["states"] if k.startswith("ground-truth")]
+
+
+def test_subset_removal_counts_greedy_answers_that_turn_wrong(harness, data, tmp_path):
+    # Queries the model has memorised (training prompts), so that it answers them correctly.
+    queries = tmp_path / "memorised.parquet"
+    pl.read_parquet(data["train"]).head(M).write_parquet(queries)
+    memorise = {"optimizer": "adamw", "lr": 0.01, "epochs": 30, "batch_size": 16}
+    path = lm_config(
+        tmp_path,
+        data,
+        evaluation={
+            "removal": {
+                "sizes": [4],
+                "seeds": 1,
+                "group_by": "skill_id",
+                "per_group": 2,
+                "random_trials": 1,
+            }
+        },
+    )
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["queries"]["path"] = str(queries)
+    raw["model"]["train"] = memorise
+    raw["model"]["recipe"] |= {"pretrain_steps": 600, "pretrain_batch": 16, "lora": {"rank": 8}}
+    path.write_text(yaml.safe_dump(raw))
+    removal = run_removal(load_config(path))
+    assert removal["groups"]  # some queries are answered correctly (greedy completion)

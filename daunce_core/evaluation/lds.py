@@ -145,6 +145,7 @@ def retrain_jobs(
     l2: float = 0.0,
     outcome: str = "loss",
     group_size: int = 64,
+    vectorize: bool = True,
 ) -> np.ndarray:
     """Retrain every job from scratch (vectorised, in groups); its outcome on each query.
 
@@ -156,7 +157,7 @@ def retrain_jobs(
     for start in range(0, len(jobs), group_size):
         group = jobs[start : start + group_size]
         values[start : start + len(group)] = _retrain_group(
-            make_model, task, train, queries, group, config, l2, outcome
+            make_model, task, train, queries, group, config, l2, outcome, vectorize
         )
     return values
 
@@ -203,7 +204,7 @@ def retrain_on_subsets(
     return -values.reshape(len(subsets), seeds, -1)
 
 
-def _retrain_group(make_model, task, train, queries, group, config, l2, outcome):
+def _retrain_group(make_model, task, train, queries, group, config, l2, outcome, vectorize):
     model = make_model(0).eval()  # vectorised training: no dropout noise, frozen norm stats
     names = trainable_names(model, task)
     inits = {s: stack_copies(make_model(s), names, 1) for s in {job.seed for job in group}}
@@ -225,8 +226,12 @@ def _retrain_group(make_model, task, train, queries, group, config, l2, outcome)
     def erm(outputs, batch, side):
         return task.loss_from_outputs(outputs, batch)
 
-    trained = train_copies(model, task, train, draws, erm, config, names=names, l2=l2, init=init)
+    trained = train_copies(
+        model, task, train, draws, erm, config, names=names, l2=l2, init=init, vectorize=vectorize
+    )
     if trained.diverged.any():
         raise DaunceError("a ground-truth retraining diverged; lower the learning rate.")
-    values = evaluate_copies(model, task, trained.params, queries, measurement=outcome)
+    values = evaluate_copies(
+        model, task, trained.params, queries, measurement=outcome, vectorize=vectorize
+    )
     return values.double().numpy()

@@ -326,10 +326,13 @@ def build_gpt2(recipe: GPT2Recipe, texts: Sequence[str], seed: int = 0):
 
 
 def pretrain(model: nn.Module, tokenizer, corpus: Sequence[str], recipe: GPT2Recipe, seed: int = 0):
-    """Train every weight of ``model`` on ``corpus`` (next-token NLL) for a few steps, in place."""
+    """Train every weight of ``model`` on ``corpus`` (next-token NLL) for a few steps, in place.
+
+    Each passage ends with the end-of-sequence token, as every completion does.
+    """
     generator = torch.Generator().manual_seed(seed)
     encoded = tokenizer(
-        list(corpus),
+        [line + tokenizer.eos_token for line in corpus],
         truncation=True,
         max_length=recipe.context,
         padding=True,
