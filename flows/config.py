@@ -240,17 +240,30 @@ ten epochs per copy with the base model's own optimiser and learning rate (`INHE
 covariance scores. Fields given in the ``daunce`` section replace these one by one; a black-box
 objective falls back to the paper's form (it needs subsets, r < 1)."""
 
+FLOW_DAUNCE_LM = {
+    "num_models": 64,
+    "subset_ratio": 1.0,
+    "objective": {"labels": "sampled", "rho": 0.1},
+    "train": {"epochs": 1, "batch_size": 32},
+    "score": "covariance",
+}
+"""The same for a language model (``model.access: hf_lora``), where one copy costs a LoRA
+fine-tuning: K = 64 copies of one epoch each (the authors train 30 steps of batch 64)."""
+
 INHERITED = ("optimizer", "lr", "momentum", "betas")
 """Fields of ``model.train`` the copies' ``train`` takes where the ``daunce`` section leaves them
 out: a copy fine-tunes the model with the step its own recipe found stable."""
 
 
-def flow_daunce(section: dict | None, model_train: dict | None = None) -> dict:
+def flow_daunce(
+    section: dict | None, model_train: dict | None = None, access: str = "torch"
+) -> dict:
     """The ``daunce`` section with the flow's defaults (`FLOW_DAUNCE`) under the user's fields.
 
     ``model_train`` is the ``model.train`` section: its `INHERITED` fields (or `ModelConfig`'s
-    default recipe's) come before `FLOW_DAUNCE`'s.
+    default recipe's) come before `FLOW_DAUNCE`'s (`FLOW_DAUNCE_LM`'s for ``access: hf_lora``).
     """
+    flow = FLOW_DAUNCE_LM if access == "hf_lora" else FLOW_DAUNCE
     section = dict(section or {})
     objective = section.get("objective") or {}
     if isinstance(objective, dict) and objective.get("access") == "black_box":
@@ -259,8 +272,8 @@ def flow_daunce(section: dict | None, model_train: dict | None = None) -> dict:
     if isinstance(model_train, dict):
         base.update(model_train)
     defaults = {
-        **FLOW_DAUNCE,
-        "train": {**{k: base[k] for k in INHERITED if k in base}, **FLOW_DAUNCE["train"]},
+        **flow,
+        "train": {**{k: base[k] for k in INHERITED if k in base}, **flow["train"]},
     }
     merged = {**defaults, **section}
     for key in ("objective", "train"):
@@ -365,7 +378,8 @@ def load_config(path: str | Path, *, check_data: bool = True, **overrides: Any) 
         raise DaunceError(f"config field daunce must be a mapping; got {raw['daunce']!r}.")
     _refuse_moved(raw)
     model_train = raw.get("model", {}).get("train") if isinstance(raw.get("model"), dict) else None
-    raw["daunce"] = flow_daunce(raw.get("daunce"), model_train)
+    access = raw["model"].get("access", "torch") if isinstance(raw.get("model"), dict) else None
+    raw["daunce"] = flow_daunce(raw.get("daunce"), model_train, access)
     config = from_dict(RunConfig, raw, "")
     if check_data:
         check_inputs(config)
