@@ -228,6 +228,23 @@ def _curvature_and_noise(flat, train, g_train, hess, variant, labels):
     return curvature, noise
 
 
+def check_gradients_fit(
+    model: nn.Module, task: Task, rows: int, limit_bytes: int = 4 << 30
+) -> None:
+    """Refuse per-example gradients of ``rows`` examples that would not fit in ``limit_bytes``.
+
+    Gradient dot products and TRAK keep an ``[rows, P]`` matrix (float32), not ``P × P``.
+    """
+    count = sum(p.numel() for p in task.trainable_parameters(model).values())
+    size = 4 * rows * count
+    if size > limit_bytes:
+        raise DaunceError(
+            f"per-example gradients of {rows} examples × P={count} trainable parameters take "
+            f"{size / 2**30:.1f} GiB (limit {limit_bytes / 2**30:.0f} GiB); use DAUNCE itself, "
+            "fewer examples, or fewer trainable parameters (a smaller LoRA rank)."
+        )
+
+
 def check_small(model: nn.Module, task: Task, limit: int = 20_000) -> None:
     """Refuse models too large for exact ``P × P`` curvature matrices."""
     count = sum(p.numel() for p in task.trainable_parameters(model).values())

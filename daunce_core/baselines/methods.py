@@ -32,7 +32,7 @@ from daunce_core.access.torch_module.stacked import trainable_names
 from daunce_core.access.torch_module.training import fit
 from daunce_core.baselines.exact import (
     FlatModel,
-    check_small,
+    check_gradients_fit,
     influence_function,
     loss_hessian,
     measurement_fn,
@@ -46,7 +46,7 @@ from daunce_core.method.config import TrainConfig
 def _grads(
     model: nn.Module, task: Task, train: ExampleSet, queries: ExampleSet, measurement: Measurement
 ) -> tuple[FlatModel, torch.Tensor, torch.Tensor]:
-    check_small(model, task)
+    check_gradients_fit(model, task, num_examples(train) + num_examples(queries))
     flat = FlatModel(model, task)
     g_train = per_example_gradients(flat, train, task.loss_from_outputs)
     g_query = per_example_gradients(flat, queries, measurement_fn(task, measurement))
@@ -117,7 +117,7 @@ def trak(
     seed: int = 0,
 ) -> np.ndarray:
     """TRAK's score with one model: projected margin gradients and TRAK's ``1 − p`` weights."""
-    check_small(model, task)
+    check_gradients_fit(model, task, num_examples(train) + num_examples(queries))
     flat = FlatModel(model, task)
     phi_train = per_example_gradients(flat, train, task.margin_from_outputs)
     phi_query = per_example_gradients(flat, queries, task.margin_from_outputs)
