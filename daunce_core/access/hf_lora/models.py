@@ -347,7 +347,11 @@ def pretrain(model: nn.Module, tokenizer, corpus: Sequence[str], recipe: GPT2Rec
     model.train()
     for _ in range(recipe.pretrain_steps):
         rows = torch.randint(0, ids.shape[0], (recipe.pretrain_batch,), generator=generator)
-        loss = model(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows]).loss
+        logits = model(input_ids=ids[rows], attention_mask=mask[rows]).logits[:, :-1]
+        targets = labels[rows][:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+        )
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
