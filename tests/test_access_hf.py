@@ -226,3 +226,42 @@ def test_a_saved_model_folder_loads_as_theta0(tmp_path):
         CausalLMTask().per_example_loss(model, train),
     )
     assert loaded_tokenizer.pad_token_id == tokenizer.pad_token_id
+
+
+def test_a_pretrained_folder_with_an_adapter_is_merged_into_theta0(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from daunce_core.access.hf_lora.base import parse_recipe, starting_model
+    from daunce_core.access.hf_lora.models import save_model
+
+    model, tokenizer = base()
+    save_model(model, tokenizer, tmp_path / "model")
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0
+    )
+    tuned = get_peft_model(copy.deepcopy(model), config)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    tuned.save_pretrained(tmp_path / "adapter")
+    recipe = parse_recipe(
+        {
+            "kind": "pretrained",
+            "path": str(tmp_path / "model"),
+            "adapter": str(tmp_path / "adapter"),
+        }
+    )
+    theta0, _ = starting_model(recipe, {"kind": "causal_lm"}, {}, seed=0)
+    train, _ = split("causal_lm")
+    expected = CausalLMTask().per_example_loss(tuned.get_base_model().eval(), train)
+    torch.testing.assert_close(CausalLMTask().per_example_loss(theta0, train), expected)
+    assert not torch.allclose(expected, CausalLMTask().per_example_loss(model, train))
+
+
+def test_a_package_recipe_names_the_install_command_when_missing():
+    from daunce_core.access.hf_lora.base import check_recipe_paths, parse_recipe
+
+    recipe = parse_recipe({"kind": "pretrained", "package": "no_such_model_wheel"})
+    with pytest.raises(DaunceError, match=r"not installed.*make smollm2"):
+        check_recipe_paths(recipe)
