@@ -148,16 +148,17 @@ def train_copies(
     plan = _BatchPlan(draws, config.batch_size, seed)
     total = config.total_steps(plan.size)
     opt, schedule = _optimizer(list(params.values()), config, total)
-    xi_all = torch.from_numpy(np.stack([d.xi for d in draws]))
-    copies = torch.arange(len(draws)).unsqueeze(1)
+    device = next(iter(params.values())).device  # the draws follow the parameters (a GPU)
+    xi_all = torch.from_numpy(np.stack([d.xi for d in draws])).to(device)
+    copies = torch.arange(len(draws), device=device).unsqueeze(1)
     step_fn = _copy_objective_fn(model, task, objective)
-    diverged = torch.zeros(len(draws), dtype=torch.bool)
-    last = torch.full((len(draws),), float("nan"), dtype=torch.float64)
+    diverged = torch.zeros(len(draws), dtype=torch.bool, device=device)
+    last = torch.full((len(draws),), float("nan"), dtype=torch.float64, device=device)
     for step in range(total):
         rows = plan.rows(step)
         batch = take(data, rows)
         extra = {k: v[rows] for k, v in (side or {}).items()}
-        extra["xi"] = xi_all[copies, rows]  # [G, B] or [G, B, tokens]
+        extra["xi"] = xi_all[copies, rows.to(device)]  # [G, B] or [G, B, tokens]
         values = map_copies(step_fn, (params, batch, extra), vectorize)
         values = values + _penalty(params, l2, anchor) if l2 else values
         diverged |= ~torch.isfinite(values.detach())
@@ -174,9 +175,9 @@ def train_copies(
     diverged |= ~_finite_copies(params)
     return TrainedCopies(
         params={k: v.detach() for k, v in params.items()},
-        diverged=diverged.numpy(),
+        diverged=diverged.cpu().numpy(),
         steps=total,
-        final_objective=torch.where(diverged, float("nan"), last).numpy(),
+        final_objective=torch.where(diverged, float("nan"), last).cpu().numpy(),
     )
 
 
