@@ -202,10 +202,12 @@ class HFLoraAccess(TorchModuleAccess):
 
     def _rows_per_pass(self) -> int:
         """Examples per evaluation pass: ``eval_batch_size``, capped by `LOGIT_BUDGET`."""
-        probe = take(self.train_set, slice(0, 1))
-        with torch.no_grad():
-            width = self.task.outputs(self.model, probe)[0].numel()
-        return max(1, min(self.compute.eval_batch_size, LOGIT_BUDGET // max(width, 1)))
+        if getattr(self, "_rows", None) is None:
+            probe = take(self.train_set, slice(0, 1))
+            with torch.no_grad():
+                width = self.task.outputs(self.model, probe)[0].numel()
+            self._rows = max(1, min(self.compute.eval_batch_size, LOGIT_BUDGET // max(width, 1)))
+        return self._rows
 
     def _cache(self, data) -> torch.Tensor:
         """What the base logits are recomputed from, for every example (hidden states)."""
