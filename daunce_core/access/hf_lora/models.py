@@ -39,9 +39,17 @@ under a process-wide patch, so a model made in another thread at the same moment
 groups starting together) would get weights without data."""
 
 
+def _quiet() -> None:
+    """No transformers progress bars (loading, writing shards) in a pipeline's log."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def _one_at_a_time(function):
     @functools.wraps(function)
     def locked(*args, **kwargs):
+        _quiet()
         with BUILDING:
             return function(*args, **kwargs)
 
@@ -269,6 +277,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def save_model(model: nn.Module, tokenizer, folder: str | Path) -> Path:
     """Write ``model`` and ``tokenizer`` to ``folder`` (safetensors), renamed into place."""
+    _quiet()
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
