@@ -182,13 +182,13 @@ def test_a_missing_lora_target_module_is_refused_before_any_copy_trains(data, tm
 
 def test_lds_and_subset_removal_on_a_language_model(harness, data, tmp_path):
     evaluation = {
-        "baselines": ["gradient_dot", "trak"],
+        "baselines": ["gradient_dot", "trak", "ekfac"],
         "lds": {"subsets": 4, "seeds": 1, "group_size": 2},
         "removal": {"sizes": [4], "seeds": 1, "group_by": "skill_id", "per_group": 2},
     }
     config = load_config(lm_config(tmp_path, data, evaluation=evaluation))
     lds = run_lds(config)
-    assert set(lds["results"]) == {"daunce", "gradient_dot", "trak"}
+    assert set(lds["results"]) == {"daunce", "gradient_dot", "trak", "ekfac"}
     truth = OutcomeStore(lds["truth_dir"]).outcomes()
     assert truth.shape == (4, 1, M)
     assert np.isfinite(truth).all()

@@ -135,11 +135,34 @@ def _frozen_heap():
         gc.unfreeze()
 
 
+def _zero_lora_a(model: nn.Module) -> set[str]:
+    """LoRA ``A`` layers whose partner ``B`` is zero (a fresh adapter): their gradient is 0.
+
+    At ``B = 0`` the loss does not depend on ``A`` to first order, so EK-FAC's factors of those
+    layers are zero (and kronfluence's damping heuristic divides by their zero eigenvalues);
+    the adapter's influence lives in ``B``, whose gradient is the weight gradient projected by
+    ``A``.
+    """
+    modules = dict(model.named_modules())
+    zero = set()
+    for name, module in modules.items():
+        head, _, adapter = name.rpartition(".lora_A.")
+        partner = modules.get(f"{head}.lora_B.{adapter}") if head else None
+        idle = partner is not None and not bool(partner.weight.detach().any())
+        if idle and isinstance(module, nn.Linear):
+            zero.add(name)
+    return zero
+
+
 def _tracked_modules(model: nn.Module, task: Task) -> list[str]:
     """Linear and Conv2d modules whose weights the task trains (what kronfluence can cover)."""
     trainable = set(trainable_names(model, task))
     tracked, covered = [], set()
+    idle = _zero_lora_a(model)
     for name, module in model.named_modules():
+        if name in idle:
+            covered |= {f"{name}.{p}" for p, _ in module.named_parameters()}
+            continue
         if isinstance(module, nn.Linear | nn.Conv2d):
             own = {f"{name}.{p}" if name else p for p, _ in module.named_parameters()}
             if own & trainable:
