@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_lds_synthetic.py
 	$(PY) bench/bench_lds.py
 	$(PY) bench/bench_mislabel.py
+	$(PY) bench/bench_lm.py --threads 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
