@@ -7,7 +7,6 @@ configuration errors a language-model run refuses before anything trains.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import polars as pl
 import pytest
 import yaml
 from pipeline_helpers import losses_of, scores_of
-from test_resume import _daunce, _env, _kill_when, _run_to_end
+from test_resume import _kill_when, _run_to_end
 
 from daunce_core.access.hf_lora.models import load_model
 from daunce_core.errors import DaunceError
@@ -168,16 +167,14 @@ def test_bad_language_model_configurations_are_refused_at_load(data, tmp_path, c
         load_config(lm_config(tmp_path, data, **change))
 
 
-def test_a_missing_lora_target_module_is_refused_before_any_copy_trains(data, tmp_path):
+def test_a_missing_lora_target_module_is_refused_before_any_copy_trains(harness, data, tmp_path):
     recipe = yaml.safe_load(lm_config(tmp_path, data).read_text())["model"]
     recipe["recipe"]["lora"]["target_modules"] = ["q_proj"]
-    path = lm_config(tmp_path, data, model=recipe)
-    done = subprocess.run(
-        _daunce("run", str(path)), env=_env(), capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode != 0
-    assert "target_modules names ['q_proj']" in done.stderr + done.stdout
+    config = load_config(lm_config(tmp_path, data, model=recipe))
+    with pytest.raises(DaunceError, match=r"target_modules names \['q_proj'\]"):
+        run_attribute(config)
     assert not list((tmp_path / "ws").glob("runs/*/copies/*.safetensors"))
+    assert not list((tmp_path / "ws").glob("models/*/theta0"))
 
 
 def test_lds_and_subset_removal_on_a_language_model(harness, data, tmp_path):
