@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from daunce_core.access.base import Capabilities
@@ -43,7 +42,6 @@ from daunce_core.access.hf_lora.text import encode_completions, encode_texts
 from daunce_core.access.torch_module.access import TorchModuleAccess, _on
 from daunce_core.access.torch_module.evaluation import evaluate_copies
 from daunce_core.access.torch_module.stacked import trainable_names
-from daunce_core.access.torch_module.training import TrainedCopies, train_copies
 from daunce_core.data import batch_slices, num_examples, take
 from daunce_core.errors import DaunceError
 from daunce_core.method.config import ComputeConfig, DaunceConfig
@@ -229,27 +227,13 @@ class HFLoraAccess(TorchModuleAccess):
             dataclasses.replace(d, xi=token_uniforms(d, self.config.seed, width)) for d in draws
         ]
 
-    def train(self, ks: Sequence[int], journal=None):
-        """Train copies ``ks`` from θ0's adapter; no external jobs (``journal`` unused).
+    def _vectorize_training(self) -> bool:
+        """Whether a group trains under ``vmap``: a causal LM's does (``compute.vectorize``).
 
-        A causal LM's copies train under ``vmap`` when ``compute.vectorize``; a classifier's
-        one after another (its attention mask makes the forward pass data-dependent).
+        A classifier's copies train one after another: its attention mask makes the forward
+        pass data-dependent.
         """
-        c = self.config
-        return train_copies(
-            self.model,
-            self.task,
-            self.train_set,
-            self.draws(ks),
-            self._objective,
-            c.train,
-            names=self.names,
-            side=self.signals,
-            l2=self.l2,
-            anchor=self.anchor,
-            seed=c.seed,
-            vectorize=self.compute.vectorize and isinstance(self.task, CausalLMTask),
-        )
+        return self.compute.vectorize and isinstance(self.task, CausalLMTask)
 
     def _objective(self, outputs, batch, side):
         base = None
@@ -276,33 +260,6 @@ class HFLoraAccess(TorchModuleAccess):
         )
         return values.double().cpu().numpy()
 
-    @staticmethod
-    def adapter_key(name: str) -> str:
-        """The peft state-dict key of an adapter weight: ``base_model.model.…``, no ``.default``."""
+    def copy_key(self, name: str) -> str:
+        """A saved copy is a peft adapter state dict: ``base_model.model.…``, no ``.default``."""
         return "base_model.model." + name.replace(".default", "")
-
-    def save_copy(self, trained, g: int, path: Path) -> None:
-        """Write copy ``g``'s adapter as a peft state dict (safetensors, renamed into place)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        tensors = {
-            self.adapter_key(name): p[g].detach().cpu().contiguous()
-            for name, p in trained.params.items()
-        }
-        save_file(tensors, str(partial))
-        partial.replace(path)
-
-    def load_copies(self, paths: Sequence[Path]):
-        """Adapters saved by `save_copy`, stacked in order (none diverged)."""
-        device = self.compute.torch_device
-        files = [load_file(str(path)) for path in paths]
-        params = {
-            name: torch.stack([f[self.adapter_key(name)] for f in files]).to(device)
-            for name in self.names
-        }
-        return TrainedCopies(
-            params=params,
-            diverged=np.zeros(len(files), dtype=bool),
-            steps=0,
-            final_objective=np.full(len(files), np.nan),
-        )

@@ -174,8 +174,16 @@ class TorchModuleAccess(ModelAccess):
             l2=self.l2,
             anchor=self.anchor,
             seed=c.seed,
-            vectorize=self.compute.vectorize,
+            vectorize=self._vectorize_training(),
         )
+
+    def _vectorize_training(self) -> bool:
+        """Whether a group trains under ``vmap`` (``compute.vectorize``)."""
+        return self.compute.vectorize
+
+    def copy_key(self, name: str) -> str:
+        """The key of trainable parameter ``name`` in a saved copy (the name itself)."""
+        return name
 
     def evaluate(self, ks: Sequence[int], trained: TrainedCopies) -> CopyLosses:
         """Loss rows of trained copies ``ks``; non-finite rows are marked diverged and NaN."""
@@ -198,7 +206,10 @@ class TorchModuleAccess(ModelAccess):
         """Write copy ``g``'s parameters to ``path`` (safetensors, renamed into place)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        tensors = {name: p[g].detach().cpu().contiguous() for name, p in trained.params.items()}
+        tensors = {
+            self.copy_key(name): p[g].detach().cpu().contiguous()
+            for name, p in trained.params.items()
+        }
         save_file(tensors, str(partial))
         partial.replace(path)
 
@@ -206,7 +217,10 @@ class TorchModuleAccess(ModelAccess):
         """Copies saved by `save_copy`, stacked in order (none diverged)."""
         device = self.compute.torch_device
         files = [load_file(str(path)) for path in paths]
-        params = {name: torch.stack([f[name] for f in files]).to(device) for name in files[0]}
+        params = {
+            name: torch.stack([f[self.copy_key(name)] for f in files]).to(device)
+            for name in self.names
+        }
         count = len(files)
         return TrainedCopies(
             params=params,
