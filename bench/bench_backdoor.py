@@ -31,8 +31,7 @@ Methods (each timed wall-clock from θ0 to scores; the θ0 build is not counted)
 * DAUNCE (`HFLoraAccess`, copies are LoRA adapters on θ0, AdamW lr 1e-3, 1 epoch over the
   copy's subset, batch 32, cosine, ``compute.group_size`` 8): the white-box paper form
   (``Objective()``, observed labels, γ = ρ = 1, r = 0.3), sampled labels (``Objective(labels=
-  "sampled", rho=0.1)``, r = 1: ``data/backdoor.yaml``'s ``daunce`` section with the flow's
-  defaults, as ``daunce run`` would use it) and the black-box form (``Objective(access=
+  "sampled", rho=0.1)``, r = 1: the flow's torch default) and the black-box form (``Objective(access=
   "black_box")``, plain NLL on a random half, r = 0.5: the paper's Table 2, as a fine-tuning API
   would train). Covariance and correlation scores of the same copies (`score_matrix`). K: up
   to ``--models`` (64) per variant, in groups of 8, while the variant's share of
@@ -294,7 +293,9 @@ def daunce_variants(config) -> dict[str, DaunceConfig]:
     """The three DAUNCE forms (module docstring) on the copies' recipe of ``config``."""
     base = config.daunce
     return {
-        "sampled": base,
+        "sampled": dataclasses.replace(
+            base, objective=Objective(labels="sampled", rho=0.1), subset_ratio=1.0
+        ),
         "observed": dataclasses.replace(base, objective=Objective(), subset_ratio=0.3),
         "black_box": dataclasses.replace(
             base, objective=Objective(access="black_box"), subset_ratio=0.5

@@ -245,12 +245,15 @@ FLOW_DAUNCE_LM = {
     "subset_ratio": 1.0,
     "objective": {"labels": "observed", "rho": 1.0},
     "train": {"epochs": 1, "batch_size": 32},
-    "score": "covariance",
+    "score": "correlation",
 }
 """The same for a language model (``model.access: hf_lora``), where one copy costs a LoRA
 fine-tuning: K = 64 copies of one epoch each (the authors train 30 steps of batch 64), with the
 paper's observed-label perturbation: on data/instructions.yaml's LDS ground truth (50 × 2 LoRA
-fine-tunings) it reached 0.150 at K = 32 against 0.097 for sampled labels with ρ = 0.1."""
+fine-tunings) it reached 0.150 at K = 32 against 0.097 for sampled labels with ρ = 0.1.
+Correlation scores: on the same copies LDS 0.162 against covariance's 0.150, and in the backdoor
+case study precision@10 of the poisoned examples 0.77 against 0.002 (README): an example the
+model fits well has losses that barely move across copies, and covariance ranks it last."""
 
 INHERITED = ("optimizer", "lr", "momentum", "betas")
 """Fields of ``model.train`` the copies' ``train`` takes where the ``daunce`` section leaves them
