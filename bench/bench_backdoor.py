@@ -31,13 +31,13 @@ Methods (each timed wall-clock from θ0 to scores; the θ0 build is not counted)
 * DAUNCE (`HFLoraAccess`, copies are LoRA adapters on θ0, AdamW lr 1e-3, 1 epoch over the
   copy's subset, batch 32, cosine, ``compute.group_size`` 8): the white-box paper form
   (``Objective()``, observed labels, γ = ρ = 1, r = 0.3), sampled labels (``Objective(labels=
-  "sampled", rho=0.1)``, r = 1: the flow's torch default) and the black-box form (``Objective(access=
-  "black_box")``, plain NLL on a random half, r = 0.5: the paper's Table 2, as a fine-tuning API
-  would train). Covariance and correlation scores of the same copies (`score_matrix`). K: up
-  to ``--models`` (64) per variant, in groups of 8, while the variant's share of
-  ``--budget-seconds`` lasts (the next group is started only if it is expected to fit); the K
-  reached is reported (copies are deterministic in (seed, k), so a K reproduces); the loss
-  matrices go to ``bench/results/cache/backdoor_losses_<variant>.npz``.
+  "sampled", rho=0.1)``, r = 1: the flow's torch default) and the black-box form
+  (``Objective(access="black_box")``, plain NLL on a random half, r = 0.5: the paper's Table 2,
+  as a fine-tuning API would train). Covariance and correlation scores of the same copies
+  (`score_matrix`). K: up to ``--models`` (64) per variant, in groups of 8, while the variant's
+  share of ``--budget-seconds`` lasts (the next group is started only if it is expected to
+  fit); the K reached is reported (copies are deterministic in (seed, k), so a K reproduces);
+  the loss matrices go to ``bench/results/cache/backdoor_losses_<variant>.npz``.
 * Baselines (`baseline_scores`) on θ0 with a zero LoRA adapter injected (the copies' adapter),
   gradients in the adapter's weights: gradient dot product (loss), our TRAK (one model, margin,
   projection 512), EK-FAC via kronfluence (its damping heuristic; failures are reported).
