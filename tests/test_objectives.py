@@ -111,7 +111,7 @@ def test_antithetic_sampled_labels_mirror_each_other():
     [
         ({"variant": "kfac"}, "variant must be one of"),
         ({"access": "grey"}, "access must be one of"),
-        ({"labels": "sampled", "access": "black_box"}, "needs white-box"),
+        ({"labels": "sampled", "access": "black_box", "variant": "efim"}, "plain NLL"),
         ({"gamma": 0.0}, "gamma must be > 0"),
         ({"rho": -1.0}, "rho must be > 0"),
     ],

@@ -11,7 +11,7 @@ kind                   module                          capabilities
 =====================  ==============================  =====================================
 ``torch``              `access.torch_module`           all four
 ``hf_lora``            `access.hf_lora`                all four (LoRA adapters as copies)
-``api`` (planned)      ``access/api/``                 fine-tuning only (not deterministic)
+``api``                `access.api`                    fine-tuning, bootstrap (not deterministic)
 ``prompt`` (planned)   ``access/prompt/``              deterministic loss queries only
 =====================  ==============================  =====================================
 
@@ -45,12 +45,15 @@ class Capabilities:
             fine-tuning API minimises plain NLL only.
         deterministic: the same ``(seed, k)`` always gives the same copy, so a lost copy may be
             trained again; a paid, non-deterministic service's copy may not.
+        bootstrap: the kind fine-tunes copies with plain NLL on completions sampled from θ0
+            (the black-box sampled-label form, a parametric bootstrap: DESIGN §1).
     """
 
     gradients: bool
     fine_tuning: bool
     custom_objective: bool
     deterministic: bool
+    bootstrap: bool = False
 
 
 def requirements(objective: Objective) -> dict[str, str]:
@@ -65,6 +68,12 @@ def requirements(objective: Objective) -> dict[str, str]:
             "gradients": "the white-box objectives' first-order term needs the base logits",
             "fine_tuning": "white-box copies are trained by gradient steps on parameters",
             "custom_objective": "the white-box objective is not plain NLL",
+        }
+    if objective.labels == "sampled":
+        return {
+            "bootstrap": (
+                "black-box sampled labels fine-tune each copy on completions sampled from θ0"
+            )
         }
     if objective.variant != "hessian":
         return {
@@ -92,10 +101,12 @@ def check_objective(kind: str, capabilities: Capabilities, objective: Objective)
     reasons = "; ".join(f"{name.replace('|', ' or ')} ({why})" for name, why in missing.items())
     usable = [
         f"access {o.access}, variant {o.variant}"
+        + (", labels sampled" if o.labels == "sampled" else "")
         for o in (
             Objective(),
             Objective(access="black_box"),
             Objective(access="black_box", variant="efim"),
+            Objective(access="black_box", labels="sampled"),
         )
         if not lacks(capabilities, o)
     ]

@@ -111,10 +111,16 @@ class DaunceConfig:
             )
         if not 0 < self.subset_ratio <= 1:
             raise DaunceError(f"subset_ratio must be in (0, 1]; got {self.subset_ratio}.")
-        if self.objective.access == "black_box" and self.subset_ratio == 1:
+        objective = self.objective
+        if (
+            objective.access == "black_box"
+            and objective.labels == "observed"
+            and self.subset_ratio == 1
+        ):
             raise DaunceError(
-                "black-box objectives draw their randomness from the subset alone, so with "
-                "subset_ratio=1 every copy is the same model; use subset_ratio < 1 (paper: 0.3)."
+                "black-box objectives with observed labels draw their randomness from the "
+                "subset alone, so with subset_ratio=1 every copy is the same model; use "
+                "subset_ratio < 1 (paper: 0.3), or labels 'sampled'."
             )
         if self.prox is not None and self.prox < 0:
             raise DaunceError(f"prox (λ) must be >= 0 or None; got {self.prox}.")

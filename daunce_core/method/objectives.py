@@ -24,7 +24,8 @@ unperturbed copy for any ``γ`` (the paper's first-order term also cancels the b
 gradient, also on a subset). The first-order terms live in logit space
 (``⟨∇L_i(θ0), θ−θ0⟩ ≈ ⟨d_i, Δg_i⟩``), exact for models linear in their parameters.
 
-Black-box objectives (Table 2) have no first-order term: their only randomness is the subset.
+Black-box objectives (Table 2) have no first-order term: their randomness is the subset, and
+with sampled labels the labels drawn from θ0 (the parametric bootstrap of DESIGN §1).
 The proximal term ``γ·½λ‖θ − θ0‖²`` is added by the trainer, in parameter space.
 """
 
@@ -61,7 +62,9 @@ class Objective:
         access: ``"white_box"`` (first-order perturbation term in logit space) or
             ``"black_box"`` (Table 2: losses only; randomness from the subset alone).
         labels: ``"observed"`` (σ_i·d_i, the paper) or ``"sampled"`` (labels drawn from the
-            base model's own predictive distribution; white-box only).
+            base model's own predictive distribution; in the black-box form each copy
+            fine-tunes with plain NLL on labels sampled from θ0 — a parametric bootstrap,
+            DESIGN §1 — which needs a kind that can draw them, `Capabilities.bootstrap`).
         gamma: weight γ > 0 of the curvature part (paper: 1).
         rho: scale ρ > 0 of the perturbation (paper: 1).
     """
@@ -76,10 +79,11 @@ class Objective:
         _choice("variant", self.variant, VARIANTS)
         _choice("access", self.access, ACCESSES)
         _choice("labels", self.labels, LABELS)
-        if self.access == "black_box" and self.labels == "sampled":
+        if self.access == "black_box" and self.labels == "sampled" and self.variant != "hessian":
             raise DaunceError(
-                "labels='sampled' needs white-box access (it perturbs the first-order term); "
-                "use labels='observed' with access='black_box'."
+                "black-box sampled labels fine-tune on completions sampled from the base model "
+                f"with plain NLL, which is variant 'hessian'; got variant {self.variant!r}. Use "
+                "variant 'hessian', or labels 'observed'."
             )
         for name in ("gamma", "rho"):
             if not getattr(self, name) > 0:
