@@ -1,0 +1,1 @@
+"""The OpenAI-compatible API access kind: client, access and a local server."""
