@@ -18,6 +18,7 @@ from daunce_core.access.api.server.models import (
     generate,
     not_found,
     score,
+    token_bytes,
     token_text,
     tokenize_prompts,
 )
@@ -276,7 +277,7 @@ def _usage(prompt: int, completion: int) -> dict:
 # chat completions ------------------------------------------------------------------------------
 def _entry(tokenizer, token: int, value: float) -> dict:
     text = token_text(tokenizer, token)
-    return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+    return {"token": text, "logprob": value, "bytes": token_bytes(tokenizer, token)}
 
 
 def _chat_logprobs(served: Served, gen: Generated) -> dict:

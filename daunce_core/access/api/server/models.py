@@ -9,6 +9,7 @@ in) on demand, keeping the few most recently used. `score` gives prompt-token lo
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import threading
@@ -261,6 +262,29 @@ def token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode(
         [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
     )
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """The byte-level BPE alphabet: the character standing for each byte, inverted."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def token_bytes(tokenizer, token_id: int) -> list[int]:
+    """The UTF-8 bytes of one token (exact for byte-level BPE, even for partial characters)."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    decoder = _byte_decoder()
+    special = token_id in tokenizer.all_special_ids
+    if isinstance(piece, str) and piece and not special and all(c in decoder for c in piece):
+        return [decoder[c] for c in piece]
+    return list(token_text(tokenizer, token_id).encode("utf-8"))
 
 
 @dataclass

@@ -148,7 +148,9 @@ class Trainer:
         """Train, save the adapter, and mark the job succeeded."""
         hp = job["hyperparameters"]
         spec = LoraSpec(rank=self.defaults.rank, alpha=self.defaults.alpha)
-        model = add_lora(self.registry.training_copy(), spec, seed=job["seed"])
+        model = self.registry.training_copy()
+        names = targets(model, spec)
+        model = add_lora(model, spec, seed=job["seed"])
         losses = train(
             model,
             examples,
@@ -162,7 +164,7 @@ class Trainer:
         current = self.store.job(job["id"])
         if current is None or current["status"] == "cancelled":
             raise Cancelled
-        save_adapter(model, spec, targets(model, spec), self.store.adapter(job["id"]))
+        save_adapter(model, spec, names, self.store.adapter(job["id"]))
         results = "step,train_loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses))
         result = self.store.add_file("step_metrics.csv", "fine-tune-results", results.encode())
         tokens = sum(len(e.ids) for e in examples) * int(hp["n_epochs"])

@@ -1,0 +1,363 @@
+"""The ``api`` model access: copies are fine-tuning jobs of an OpenAI-compatible server.
+
+The paper's "API-based black-box access" (§5): the weights stay on the server; DAUNCE uploads
+training files, starts fine-tuning jobs and reads log-probabilities. A fine-tuning endpoint
+minimises plain NLL, so two perturbations are expressible (DESIGN §1):
+
+* the paper's Table 2 form (``objective: {access: black_box}``, ``subset_ratio`` < 1): copy k
+  fine-tunes θ0 on its random subset ``D^k`` with the observed completions;
+* sampled labels (``objective: {access: black_box, labels: sampled}``): copy k fine-tunes on its
+  subset with a completion *sampled from θ0* (temperature 1) for each prompt — a parametric
+  bootstrap whose gradient at θ0 has mean zero and Gauss-Newton covariance.
+
+Per copy (`APIAccess.train`): write the training file (chat-format JSONL: the prompt as the user
+message, the completion as the assistant's), upload it, create the job (suffix
+``<run>-k<k>-a<attempt>``, seed from ``(seed, k, attempt)``), record the job id through the
+journal *before* waiting, poll, keep the fine-tuned model id. A failed job is retried as a new
+job up to ``limits.job_attempts``, every attempt recorded; a rerun polls the jobs it recorded
+(and adopts a job of the same suffix created just before a kill) instead of creating new ones.
+Losses (`APIAccess.evaluate`): the mean NLL of each completion's tokens under each copy
+(`APIClient.echo_losses`), or a one-token answer's NLL (`APIClient.answer_losses`).
+
+A copy is saved as a small JSON file (the fine-tuned model's id, its job, the server); it cannot
+be reproduced from its seed (`Capabilities.deterministic` is False), so a lost file is named,
+never silently replaced by a new paid job.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from daunce_core.access.api.client import APIClient, Usage
+from daunce_core.access.base import Capabilities, CopyJournal, CopyLosses, ModelAccess
+from daunce_core.errors import DaunceError
+from daunce_core.method.config import DaunceConfig
+from daunce_core.method.draws import draw_perturbation, epoch_order, stream_rng
+
+JOB_SEED_STREAM = 21
+"""`daunce_core.method.draws.Stream`-style id of the stream of a copy's job seeds."""
+
+
+@dataclass(frozen=True)
+class TextExamples:
+    """Prompts and completions as the server sees them (the completion follows the prompt)."""
+
+    prompts: list[str]
+    completions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @classmethod
+    def from_columns(cls, task: dict, columns: dict, where: str) -> TextExamples:
+        """The examples of a ``causal_lm`` task's columns: ``separator + completion`` follows."""
+        if task.get("chat"):
+            raise DaunceError(
+                "task.chat is not available with model.access: api: the prompt is sent as one "
+                "user message and the server applies its own format; set task.chat: false."
+            )
+        separator = task.get("separator", " ")
+        prompts = [str(p) for p in columns[task.get("prompt", "prompt")]]
+        completions = [separator + str(c) for c in columns[task.get("completion", "completion")]]
+        empty = [i for i, c in enumerate(completions) if not c.strip()]
+        if empty:
+            raise DaunceError(
+                f"{where}: the completions of examples {empty[:5]} are empty; every example needs "
+                "a completion to measure its loss."
+            )
+        return cls(prompts, completions)
+
+
+@dataclass
+class APICopies:
+    """Trained API copies: fine-tuned model ids, in the order of ``ks``."""
+
+    ks: list[int]
+    models: list[str]
+    jobs: list[str | None]
+
+
+class APIAccess(ModelAccess):
+    """Perturbed copies as fine-tuning jobs of an OpenAI-compatible server.
+
+    Args:
+        client: the server, with the key and limits.
+        base_model: θ0's id on the server.
+        loss_method: ``echo`` or ``top_logprobs`` (resolved, not ``auto``).
+        train_set: the training examples (text).
+        query_set: the queries (text).
+        config: the run's DAUNCE settings (K, subset ratio, objective, seed).
+        label: names the run in job suffixes and file names (e.g. the run id).
+    """
+
+    kind: ClassVar[str] = "api"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        gradients=False,
+        fine_tuning=True,
+        custom_objective=False,
+        deterministic=False,
+        bootstrap=True,
+    )
+    copy_suffix: ClassVar[str] = ".json"
+
+    def __init__(
+        self,
+        client: APIClient,
+        base_model: str,
+        loss_method: str,
+        train_set: TextExamples,
+        query_set: TextExamples,
+        config: DaunceConfig,
+        label: str,
+    ) -> None:
+        if loss_method not in ("echo", "top_logprobs"):
+            raise DaunceError(f"loss_method must be 'echo' or 'top_logprobs'; got {loss_method!r}.")
+        self.check(config.objective)
+        self.client, self.base_model, self.loss_method = client, base_model, loss_method
+        self.train_set, self.query_set, self.config = train_set, query_set, config
+        self.label = label
+        self._usage: dict[int, Usage] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def num_train(self) -> int:
+        """n, the number of training examples."""
+        return len(self.train_set)
+
+    @property
+    def num_queries(self) -> int:
+        """m, the number of queries."""
+        return len(self.query_set)
+
+    def usage_of(self, k: int) -> Usage:
+        """What copy ``k`` has cost in this process (requests, retries, tokens, jobs)."""
+        with self._lock:
+            return self._usage.setdefault(k, Usage())
+
+    def take_usage(self, k: int) -> dict | None:
+        """Copy ``k``'s usage counts since the last call, for its record."""
+        with self._lock:
+            usage = self._usage.pop(k, None)
+        return usage.as_dict() if usage is not None else None
+
+    # Training ------------------------------------------------------------------------
+
+    def train(self, ks: Sequence[int], journal: CopyJournal | None = None) -> APICopies:
+        """Fine-tune copies ``ks`` as jobs (module docstring), at most ``jobs_in_flight`` at once.
+
+        Raises:
+            DaunceError: a copy used up its job attempts (named with its jobs' errors); the
+                other copies' jobs are recorded and a rerun resumes them.
+        """
+        if journal is None:
+            raise DaunceError("API copies need a journal to record their jobs before waiting.")
+        ks = [int(k) for k in ks]
+        with ThreadPoolExecutor(max_workers=max(1, len(ks))) as pool:
+            futures = [pool.submit(self._copy, k, journal) for k in ks]
+            results, errors = [], []
+            for k, future in zip(ks, futures, strict=True):
+                try:
+                    results.append(future.result())
+                except Exception as error:  # every copy is waited for before raising
+                    errors.append((k, error))
+        if errors:
+            raise errors[0][1]
+        return APICopies(ks, [r[0] for r in results], [r[1] for r in results])
+
+    def _copy(self, k: int, journal: CopyJournal) -> tuple[str, str]:
+        """Bring copy ``k``'s job to success; its fine-tuned model id and job id."""
+        usage = self.usage_of(k)
+        job_id = journal.job_id(k)
+        errors: list[str] = []
+        while True:
+            if job_id is not None:
+                job = self._wait(k, job_id, journal, usage)
+                if job.status == "succeeded":
+                    self.client.count(usage, trained_tokens=job.trained_tokens or 0)
+                    if not job.fine_tuned_model:
+                        raise DaunceError(f"job {job_id} succeeded without a fine-tuned model id.")
+                    return job.fine_tuned_model, job.id
+                detail = _job_error(job)
+                errors.append(f"{job.id} {job.status}" + (f" ({detail})" if detail else ""))
+            attempts = journal.jobs(k)
+            if len(attempts) >= self.client.limits.job_attempts:
+                raise DaunceError(
+                    f"copy {k}: {len(attempts)} fine-tuning job(s) did not succeed "
+                    f"({'; '.join(errors) or ', '.join(attempts)}). Fix the cause the server "
+                    "names, then rerun (finished copies are kept); to try more jobs raise "
+                    "model.recipe.limits.job_attempts."
+                )
+            job_id = self._submit(k, len(attempts), journal, usage)
+
+    def _submit(self, k: int, attempt: int, journal: CopyJournal, usage: Usage) -> str:
+        """Create attempt ``attempt`` of copy ``k``'s job (or adopt it if it already exists)."""
+        suffix = f"{self.label}-k{k}-a{attempt}"
+        found = self._find_job(suffix, usage)
+        if found is not None:
+            journal.record_job(k, found)
+            return found
+        lines = self.training_lines(k, attempt, usage)
+        file_id = self.client.upload(f"{suffix}.jsonl", lines, usage)
+        job = self.client.create_job(
+            self.base_model, file_id, suffix, self.job_seed(k, attempt), usage
+        )
+        journal.record_job(k, job.id)
+        return job.id
+
+    def _find_job(self, suffix: str, usage: Usage) -> str | None:
+        """A job of ``suffix`` created before a kill left no record of it, if any."""
+        page = self.client.call(
+            "list fine-tuning jobs",
+            self.client.openai.fine_tuning.jobs.list,
+            limit=100,
+            usage=usage,
+        )
+        for job in page.data:
+            named = getattr(job, "suffix", None) or getattr(job, "user_provided_suffix", None)
+            if named is None and job.model_extra:
+                named = job.model_extra.get("suffix")
+            if named == suffix and job.model == self.base_model:
+                return job.id
+        return None
+
+    def _wait(self, k: int, job_id: str, journal: CopyJournal, usage: Usage):
+        def on_state(job) -> None:
+            journal.record_job_state(k, job.status, _job_error(job) or None)
+
+        with self.client.job_slot():
+            return self.client.wait(job_id, on_state=on_state, usage=usage)
+
+    def job_seed(self, k: int, attempt: int) -> int:
+        """The seed sent with attempt ``attempt`` of copy ``k``'s job (from ``(seed, k)``)."""
+        rng = stream_rng(self.config.seed, k, JOB_SEED_STREAM, attempt)
+        return int(rng.integers(0, 2**31 - 1))
+
+    def training_lines(self, k: int, attempt: int, usage: Usage | None = None) -> list[dict]:
+        """Copy ``k``'s training file: its subset, in its visiting order, as chat messages.
+
+        With sampled labels each completion is drawn from θ0 (temperature 1, seeded by the
+        copy and attempt) instead of the observed one.
+        """
+        c = self.config
+        draw = draw_perturbation(
+            self.num_train, k, seed=c.seed, subset_ratio=c.subset_ratio, antithetic=c.antithetic
+        )
+        order = epoch_order(draw, 0, c.seed)
+        prompts = [self.train_set.prompts[i] for i in order]
+        if c.objective.labels == "sampled":
+            completions = self.client.sample(
+                self.base_model, prompts, self.job_seed(k, attempt) + 1, usage
+            )
+        else:
+            completions = [self.train_set.completions[i] for i in order]
+        return [
+            {
+                "messages": [
+                    {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": completion},
+                ]
+            }
+            for prompt, completion in zip(prompts, completions, strict=True)
+        ]
+
+    # Losses ----------------------------------------------------------------------------
+
+    def losses(self, model: str, examples: TextExamples, usage: Usage | None = None) -> np.ndarray:
+        """The loss of every example under ``model`` (mean completion-token NLL), ``[n]``."""
+        return example_losses(self.client, self.loss_method, model, examples, usage)
+
+    def evaluate(self, ks: Sequence[int], trained: APICopies) -> CopyLosses:
+        """Loss rows of copies ``ks``: every training example and query under each copy."""
+        train = np.stack(
+            [
+                self.losses(m, self.train_set, self.usage_of(k))
+                for k, m in zip(ks, trained.models, strict=True)
+            ]
+        )
+        query = np.stack(
+            [
+                self.losses(m, self.query_set, self.usage_of(k))
+                for k, m in zip(ks, trained.models, strict=True)
+            ]
+        )
+        diverged = ~(np.isfinite(train).all(axis=1) & np.isfinite(query).all(axis=1))
+        return CopyLosses(np.asarray(ks), train, query, diverged)
+
+    def measure_queries(self, trained: APICopies, start: int) -> np.ndarray:
+        """Query losses from ``start`` on, under each copy, ``[G, m − start]``."""
+        tail = TextExamples(self.query_set.prompts[start:], self.query_set.completions[start:])
+        return np.stack([self.losses(m, tail) for m in trained.models])
+
+    def base_losses(self) -> tuple[np.ndarray, np.ndarray]:
+        """θ0's losses on the training set and the queries."""
+        return self.losses(self.base_model, self.train_set), self.losses(
+            self.base_model, self.query_set
+        )
+
+    # Saved copies ------------------------------------------------------------------------
+
+    def save_copy(self, trained: APICopies, g: int, path: Path) -> None:
+        """Write copy ``g``'s fine-tuned model id, job and server to ``path`` (atomically)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(
+            json.dumps(
+                {
+                    "k": trained.ks[g],
+                    "model": trained.models[g],
+                    "job_id": trained.jobs[g],
+                    "base_model": self.base_model,
+                    "base_url": self.client.recipe.base_url,
+                },
+                indent=1,
+            )
+        )
+        partial.replace(path)
+
+    def load_copies(self, paths: Sequence[Path]) -> APICopies:
+        """The copies saved by `save_copy`, in order."""
+        ks, models, jobs = [], [], []
+        for path in paths:
+            try:
+                saved = json.loads(Path(path).read_text())
+                ks.append(int(saved["k"]))
+                models.append(str(saved["model"]))
+                jobs.append(saved.get("job_id"))
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise DaunceError(
+                    f"the saved API copy {path} is unreadable ({error}); restore it, or delete "
+                    "the copy's record to fine-tune a new copy in its place."
+                ) from error
+        return APICopies(ks, models, jobs)
+
+
+def example_losses(
+    client: APIClient,
+    method: str,
+    model: str,
+    examples: TextExamples,
+    usage: Usage | None = None,
+) -> np.ndarray:
+    """The loss of every example under ``model`` by ``method`` (``echo``/``top_logprobs``)."""
+    if len(examples) == 0:
+        return np.zeros(0)
+    if method == "echo":
+        return client.echo_losses(model, examples.prompts, examples.completions, usage)[0]
+    return client.answer_losses(model, examples.prompts, examples.completions, usage)[0]
+
+
+def _job_error(job) -> str:
+    error = getattr(job, "error", None)
+    if error is None:
+        return ""
+    code, message = getattr(error, "code", None), getattr(error, "message", None)
+    return ": ".join(str(part) for part in (code, message) if part)
