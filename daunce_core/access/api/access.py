@@ -42,6 +42,9 @@ from daunce_core.errors import DaunceError
 from daunce_core.method.config import DaunceConfig
 from daunce_core.method.draws import draw_perturbation, epoch_order, stream_rng
 
+REFUSED_FILE_CODES = ("invalid_training_file", "invalid_file", "invalid_n_examples")
+"""Job error codes that a new job on the same data would meet again: not retried."""
+
 JOB_SEED_STREAM = 21
 """`daunce_core.method.draws.Stream`-style id of the stream of a copy's job seeds."""
 
@@ -106,7 +109,7 @@ class APIAccess(ModelAccess):
         deterministic=False,
         bootstrap=True,
     )
-    copy_suffix: ClassVar[str] = ".json"
+    copy_suffix: ClassVar[str] = ".model.json"
 
     def __init__(
         self,
@@ -187,6 +190,13 @@ class APIAccess(ModelAccess):
                     return job.fine_tuned_model, job.id
                 detail = _job_error(job)
                 errors.append(f"{job.id} {job.status}" + (f" ({detail})" if detail else ""))
+                code = getattr(getattr(job, "error", None), "code", None)
+                if code in REFUSED_FILE_CODES:  # the same file would fail again
+                    raise DaunceError(
+                        f"copy {k}: the server refused its training file ({detail}); no "
+                        "other job was tried. Fix the data (or model.recipe.sample_max_tokens "
+                        "for sampled completions), then rerun: finished copies are kept."
+                    )
             attempts = journal.jobs(k)
             if len(attempts) >= self.client.limits.job_attempts:
                 raise DaunceError(

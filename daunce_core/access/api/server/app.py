@@ -174,10 +174,10 @@ def _handlers(app: FastAPI) -> None:
         return {"status": "ok"}
 
 
-def _listing(items: list[dict], after: str | None, limit: int) -> dict:
+def _listing(items: list[dict], after: str | None, limit: int, most: int = 100) -> dict:
     """An OpenAI list object over ``items`` (newest first), from after the id ``after``."""
-    if not 1 <= limit <= 100:
-        raise bad_request(f"limit must be between 1 and 100; got {limit}.", param="limit")
+    if not 1 <= limit <= most:
+        raise bad_request(f"limit must be between 1 and {most}; got {limit}.", param="limit")
     if after is not None:
         ids = [item["id"] for item in items]
         if after not in ids:
@@ -211,16 +211,8 @@ def _files(app: FastAPI, server: Server) -> None:
 
     @app.get("/v1/files")
     def list_files(purpose: str | None = None, limit: int = 10000, after: str | None = None):
-        items = [f for f in store.files() if purpose in (None, f["purpose"])]
-        return (
-            _listing(items, after, min(limit, 100))
-            if after
-            else {
-                "object": "list",
-                "data": items[:limit],
-                "has_more": len(items) > limit,
-            }
-        )
+        items = [f for f in reversed(store.files()) if purpose in (None, f["purpose"])]
+        return _listing(items, after, limit, most=10000)
 
     @app.get("/v1/files/{file_id}")
     def get_file(file_id: str):
@@ -276,10 +268,15 @@ def _jobs(app: FastAPI, server: Server) -> None:
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
     def cancel_job(job_id: str):
-        job = found(job_id)
-        if job["status"] in DONE:
-            raise bad_request(f"Job {job_id} has already {job['status']}; it cannot be cancelled.")
-        job = store.update_job(job_id, status="cancelled", finished_at=int(time.time()))
+        found(job_id)
+        job = store.update_job(
+            job_id, unless=DONE, status="cancelled", finished_at=int(time.time())
+        )
+        if job is None:
+            status = store.job(job_id)["status"]
+            raise bad_request(
+                f"Job {job_id} is already {status}; only active jobs can be cancelled."
+            )
         store.add_event(job_id, "Fine-tuning job cancelled by the user")
         log.info("job %s: cancelled", job_id)
         return public(job)

@@ -14,7 +14,7 @@ import importlib.util
 import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -81,6 +81,10 @@ def resolve_model(name: str, models_dir: Path) -> tuple[Path, str | None]:
         model, tokenizer = load_model(
             spec.submodule_search_locations[0], "causal_lm", gguf_file=SMOLLM2_GGUF
         )
+        # the weights are dequantized to float32 on loading: forget the GGUF quantizer so that
+        # transformers saves them as a plain model (loaded in seconds next time)
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
         return save_model(model, tokenizer, folder), None
     raise DaunceError(
         f"--model {name!r} is neither a model folder nor a preset; give a folder written by "
@@ -147,7 +151,6 @@ class Served:
     model: nn.Module
     tokenizer: object
     context: int
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class Registry:
@@ -345,7 +348,7 @@ def _score_batch(served: Served, chunk: list[dict], k: int) -> list[Scored]:
     logits = served.model(input_ids=ids, attention_mask=mask).logits.float()
     logp = logits[:, :-1].log_softmax(dim=-1)
     picked = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    best = logp.topk(k, dim=-1) if k else None
+    best = logp.topk(min(k, logp.shape[-1]), dim=-1) if k else None
     results = []
     for row, item in enumerate(chunk):
         n = lengths[row]
@@ -424,7 +427,7 @@ def generate(
         logp = logits.log_softmax(dim=-1)
         ids.append(token)
         logprobs.append(float(logp[token]))
-        best = logp.topk(k) if k else None
+        best = logp.topk(min(k, logp.shape[-1])) if k else None
         top.append(list(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if k else [])
         text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         cut = _stop_at(text, stop)

@@ -103,12 +103,18 @@ class Store:
             write_json(self.root / "jobs" / f"{job['id']}.json", job)
         return job
 
-    def update_job(self, job_id: str, **changes) -> dict:
-        """Change some fields of a job record and write it; returns the new record."""
+    def update_job(self, job_id: str, *, unless: tuple[str, ...] = (), **changes) -> dict | None:
+        """Change some fields of a job record and write it; returns the new record.
+
+        Nothing changes (and None is returned) if the job's status is one of ``unless``: the
+        check and the write are one step, so a cancellation is never overwritten.
+        """
         with self._lock:
             job = self.job(job_id)
             if job is None:
                 raise DaunceError(f"no fine-tuning job {job_id!r} in {self.root}.")
+            if job["status"] in unless:
+                return None
             job.update(changes)
             return self.save_job(job)
 

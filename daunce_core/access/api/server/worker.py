@@ -88,11 +88,11 @@ class Trainer:
     # stages ------------------------------------------------------------------------------------
     def _set(self, job_id: str, status: str, **changes) -> dict | None:
         """Move a job on unless it was cancelled meanwhile; logs the change."""
-        job = self.store.job(job_id)
-        if job is None or job["status"] == "cancelled":
+        if self.store.job(job_id) is None:
             return None
-        job = self.store.update_job(job_id, status=status, **changes)
-        log.info("job %s: %s", job_id, status)
+        job = self.store.update_job(job_id, unless=("cancelled",), status=status, **changes)
+        if job is not None:
+            log.info("job %s: %s", job_id, status)
         return job
 
     def _fail(self, job_id: str, code: str, message: str, param: str | None = None) -> None:
@@ -139,7 +139,7 @@ class Trainer:
                     raise RuntimeError("injected fault (fail_jobs or fail_first_jobs)")
                 self._run(job, examples)
             except Cancelled:
-                self.store.add_event(job_id, "Fine-tuning job cancelled")
+                self.store.add_event(job_id, "Training stopped: the job was cancelled")
             except Exception as error:
                 log.exception("job %s failed", job_id)
                 self._fail(job_id, "server_error", f"The job failed while training: {error}")
