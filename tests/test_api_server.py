@@ -367,3 +367,24 @@ def test_restart_resumes_a_killed_job_and_keeps_files_and_jobs(tiny, tmp_path):
         assert len(steps) == 3 * 4  # ran again from the start, each step once
     finally:
         server.kill()
+
+
+def test_cancel_stops_a_running_job(server, client, trained):
+    file_id, _ = trained
+    server.set_faults(step_delay=0.2)
+    try:
+        job_id = fine_tune(client, file_id, "cancelled", epochs=3)
+        deadline = time.monotonic() + 60
+        while client.fine_tuning.jobs.retrieve(job_id).status != "running":
+            assert time.monotonic() < deadline, "the job never ran"
+            time.sleep(0.1)
+        assert client.fine_tuning.jobs.cancel(job_id).status == "cancelled"
+    finally:
+        server.set_faults(step_delay=0)
+    time.sleep(0.5)
+    job = client.fine_tuning.jobs.retrieve(job_id)
+    assert job.status == "cancelled"
+    assert job.fine_tuned_model is None
+    assert not any(m.id.endswith(job_id.removeprefix("ftjob-")) for m in client.models.list())
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.cancel(job_id)

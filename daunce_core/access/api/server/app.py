@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 
 from daunce_core.access.api.server import endpoints
 from daunce_core.access.api.server.errors import ApiError, bad_request
-from daunce_core.access.api.server.faults import Faults, FaultSettings, retry_after_header
+from daunce_core.access.api.server.faults import Faults, retry_after_header
 from daunce_core.access.api.server.models import Registry
 from daunce_core.access.api.server.state import Store, public
 from daunce_core.access.api.server.worker import DONE, TrainDefaults, Trainer
@@ -326,7 +326,7 @@ def _admin(app: FastAPI, server: Server) -> None:
     @app.put("/admin/faults")
     def put_faults(body: dict = Body(...)):  # noqa: B008
         body = {k: v for k, v in body.items() if k != "jobs_left_to_fail"}
-        server.faults.replace(FaultSettings.parse(body, base=server.faults.settings))
+        server.faults.update(body)
         log.info("faults set: %s", server.faults.as_dict())
         return server.faults.as_dict()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from daunce_core.access.api.server.errors import bad_request
@@ -209,51 +210,75 @@ def _legacy_logprobs(
     }
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How continuations are drawn: a request's shared generation fields, checked."""
+
+    max_tokens: int
+    n: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+
+    def draw(self, served: Served, ids: list[int], index: int, k: int) -> Generated:
+        """Choice ``index``'s continuation of ``ids`` (its own seed, `choice_seed`)."""
+        return generate(
+            served,
+            ids,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=choice_seed(self.seed, index),
+            stop=self.stop,
+            k=k,
+        )
+
+
+def _sampling(body: dict, max_tokens: int) -> Sampling:
+    return Sampling(
+        max_tokens=max_tokens,
+        n=_number(body, "n", 1, 1, 16, integer=True),
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        seed=_number(body, "seed", None, -(2**63), 2**63 - 1, integer=True),
+        stop=_stop(body),
+    )
+
+
 def completions(server: Server, body: dict) -> dict:
-    """``POST /v1/completions``: echo log-probabilities and/or generated continuations."""
+    """``POST /v1/completions``: echo log-probabilities and/or generated continuations.
+
+    Choice ``p·n + j`` is the ``j``-th sample of prompt ``p``. With ``echo`` the prompt's
+    tokens come first in ``logprobs`` (the first one's log-probability is null).
+    """
     model_id, served = _model(server, body)
     prompts = _prompts(server, body)
-    max_tokens = _number(body, "max_tokens", 16, 0, 1 << 20, integer=True)
+    sampling = _sampling(body, _number(body, "max_tokens", 16, 0, 1 << 20, integer=True))
     k = _number(body, "logprobs", None, 0, 5, integer=True)
-    n = _number(body, "n", 1, 1, 16, integer=True)
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    seed = _number(body, "seed", None, -(2**63), 2**63 - 1, integer=True)
     if _number(body, "best_of", 1, 1, 1, integer=True) != 1 or body.get("suffix"):
         raise bad_request("best_of > 1 and suffix are not supported by this server.")
-    echo, stops = bool(body.get("echo", False)), _stop(body)
+    echo = bool(body.get("echo", False))
     encoded = tokenize_prompts(served, prompts)
     scored = score(served, prompts, k or 0) if echo else [None] * len(prompts)
     choices, generated_tokens = [], 0
-    for p, prompt in enumerate(prompts):
-        for j in range(n):
-            index = p * n + j
-            gen = None
-            if max_tokens > 0:
-                ids = encoded[p]["input_ids"] or [served.tokenizer.eos_token_id]
-                gen = generate(
-                    served,
-                    ids,
-                    max_tokens=max_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
-                    seed=choice_seed(seed, index),
-                    stop=stops,
-                    k=k or 0,
-                )
-                generated_tokens += len(gen.ids)
-            start = len(prompt) if echo else 0
-            text = (prompt if echo else "") + (gen.text if gen else "")
-            choices.append(
-                {
-                    "index": index,
-                    "text": text,
-                    "logprobs": None
-                    if k is None
-                    else _legacy_logprobs(served, scored[p], gen, start, k),
-                    "finish_reason": gen.finish_reason if gen else "length",
-                }
-            )
+    for index in range(len(prompts) * sampling.n):
+        p = index // sampling.n
+        gen = None
+        if sampling.max_tokens > 0:
+            ids = encoded[p]["input_ids"] or [served.tokenizer.eos_token_id]
+            gen = sampling.draw(served, ids, index, k or 0)
+            generated_tokens += len(gen.ids)
+        start = len(prompts[p]) if echo else 0
+        logprobs = None if k is None else _legacy_logprobs(served, scored[p], gen, start, k)
+        choices.append(
+            {
+                "index": index,
+                "text": (prompts[p] if echo else "") + (gen.text if gen else ""),
+                "logprobs": logprobs,
+                "finish_reason": gen.finish_reason if gen else "length",
+            }
+        )
     prompt_tokens = sum(len(e["input_ids"]) for e in encoded)
     return {
         "id": new_id("cmpl"),
@@ -290,7 +315,11 @@ def _chat_logprobs(served: Served, gen: Generated) -> dict:
 
 
 def chat_completions(server: Server, body: dict) -> dict:
-    """``POST /v1/chat/completions``: continue the concatenated message contents."""
+    """``POST /v1/chat/completions``: continue the concatenated message contents.
+
+    ``max_completion_tokens`` (or ``max_tokens``) defaults to the room left in the context, at
+    most 256; log-probabilities are the model's own, before temperature and nucleus.
+    """
     model_id, served = _model(server, body)
     try:
         prompt = render_messages(body.get("messages"))
@@ -301,30 +330,17 @@ def chat_completions(server: Server, body: dict) -> dict:
         raise bad_request("the messages' contents are empty; give some text.", param="messages")
     room = served.context - len(ids)
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _number(
-        {"max_tokens": limit}, "max_tokens", min(room, 256), 1, 1 << 20, integer=True
+    limit = _number(
+        {"max_tokens": limit}, "max_tokens", max(1, min(room, 256)), 1, 1 << 20, integer=True
     )
-    n = _number(body, "n", 1, 1, 16, integer=True)
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    seed = _number(body, "seed", None, -(2**63), 2**63 - 1, integer=True)
+    sampling = _sampling(body, limit)
     want = bool(body.get("logprobs", False))
     k = _number(body, "top_logprobs", 0, 0, 20, integer=True)
     if k and not want:
         raise bad_request("top_logprobs needs logprobs: true.", param="top_logprobs")
-    stops = _stop(body)
     choices, generated_tokens = [], 0
-    for index in range(n):
-        gen = generate(
-            served,
-            ids,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=choice_seed(seed, index),
-            stop=stops,
-            k=k,
-        )
+    for index in range(sampling.n):
+        gen = sampling.draw(served, ids, index, k)
         generated_tokens += len(gen.ids)
         choices.append(
             {

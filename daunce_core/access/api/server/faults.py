@@ -101,6 +101,24 @@ class Faults:
             self._jobs_random = random.Random(settings.fault_seed + 1)
             self._jobs_to_fail = settings.fail_first_jobs
 
+    def update(self, values: dict) -> None:
+        """Change the settings named in ``values`` (a ``PUT /admin/faults`` body).
+
+        The seeded draws restart only when ``fault_seed`` is given, and the count of jobs to
+        fail only when ``fail_first_jobs`` is given; other settings leave both as they are.
+
+        Raises:
+            DaunceError: an unknown name or a bad value.
+        """
+        settings = FaultSettings.parse(values, base=self.settings)
+        with self._lock:
+            self.settings = settings
+            if "fault_seed" in values:
+                self._random = random.Random(settings.fault_seed)
+                self._jobs_random = random.Random(settings.fault_seed + 1)
+            if "fail_first_jobs" in values:
+                self._jobs_to_fail = settings.fail_first_jobs
+
     def request(self) -> Verdict:
         """The verdict on one ``/v1`` request (counts it against the rate limit if admitted)."""
         with self._lock:
