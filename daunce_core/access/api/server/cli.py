@@ -17,6 +17,16 @@ from daunce_core.errors import DaunceError
 
 KEYS_VARIABLE = "DAUNCE_SERVER_API_KEYS"
 log = logging.getLogger("daunce.api.server")
+FAULT_HELP = {
+    "rate_limit": "most /v1 requests per second; the excess gets 429 + Retry-After (0: off)",
+    "error_rate": "fraction of /v1 requests answered 500 or 503",
+    "delay": "seconds slept before answering each /v1 request",
+    "fail_jobs": "fraction of new fine-tuning jobs that fail while running (server_error)",
+    "fail_first_jobs": "the next N fine-tuning jobs fail while running (server_error)",
+    "drop_rate": "fraction of /v1 requests whose connection is closed without an answer",
+    "step_delay": "seconds slept after each training step (keeps jobs running longer)",
+    "fault_seed": "seed of the random fault draws (default 0)",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -47,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     faults = parser.add_argument_group("fault injection (also PUT /admin/faults)")
     for name, default in FaultSettings().__dict__.items():
         flag = "--" + name.replace("_", "-")
-        faults.add_argument(flag, type=type(default), default=default, help=f"default {default}")
+        faults.add_argument(flag, type=type(default), default=default, help=FAULT_HELP[name])
     return parser
 
 
