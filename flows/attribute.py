@@ -20,6 +20,7 @@ import polars as pl
 from prefect import flow
 
 from daunce_core.access import KINDS
+from daunce_core.access.api.config import parse_api_recipe
 from daunce_core.conversion import from_dict, to_dict
 from daunce_core.errors import DaunceError
 from daunce_core.storage import validate
@@ -304,7 +305,7 @@ def _copy_spec(config: RunConfig, records: dict) -> dict:
     def pick(record: dict) -> dict:
         return {"uri": record["uri"], "digest": record["digest"]}
 
-    return {
+    spec = {
         "kind": config.model.access,
         "daunce": daunce,
         "compute": to_dict(config.compute),
@@ -316,6 +317,9 @@ def _copy_spec(config: RunConfig, records: dict) -> dict:
         "model": pick(records["model"]),
         "signals": pick(records["signals"]) if "signals" in records else None,
     }
+    if config.model.access == "api":
+        spec["label"] = config.run_id()  # names each copy's jobs on the server
+    return spec
 
 
 def _span(group: list) -> str:
@@ -492,6 +496,8 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
     store.ensure(run.daunce.num_models, n, m, run.daunce.dtype)
     spec = _copy_spec(run, records)
     identity = {k: v for k, v in spec.items() if k in IDENTITY_KEYS}
+    if run.model.access == "api":  # the limits and the key's variable name no copies
+        identity["recipe"] = parse_api_recipe(run.model.recipe).identity_fields
     earlier = (digest_json(portable(identity, workspace)), digest_json(identity))
     store.check_copies_key(digest_json(_content_of(identity)), legacy=earlier)
     index = pl.read_parquet(Path(records["queries"]["uri"]) / "index.parquet")
@@ -500,6 +506,8 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
     rows = _rows_digest(run, run_dir, spec, workspace)
     exports = _outputs(run, run_dir, records, states, rows)
     _record(lineage, run.run_id(), records, exports, states)
+    copy_records = CopyRecords(RunLayout(run_dir).copies).read_many(range(run.daunce.num_models))
+    lineage.record_copies(run.run_id(), copy_records)
     quality = records["quality"]
     lineage.record_metrics(
         run.run_id(), quality["metrics"], "base_model", {"predictions": quality["uri"]}
@@ -521,7 +529,17 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
         "states": {f"{s['task']}[{s['key']}]": s["status"] for s in states},
         "base_model": {"metrics": quality["metrics"], "predictions": quality["uri"]},
         "warnings": [w for w in (quality["warning"], records["scores"].get("constant")) if w],
+        "usage": _usage(copy_records),
     }
+
+
+def _usage(records: list) -> dict[str, int]:
+    """What the copies cost, summed (requests, tokens, jobs: an API run's bill)."""
+    total: dict[str, int] = {}
+    for record in records:
+        for name, value in (record.usage or {}).items():
+            total[name] = total.get(name, 0) + value
+    return total
 
 
 IDENTITY_KEYS = ("kind", "daunce", "recipe", "task", "l2", "train", "model", "signals")

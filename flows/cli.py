@@ -138,7 +138,30 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the attribute flow on the embedded digits data")
     demo.add_argument("--queries", type=int, default=3, help="queries to print (3)")
     demo.add_argument("--workspace", help="override the demo's workspace (./daunce-runs)")
+    # Listed here; its own parser (`_serve_api`) reads its arguments, so that the other
+    # commands need not import the server (torch, transformers) to start.
+    commands.add_parser(
+        "serve-api",
+        help="serve a local model through an OpenAI-compatible API (fine-tuning, logprobs)",
+    )
     return parser
+
+
+def _serve_api(argv: list[str]) -> int:
+    """``daunce serve-api``: the local OpenAI-compatible server (`daunce_core.access.api`)."""
+    from daunce_core.access.api.server import add_arguments, run
+
+    parser = argparse.ArgumentParser(
+        prog="daunce serve-api",
+        description="Serve a causal LM through an OpenAI-compatible API: files, LoRA "
+        "fine-tuning jobs, models, completions with log-probabilities.",
+    )
+    add_arguments(parser)
+    try:
+        return run(parser.parse_args(argv)) or 0
+    except DaunceError as error:
+        print(f"daunce: error: {error}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         SIGPIPE, as the shell reports a program killed by it) when the reader of the output
         went away (``daunce sql ... | head -1``), quietly.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve-api"]:
+        return _serve_api(argv[1:])
     args = _parser().parse_args(argv)
     try:
         from flows import commands

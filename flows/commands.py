@@ -279,9 +279,34 @@ def status(args) -> int:
         f"copies: {counts.get('done', 0)} done, {counts.get('diverged', 0)} diverged, "
         f"{pending} pending{damaged} of {num_models}"
     )
+    _print_jobs(CopyRecords(Workspace(args.workspace).run(run_id).copies), num_models or 0)
     if message:
         print(f"message: {message}")
     return 0
+
+
+def _print_jobs(records, num_models: int) -> None:
+    """An API run's copies: each one's current job and state, and what they cost so far."""
+    rows, usage = [], {}
+    for k in range(num_models):
+        try:
+            record = records.read(k)
+        except DaunceError:
+            continue
+        for name, value in (record.usage or {}).items():
+            usage[name] = usage.get(name, 0) + value
+        if record.job_id:
+            attempts = f" (attempt {len(record.jobs)})" if len(record.jobs) > 1 else ""
+            rows.append(
+                f"  copy {k:>4}  {record.status:<8}  job {record.job_id}{attempts}: "
+                f"{record.job_state or 'unknown'}"
+            )
+    if not rows:
+        return
+    print("fine-tuning jobs:")
+    print("\n".join(rows))
+    if usage:
+        print("usage: " + ", ".join(f"{name} {value:,}" for name, value in sorted(usage.items())))
 
 
 TOP_SQL = (

@@ -44,6 +44,7 @@ from typing import Any
 import yaml
 
 from daunce_core.access import KINDS, check_objective
+from daunce_core.access.api.config import parse_api_recipe
 from daunce_core.access.hf_lora.base import PATH_FIELDS, check_recipe_paths, parse_recipe
 from daunce_core.conversion import from_dict, to_dict
 from daunce_core.errors import DaunceError
@@ -89,6 +90,8 @@ class ModelConfig:
             raise DaunceError(f"model.access must be one of {sorted(KINDS)}; got {self.access!r}.")
         if self.access == "hf_lora":
             parse_recipe(self.recipe)
+        if self.access == "api":
+            parse_api_recipe(self.recipe)
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,18 @@ Correlation scores: on the same copies LDS 0.162 against covariance's 0.150, and
 case study precision@10 of the poisoned examples 0.77 against 0.002 (README): an example the
 model fits well has losses that barely move across copies, and covariance ranks it last."""
 
+FLOW_DAUNCE_API = {
+    "num_models": 16,
+    "subset_ratio": 0.5,
+    "objective": {"access": "black_box"},
+    "score": "correlation",
+}
+"""The same for a model behind a fine-tuning API (``model.access: api``), where each copy is a
+paid job: K = 16 copies of the paper's Table 2 form (plain fine-tuning on a random half, the
+job's hyperparameters in ``model.recipe.fine_tune``), correlation scores as for language
+models. ``objective: {access: black_box, labels: sampled}`` with ``subset_ratio: 1`` is the
+parametric bootstrap instead (completions sampled from θ0)."""
+
 INHERITED = ("optimizer", "lr", "momentum", "betas")
 """Fields of ``model.train`` the copies' ``train`` takes where the ``daunce`` section leaves them
 out: a copy fine-tunes the model with the step its own recipe found stable."""
@@ -268,8 +283,10 @@ def flow_daunce(
     ``model_train`` is the ``model.train`` section: its `INHERITED` fields (or `ModelConfig`'s
     default recipe's) come before `FLOW_DAUNCE`'s (`FLOW_DAUNCE_LM`'s for ``access: hf_lora``).
     """
-    flow = FLOW_DAUNCE_LM if access == "hf_lora" else FLOW_DAUNCE
     section = dict(section or {})
+    if access == "api":
+        return _api_daunce(section)
+    flow = FLOW_DAUNCE_LM if access == "hf_lora" else FLOW_DAUNCE
     objective = section.get("objective") or {}
     if isinstance(objective, dict) and objective.get("access") == "black_box":
         return section
@@ -284,6 +301,19 @@ def flow_daunce(
     for key in ("objective", "train"):
         if isinstance(section.get(key), dict):
             merged[key] = {**defaults[key], **section[key]}
+    return merged
+
+
+def _api_daunce(section: dict) -> dict:
+    """`FLOW_DAUNCE_API` under the user's fields; a ``train`` section is refused (it is unused)."""
+    if "train" in section:
+        raise DaunceError(
+            "daunce.train does not apply to model.access: api: each copy is a fine-tuning job, "
+            "whose epochs, learning-rate multiplier and batch size are model.recipe.fine_tune."
+        )
+    merged = {**FLOW_DAUNCE_API, **section}
+    if isinstance(section.get("objective"), dict):
+        merged["objective"] = {**FLOW_DAUNCE_API["objective"], **section["objective"]}
     return merged
 
 
@@ -309,13 +339,19 @@ class RunConfig:
     def __post_init__(self) -> None:
         access = KINDS[self.model.access]
         check_objective(access.kind, access.capabilities, self.daunce.objective)
-        language = self.task.get("kind") in validate.LM_TASKS
-        if language != (self.model.access == "hf_lora"):
+        kind = self.task.get("kind", "classification")
+        if self.model.access == "api":
+            if kind != "causal_lm":
+                raise DaunceError(
+                    f"model.access: api needs task.kind: causal_lm (a prompt and a completion "
+                    f"per example; a one-token completion for classification data); got {kind!r}."
+                )
+        elif (kind in validate.LM_TASKS) != (self.model.access == "hf_lora"):
             raise DaunceError(
-                f"task.kind {self.task.get('kind', 'classification')!r} does not go with "
+                f"task.kind {kind!r} does not go with "
                 f"model.access {self.model.access!r}: the language-model tasks (causal_lm, "
-                "sequence_classification) need model.access: hf_lora, and hf_lora needs one "
-                "of them."
+                "sequence_classification) need model.access: hf_lora (or api, for causal_lm), "
+                "and hf_lora needs one of them."
             )
         self.compute.torch_device  # noqa: B018 - refuses device: cuda without a GPU, now
 
@@ -338,6 +374,12 @@ class RunConfig:
             for name in PATH_FIELDS:
                 if isinstance(recipe.get(name), str) and Path(recipe[name]).exists():
                     recipe[name] = digest_path(recipe[name])
+        if self.model.access == "api":
+            # Where the key is read and the limits are how, not what: the server, the model
+            # and the jobs' hyperparameters name the copies.
+            plain["model"]["recipe"] = parse_api_recipe(self.model.recipe).identity_fields
+            plain["model"].pop("train")
+            plain["daunce"].pop("train")
         for key in ("name", "workspace", "exports", "execution", "evaluation", "compute"):
             plain.pop(key)
         return plain

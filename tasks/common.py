@@ -11,6 +11,7 @@ import functools
 import json
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -123,6 +124,16 @@ def copy_access(spec: dict) -> ModelAccess:
     compute = from_dict(ComputeConfig, spec["compute"], "compute")
     if kind == "hf_lora":
         return _language_access(spec, config, compute)
+    if kind == "api":
+        return api_access(
+            spec["recipe"],
+            spec["task"],
+            spec["train"],
+            spec["queries"],
+            config,
+            spec["label"],
+            spec["model"]["uri"],
+        )
     signals = load_file(spec["signals"]["uri"]) if spec.get("signals") else None
     return KINDS[kind](
         load_base_model(spec["recipe"], spec["model"]["uri"]),
@@ -150,4 +161,68 @@ def _language_access(spec: dict, config: DaunceConfig, compute: ComputeConfig) -
         lora=parse_recipe(spec["recipe"]).lora,
         compute=compute,
         base_l2=spec["l2"],
+    )
+
+
+def api_key(recipe) -> str:
+    """The API key of an ``api`` run: from its Prefect Secret block, or its environment variable.
+
+    The key is never written anywhere: not in the configuration, the lineage or the logs.
+    """
+    import os
+
+    if recipe.key_secret:
+        from prefect.blocks.system import Secret
+
+        try:
+            return Secret.load(recipe.key_secret).get()
+        except ValueError as error:
+            raise DaunceError(
+                f"no Prefect Secret block named {recipe.key_secret!r} (model.recipe.key_secret): "
+                f"{error}. Create it, e.g. Secret(value=...).save({recipe.key_secret!r})."
+            ) from error
+    key = os.environ.get(recipe.key_env)
+    if not key:
+        raise DaunceError(
+            f"the API key is read from the environment variable {recipe.key_env} "
+            "(model.recipe.key_env), which is not set; export it, e.g. "
+            f"`export {recipe.key_env}=<your key>`. The key never goes into the configuration."
+        )
+    return key
+
+
+def api_client(recipe: dict):
+    """A client of an ``api`` run's server (`daunce_core.access.api.client.APIClient`)."""
+    from daunce_core.access.api.client import APIClient
+    from daunce_core.access.api.config import parse_api_recipe
+
+    parsed = parse_api_recipe(recipe)
+    return APIClient(parsed, api_key(parsed))
+
+
+def api_access(
+    recipe: dict,
+    task_spec: dict,
+    train: dict,
+    queries: dict,
+    config: DaunceConfig,
+    label: str,
+    model_uri: str,
+) -> ModelAccess:
+    """The ``api`` access of a run: its server, θ0's id and loss method, the splits' text."""
+    from daunce_core.access.api.access import APIAccess, TextExamples
+
+    base = json.loads(Path(model_uri).read_text())
+    return APIAccess(
+        api_client(recipe),
+        base["model"],
+        base["loss_method"],
+        TextExamples.from_columns(
+            task_spec, load_columns(train["uri"], train["digest"]), "data.train"
+        ),
+        TextExamples.from_columns(
+            task_spec, load_columns(queries["uri"], queries["digest"]), "data.queries"
+        ),
+        config,
+        label,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import polars as pl
@@ -23,7 +24,14 @@ from daunce_core.method.signals import compute_base_signals
 from daunce_core.storage.digest import digest_arrays, digest_json, digest_model, digest_path
 from daunce_core.storage.exports import write_parquet
 from daunce_core.storage.sources import read_canonical
-from tasks.common import artifact, load_base_model, load_columns, load_split, retry_transient
+from tasks.common import (
+    api_client,
+    artifact,
+    load_base_model,
+    load_columns,
+    load_split,
+    retry_transient,
+)
 
 
 @task(
@@ -43,6 +51,8 @@ def base_model(
     """
     if model_spec.get("access") == "hf_lora":
         return _language_model(model_spec, task_spec, train, path)
+    if model_spec.get("access") == "api":
+        return _api_model(model_spec, path)
     model = build_model(model_spec["recipe"], seed=model_spec["seed"])
     if model_spec.get("checkpoint"):
         load_parameters(model, model_spec["checkpoint"])
@@ -82,6 +92,28 @@ def _language_model(model_spec: dict, task_spec: dict, train: dict, path: str) -
         theta0, "model/base", digest_path(theta0), "base-model", inputs=[train["uri"]]
     )
     return record | {"pretrained": str(made["pretrained"])}
+
+
+def _api_model(model_spec: dict, path: str) -> dict:
+    """θ0 of an ``api`` run: checked on its server (key, model, a loss method), named in a file.
+
+    The file holds the server, the model's id and the loss method the server answers
+    (``model.recipe.loss``, or what ``auto`` found), so every copy measures losses the same way.
+    """
+    client = api_client(model_spec["recipe"])
+    recipe = client.recipe
+    client.check_model(recipe.model)
+    named = {
+        "base_url": recipe.base_url,
+        "model": recipe.model,
+        "loss_method": client.loss_method(recipe.model),
+    }
+    out = Path(path).parent / "api-model.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(named, indent=1))
+    return artifact(out, "model/base", digest_json(named), "base-model") | {
+        "usage": client.usage.as_dict()
+    }
 
 
 @task(name="base-signals", cache_policy=NO_CACHE)
@@ -140,6 +172,8 @@ def base_quality(
     (`~daunce_core.evaluation.base_quality.fit_warning`). Accuracy needs
     ``Task.correct_from_outputs`` (classification has it). ``batch_size`` says only how.
     """
+    if model_spec.get("access") == "api":
+        return _api_quality(model_spec, task_spec, model, train, queries, path)
     if model_spec.get("access") == "hf_lora":
         network, task_, data = _language_split_data(model_spec, task_spec, model, train, queries)
     else:
@@ -190,3 +224,30 @@ def _language_split_data(model_spec, task_spec, model, train, queries):
         for split, values in columns.items()
     }
     return network, make_task(task_spec["kind"]), data
+
+
+def _api_quality(model_spec, task_spec, model, train, queries, path) -> dict:
+    """θ0's losses on both splits, read from its server (an ``api`` run: no accuracy)."""
+    from daunce_core.access.api.access import TextExamples, example_losses
+
+    client = api_client(model_spec["recipe"])
+    base = json.loads(Path(model["uri"]).read_text())
+    frames, measured = [], {}
+    for split, record in (("train", train), ("queries", queries)):
+        columns = load_columns(record["uri"], record["digest"])
+        examples = TextExamples.from_columns(task_spec, columns, f"data.{split}")
+        losses = example_losses(client, base["loss_method"], base["model"], examples)
+        measured[split] = {"loss": losses}
+        _, ids = read_canonical(record["uri"])
+        frames.append(
+            pl.DataFrame({"split": [split] * len(ids), "example_id": ids, "loss": losses})
+        )
+    metrics = summarize(measured["train"], measured["queries"])
+    write_parquet(pl.concat(frames), path)
+    record = artifact(path, "model/quality", digest_json(metrics), "base-quality")
+    return record | {
+        "inputs": [model["uri"], train["uri"], queries["uri"]],
+        "metrics": metrics,
+        "warning": None,
+        "usage": client.usage.as_dict(),
+    }

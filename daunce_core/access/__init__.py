@@ -2,10 +2,10 @@
 
 `KINDS` maps a kind's name (a run configuration's ``model.access``) to its class, so a
 configuration's objective is checked against the kind's `Capabilities` before anything runs.
-New kinds (an OpenAI-compatible API, prompt optimisation) each add one
-module here and one entry in `KINDS`.
+A new kind (prompt optimisation) adds one module here and one entry in `KINDS`.
 """
 
+from daunce_core.access.api.access import APIAccess
 from daunce_core.access.base import Capabilities, ModelAccess, check_objective
 from daunce_core.access.hf_lora.access import HFLoraAccess
 from daunce_core.access.torch_module.access import TorchModuleAccess
@@ -13,6 +13,7 @@ from daunce_core.access.torch_module.access import TorchModuleAccess
 KINDS: dict[str, type[ModelAccess]] = {
     TorchModuleAccess.kind: TorchModuleAccess,
     HFLoraAccess.kind: HFLoraAccess,
+    APIAccess.kind: APIAccess,
 }
 
 __all__ = ["KINDS", "Capabilities", "ModelAccess", "check_objective"]

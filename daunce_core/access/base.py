@@ -145,7 +145,13 @@ class CopyJournal(Protocol):
         """The external job recorded for copy ``k``, if any."""
 
     def record_job(self, k: int, job_id: str) -> None:
-        """Record copy ``k``'s external job durably, before waiting for it."""
+        """Record copy ``k``'s external job durably, before waiting for it (one per attempt)."""
+
+    def jobs(self, k: int) -> list[str]:
+        """Every external job recorded for copy ``k``, oldest first (its attempts)."""
+
+    def record_job_state(self, k: int, state: str, message: str | None = None) -> None:
+        """Record the last state the server reported for copy ``k``'s current job."""
 
 
 class ModelAccess(ABC):
@@ -159,6 +165,8 @@ class ModelAccess(ABC):
 
     kind: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    copy_suffix: ClassVar[str] = ".safetensors"
+    """The file name ending of a saved copy (`save_copy`)."""
 
     @property
     @abstractmethod
@@ -192,6 +200,13 @@ class ModelAccess(ABC):
     @abstractmethod
     def load_copies(self, paths: Sequence[Path]) -> Any:
         """Read copies saved by `save_copy`, in order, as one handle."""
+
+    def take_usage(self, k: int) -> dict | None:
+        """What copy ``k`` cost since the last call (requests, tokens), for kinds that pay per use.
+
+        Its record adds it up over attempts and processes.
+        """
+        return None
 
     def check(self, objective: Objective) -> None:
         """Refuse ``objective`` if this kind lacks a capability it needs (`check_objective`)."""

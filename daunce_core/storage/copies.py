@@ -58,9 +58,27 @@ class RecordJournal:
         return self.records[k].job_id
 
     def record_job(self, k: int, job_id: str) -> None:
-        """Write copy ``k``'s job id into its record now."""
-        self.records[k].job_id = job_id
-        self.store.write(self.records[k])
+        """Write copy ``k``'s job id into its record now (another attempt if it is new)."""
+        record = self.records[k]
+        record.job_id, record.job_state = job_id, "created"
+        if job_id not in record.jobs:
+            record.jobs.append(job_id)
+        self.store.write(record)
+
+    def jobs(self, k: int) -> list[str]:
+        """Every job recorded for copy ``k``, oldest first."""
+        return list(self.records[k].jobs)
+
+    def record_job_state(self, k: int, state: str, message: str | None = None) -> None:
+        """Write the state of copy ``k``'s current job (and why, if it failed)."""
+        record = self.records[k]
+        record.job_state = f"{state}: {message}" if message else state
+        self.store.write(record)
+
+
+def _add_counts(old: dict, new: dict) -> dict:
+    """Usage counts of earlier attempts plus this process's."""
+    return {name: old.get(name, 0) + new.get(name, 0) for name in {*old, *new}}
 
 
 def rows_digest(train: np.ndarray, query: np.ndarray) -> str:
@@ -105,7 +123,10 @@ class RunCopies:
         self._add_queries([k for k in behind if k not in lost], records, report)
         report.diverged = [k for k in report.ks if records[k].status == "diverged"]
         report.params_missing = [
-            k for k in report.ks if records[k].status == "done" and not self.run.copy(k).exists()
+            k
+            for k in report.ks
+            if records[k].status == "done"
+            and not self.run.copy(k, self.access.copy_suffix).exists()
         ]
         return report
 
@@ -140,7 +161,7 @@ class RunCopies:
 
     def _refuse_lost(self, lost: list[int]) -> None:
         if lost and not self.access.capabilities.deterministic:
-            files = ", ".join(str(self.run.copy(k)) for k in lost)
+            files = ", ".join(str(self.run.copy(k, self.access.copy_suffix)) for k in lost)
             raise DaunceError(
                 f"the parameters of copies {lost} are lost or damaged ({files}), and a "
                 f"{self.access.kind!r} copy cannot be reproduced from its seed; restore those "
@@ -166,7 +187,7 @@ class RunCopies:
         report.trained = ks
 
     def _save(self, trained, g: int, record: CopyRecord) -> None:
-        path = self.run.copy(record.k)
+        path = self.run.copy(record.k, self.access.copy_suffix)
         self.access.save_copy(trained, g, path)
         record.params, record.params_digest = path.name, digest_file(path)
 
@@ -185,10 +206,13 @@ class RunCopies:
         record.finished_at = now()
         if seconds is not None:
             record.seconds = seconds
+        usage = self.access.take_usage(record.k)
+        if usage:
+            record.usage = _add_counts(record.usage or {}, usage)
         self.records.write(record)
 
     def _load(self, ks: list[int]):
-        return self.access.load_copies([self.run.copy(k) for k in ks])
+        return self.access.load_copies([self.run.copy(k, self.access.copy_suffix) for k in ks])
 
     def _remeasure(self, ks: list[int], records: dict, report: CopyReport) -> None:
         """Rows lost or damaged: measured again from the saved parameters (no training)."""

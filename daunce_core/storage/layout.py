@@ -159,9 +159,9 @@ class RunLayout:
         """The folder of the copies' records and parameters."""
         return self.root / "copies"
 
-    def copy(self, k: int) -> Path:
-        """The trained parameters (or adapter) of perturbed copy ``k``."""
-        return copy_file(self.copies, k, ".safetensors")
+    def copy(self, k: int, suffix: str = ".safetensors") -> Path:
+        """The trained parameters (or adapter, or an API copy's model id) of copy ``k``."""
+        return copy_file(self.copies, k, suffix)
 
     def copy_record(self, k: int) -> Path:
         """The record of perturbed copy ``k`` (`daunce_core.storage.records`)."""

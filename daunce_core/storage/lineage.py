@@ -25,6 +25,9 @@ import duckdb
 from daunce_core.errors import DaunceError
 from daunce_core.storage.layout import VIEW_GLOBS
 
+USAGE_COLUMNS = ("requests", "retries", "prompt_tokens", "completion_tokens", "trained_tokens")
+"""What a copy cost, in its record's ``usage`` (API access) and the ``copies`` table."""
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id VARCHAR PRIMARY KEY, name VARCHAR, config_digest VARCHAR, config JSON,
@@ -32,6 +35,10 @@ CREATE TABLE IF NOT EXISTS runs (
     num_queries INTEGER, started_at TIMESTAMP, finished_at TIMESTAMP, seconds DOUBLE,
     run_dir VARCHAR, message VARCHAR);
 CREATE TABLE IF NOT EXISTS params (run_id VARCHAR, key VARCHAR, value VARCHAR);
+CREATE TABLE IF NOT EXISTS copies (
+    run_id VARCHAR, k INTEGER, status VARCHAR, attempts INTEGER, seconds DOUBLE,
+    job_id VARCHAR, job_state VARCHAR, jobs JSON, requests BIGINT, retries BIGINT,
+    prompt_tokens BIGINT, completion_tokens BIGINT, trained_tokens BIGINT);
 CREATE TABLE IF NOT EXISTS artifacts (
     run_id VARCHAR, uri VARCHAR, kind VARCHAR, digest VARCHAR, shape VARCHAR,
     producer VARCHAR, created_at TIMESTAMP);
@@ -215,6 +222,36 @@ class Lineage:
                 | ({"seconds": seconds} if computed else {}),
             )
 
+    def record_copies(self, run_id: str, records: list) -> None:
+        """Replace the ``copies`` rows of ``run_id`` with its copies' records (status, jobs, cost).
+
+        ``SELECT sum(trained_tokens) FROM copies WHERE run_id = ...`` is what an API run's
+        fine-tuning cost; ``job_state`` is each copy's job as the server last reported it.
+        """
+        rows = []
+        for r in records:
+            usage = r.usage or {}
+            counts = [usage.get(name, 0) for name in USAGE_COLUMNS]
+            rows.append(
+                [
+                    run_id,
+                    r.k,
+                    r.status,
+                    r.attempts,
+                    r.seconds,
+                    r.job_id,
+                    r.job_state,
+                    json.dumps(r.jobs),
+                    *counts,
+                ]
+            )
+        with self.connect() as con:
+            con.execute("DELETE FROM copies WHERE run_id = ?", [run_id])
+            if rows:
+                con.executemany(
+                    "INSERT INTO copies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+                )
+
     def record(self, run_id: str, artifacts: list[dict], tasks: list[dict]) -> None:
         """Record artefacts (with the edges from their inputs) and task runs."""
         with self.connect() as con:
@@ -241,10 +278,9 @@ class Lineage:
                         _now(),
                     ],
                 )
-                con.executemany(
-                    "INSERT INTO edges VALUES (?, ?, ?)",
-                    [[run_id, source, a["uri"]] for source in a.get("inputs", [])],
-                )
+                edges = [[run_id, source, a["uri"]] for source in a.get("inputs", [])]
+                if edges:  # DuckDB refuses an empty executemany
+                    con.executemany("INSERT INTO edges VALUES (?, ?, ?)", edges)
             con.executemany(
                 "INSERT INTO task_runs VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [

@@ -42,6 +42,9 @@ class CopyRecord:
         started_at, finished_at: ISO times (UTC) of the last attempt.
         seconds: the last attempt's duration (training and evaluation of its group, shared).
         job_id: the external fine-tuning job of this copy (API access), else None.
+        jobs: every external job created for this copy, oldest first (its attempts).
+        job_state: the last state the server reported for ``job_id``, and why if it failed.
+        usage: what the copy cost (requests, retries, tokens trained and queried; API access).
         params: the file holding the copy's parameters or adapter (name in the copies folder).
         params_digest: SHA-256 of that file.
         rows_digest: digest of the copy's loss row (train losses and the covered queries).
@@ -57,6 +60,9 @@ class CopyRecord:
     finished_at: str | None = None
     seconds: float | None = None
     job_id: str | None = None
+    jobs: list[str] = dataclasses.field(default_factory=list)
+    job_state: str | None = None
+    usage: dict | None = None
     params: str | None = None
     params_digest: str | None = None
     rows_digest: str | None = None

@@ -232,8 +232,6 @@ class APIClient:
                 "start the server (e.g. `daunce serve-api --model <folder> --port 8000`) or fix "
                 "model.recipe.base_url, then rerun."
             ) from error
-        try:
-            self.call(f"model {model!r}", self.openai.models.retrieve, model)
         except DaunceError as error:
             if not isinstance(error.__cause__, openai.NotFoundError):
                 raise
