@@ -160,6 +160,56 @@ def test_an_api_run_end_to_end_then_served_from_the_workspace(harness, data, ser
     assert "trained_tokens" in status
 
 
+def test_api_copies_are_the_in_process_copies_of_the_same_black_box_objective(
+    harness, data, server, tmp_path
+):
+    """Through the API and in process, the same objective on the same model gives the same copies.
+
+    Both runs fine-tune the tiny model with LoRA (rank 8, alpha 16: the server's defaults)
+    initialised from the run's seed, on the same subsets (r = 0.5: 8 of 16 examples), with
+    plain NLL of the completion and its end token, AdamW at lr 1e-3, one epoch of one batch
+    (so the server's own shuffling cannot matter); losses include the end token on both sides
+    (``end_text``). What remains is float32 rounding, with sums in another order (a padded
+    batch on the server, the in-process trainer's rows): about 1e-6 on losses near 5 (measured
+    here: 1e-6 on losses, 1e-4 of the largest score), while the copies move losses by ~0.015.
+    Hence losses equal to 1e-5 and scores to 0.1% of the largest.
+    """
+    daunce = {
+        "num_models": 4,
+        "subset_ratio": 0.5,
+        "objective": {"access": "black_box"},
+        "score": "covariance",
+    }
+    recipe = {"fine_tune": {"n_epochs": 1, "batch_size": 8}, "end_text": "<|endoftext|>"}
+    api = load_config(api_config(tmp_path / "api", data, server, daunce=daunce, recipe=recipe))
+    through_api = run_attribute(api)
+    folder = server.workdir.parent / "tiny"
+    in_process = api_config(
+        tmp_path / "local",
+        data,
+        server,
+        daunce={
+            **daunce,
+            "train": {"optimizer": "adamw", "lr": 1e-3, "epochs": 1, "batch_size": 8},
+        },
+    )
+    raw = yaml.safe_load(in_process.read_text())
+    raw["model"] = {
+        "access": "hf_lora",
+        "recipe": {"kind": "pretrained", "path": str(folder), "lora": {"rank": 8, "alpha": 16}},
+    }
+    in_process.write_text(yaml.safe_dump(raw))
+    local = run_attribute(load_config(in_process))
+    api_train, api_query = losses_of(through_api["run_dir"])
+    local_train, local_query = losses_of(local["run_dir"])
+    moved = np.abs(local_train - local_train.mean(axis=0)).max()
+    assert moved > 1e-2  # the copies differ, by far more than the tolerance
+    np.testing.assert_allclose(api_train, local_train, atol=1e-5)
+    np.testing.assert_allclose(api_query, local_query, atol=1e-5)
+    api_scores, local_scores = scores_of(through_api["run_dir"]), scores_of(local["run_dir"])
+    np.testing.assert_allclose(api_scores, local_scores, atol=1e-3 * np.abs(local_scores).max())
+
+
 def test_sampled_labels_fine_tune_on_completions_drawn_from_the_base_model(
     harness, data, server, tmp_path
 ):

@@ -12,7 +12,7 @@ minimises plain NLL, so two perturbations are expressible (DESIGN §1):
 
 Per copy (`APIAccess.train`): write the training file (chat-format JSONL: the prompt as the user
 message, the completion as the assistant's), upload it, create the job (suffix
-``<run>-k<k>-a<attempt>``, seed from ``(seed, k, attempt)``), record the job id through the
+``<run>-k<k>-a<attempt>``, the run's seed), record the job id through the
 journal *before* waiting, poll, keep the fine-tuned model id. A failed job is retried as a new
 job up to ``limits.job_attempts``, every attempt recorded; a rerun polls the jobs it recorded
 (and adopts a job of the same suffix created just before a kill) instead of creating new ones.
@@ -40,13 +40,10 @@ from daunce_core.access.api.client import APIClient, Usage
 from daunce_core.access.base import Capabilities, CopyJournal, CopyLosses, ModelAccess
 from daunce_core.errors import DaunceError
 from daunce_core.method.config import DaunceConfig
-from daunce_core.method.draws import draw_perturbation, epoch_order, stream_rng
+from daunce_core.method.draws import Stream, draw_perturbation, epoch_order, stream_rng
 
 REFUSED_FILE_CODES = ("invalid_training_file", "invalid_file", "invalid_n_examples")
 """Job error codes that a new job on the same data would meet again: not retried."""
-
-JOB_SEED_STREAM = 21
-"""`daunce_core.method.draws.Stream`-style id of the stream of a copy's job seeds."""
 
 
 @dataclass(frozen=True)
@@ -246,8 +243,18 @@ class APIAccess(ModelAccess):
             return self.client.wait(job_id, on_state=on_state, usage=usage)
 
     def job_seed(self, k: int, attempt: int) -> int:
-        """The seed sent with attempt ``attempt`` of copy ``k``'s job (from ``(seed, k)``)."""
-        rng = stream_rng(self.config.seed, k, JOB_SEED_STREAM, attempt)
+        """The seed sent with every job: the run's seed.
+
+        As the in-process LoRA copies share one initialisation (A from the run's seed, B = 0),
+        the copies differ by their subsets (and sampled completions) alone; with the local
+        server, a copy trained through the API is then the in-process copy of the same
+        objective (`tests/test_api_pipeline.py` checks it).
+        """
+        return int(self.config.seed)
+
+    def sample_seed(self, k: int, attempt: int) -> int:
+        """The seed of copy ``k``'s sampled completions (attempt ``attempt``): ``(seed, k)``."""
+        rng = stream_rng(self.config.seed, k, Stream.API_SAMPLES, attempt)
         return int(rng.integers(0, 2**31 - 1))
 
     def training_lines(self, k: int, attempt: int, usage: Usage | None = None) -> list[dict]:
@@ -264,7 +271,7 @@ class APIAccess(ModelAccess):
         prompts = [self.train_set.prompts[i] for i in order]
         if c.objective.labels == "sampled":
             completions = self.client.sample(
-                self.base_model, prompts, self.job_seed(k, attempt) + 1, usage
+                self.base_model, prompts, self.sample_seed(k, attempt), usage
             )
         else:
             completions = [self.train_set.completions[i] for i in order]
@@ -361,7 +368,9 @@ def example_losses(
     if len(examples) == 0:
         return np.zeros(0)
     if method == "echo":
-        return client.echo_losses(model, examples.prompts, examples.completions, usage)[0]
+        end = client.recipe.end_text or ""
+        completions = [completion + end for completion in examples.completions]
+        return client.echo_losses(model, examples.prompts, completions, usage)[0]
     return client.answer_losses(model, examples.prompts, examples.completions, usage)[0]
 
 

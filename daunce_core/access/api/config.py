@@ -124,6 +124,10 @@ class APIRecipe:
         loss: `LOSS_METHODS`.
         fine_tune: every copy's job hyperparameters.
         sample_max_tokens: longest completion sampled from θ0 for the sampled-label form.
+        end_text: text appended to every completion when its loss is read, so that the loss
+            covers the end token a fine-tuned model is trained to emit (``<|endoftext|>`` for
+            GPT-2 tokenizers; the local server reads it as its tokenizer's end token); None
+            (the default) reads the completion's own tokens only.
         limits: rate, concurrency, retries and patience (not part of the run's identity).
     """
 
@@ -135,6 +139,7 @@ class APIRecipe:
     loss: Literal["auto", "echo", "top_logprobs"] = "auto"
     fine_tune: FineTune = field(default_factory=FineTune)
     sample_max_tokens: int = 64
+    end_text: str | None = None
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -175,6 +180,7 @@ class APIRecipe:
                 "batch_size": self.fine_tune.batch_size,
             },
             "sample_max_tokens": self.sample_max_tokens,
+            "end_text": self.end_text,
         }
 
 
