@@ -104,6 +104,13 @@ def _methods(run: RunConfig, run_dir: Path, spec: dict, states: list) -> list[di
 
 def _prepare(run: RunConfig, overwrite: bool, states: list) -> tuple:
     """The attribute run (cached when done), then the records of its inputs."""
+    if run.model.access == "api":
+        raise DaunceError(
+            "daunce lds and daunce removal retrain the model from its recipe, which a model "
+            "behind an API has not got (only θ0 is reachable there). Evaluate an API run's "
+            "scores against a white-box run of the same model instead: `daunce lds "
+            "<white-box config> --scores api=<api run>/store/scores` (bench/bench_api.py)."
+        )
     summary = _locked_attribute(run, overwrite)
     workspace = Path(run.workspace)
     layout = Workspace(workspace)
