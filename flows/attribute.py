@@ -491,6 +491,10 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
     layout, states = Workspace(workspace), []
     orphans = _remove_orphans(run_dir, workspace)
     records = _inputs(run, layout, states)
+    if run.model.access == "api":
+        base = json.loads(Path(records["model"]["uri"]).read_text())
+        how = {"echo": "prompt log-probabilities (echo)", "top_logprobs": "top_logprobs"}
+        print(f"{base['model']} at {base['base_url']}: losses read from {how[base['loss_method']]}")
     n, m = records["train"]["count"], records["queries"]["count"]
     store = RunStore(RunLayout(run_dir).store)
     store.ensure(run.daunce.num_models, n, m, run.daunce.dtype)

@@ -15,6 +15,7 @@ import math
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import torch
@@ -244,6 +245,28 @@ def test_greedy_completion_continues_the_prompt(client):
         choice.logprobs.token_logprobs, choice.logprobs.top_logprobs, strict=True
     ):
         assert math.isclose(value, max(top.values()), abs_tol=1e-6)  # greedy: the top token
+
+
+def test_a_row_of_a_list_samples_the_same_whatever_the_other_rows(client):
+    prompts = ["The sky is", "Two plus three", "Cats and dogs are animals that", "Water"]
+    fillers = ["Question: what colour", "A", "The capital of France is Paris and", "Two"]
+
+    def sample(batch):
+        return client.completions.create(
+            model=MODEL, prompt=batch, max_tokens=6, temperature=1.0, seed=5, logprobs=2
+        ).choices
+
+    together = sample(prompts)
+    assert [c.index for c in together] == list(range(len(prompts)))
+    assert len({c.text for c in together}) > 1
+    for i, prompt in enumerate(prompts):
+        # Row i keeps its seed (seed·1000003 + i) and must not see the other rows (padding).
+        mixed = sample([prompt if j == i else fillers[j] for j in range(len(prompts))])[i]
+        assert mixed.text == together[i].text
+        assert mixed.finish_reason == together[i].finish_reason
+        np.testing.assert_allclose(
+            mixed.logprobs.token_logprobs, together[i].logprobs.token_logprobs, atol=1e-4
+        )
 
 
 def test_fine_tuning_lowers_the_completion_loss(client, trained):

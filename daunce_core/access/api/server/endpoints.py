@@ -17,6 +17,7 @@ from daunce_core.access.api.server.models import (
     Scored,
     Served,
     generate,
+    generate_batch,
     not_found,
     score,
     token_bytes,
@@ -221,6 +222,19 @@ class Sampling:
     seed: int | None
     stop: list[str]
 
+    def draw_many(self, served: Served, prompts: list[list[int]], k: int) -> list[Generated]:
+        """The continuations of choices ``0 .. len(prompts)-1``, in one batch (`generate_batch`)."""
+        return generate_batch(
+            served,
+            prompts,
+            [choice_seed(self.seed, index) for index in range(len(prompts))],
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=self.stop,
+            k=k,
+        )
+
     def draw(self, served: Served, ids: list[int], index: int, k: int) -> Generated:
         """Choice ``index``'s continuation of ``ids`` (its own seed, `choice_seed`)."""
         return generate(
@@ -262,12 +276,16 @@ def completions(server: Server, body: dict) -> dict:
     encoded = tokenize_prompts(served, prompts)
     scored = score(served, prompts, k or 0) if echo else [None] * len(prompts)
     choices, generated_tokens = [], 0
-    for index in range(len(prompts) * sampling.n):
+    count = len(prompts) * sampling.n
+    drawn: list = [None] * count
+    if sampling.max_tokens > 0:
+        eos = served.tokenizer.eos_token_id
+        ids = [encoded[index // sampling.n]["input_ids"] or [eos] for index in range(count)]
+        drawn = sampling.draw_many(served, ids, k or 0)
+    for index in range(count):
         p = index // sampling.n
-        gen = None
-        if sampling.max_tokens > 0:
-            ids = encoded[p]["input_ids"] or [served.tokenizer.eos_token_id]
-            gen = sampling.draw(served, ids, index, k or 0)
+        gen = drawn[index]
+        if gen is not None:
             generated_tokens += len(gen.ids)
         start = len(prompts[p]) if echo else 0
         logprobs = None if k is None else _legacy_logprobs(served, scored[p], gen, start, k)

@@ -438,6 +438,71 @@ def generate(
     return Generated(ids, text, logprobs, top, reason)
 
 
+@torch.inference_mode()
+def generate_batch(
+    served: Served,
+    prompts: list[list[int]],
+    seeds: list[int | None],
+    *,
+    max_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
+    k: int = 0,
+) -> list[Generated]:
+    """`generate` for many prompts at once: one forward pass per step for every unfinished row.
+
+    Each row keeps its own generator (``seeds``) and stopping rule, so its continuation is the
+    one `generate` draws for it alone, up to rounding. Rows are right-padded (a causal model's
+    real tokens never see the padding after them) and each row's next token is read at its own
+    last position; finished rows leave the batch.
+    """
+    tokenizer, eos = served.tokenizer, served.tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    generators = []
+    for seed in seeds:
+        generator = torch.Generator()
+        generator.manual_seed(seed if seed is not None else int(torch.seed()) % 2**63)
+        generators.append(generator)
+    rows = [list(ids) for ids in prompts]
+    out = [Generated([], "", [], [], "length") for _ in prompts]
+    budgets = [min(max_tokens, served.context - len(ids)) for ids in prompts]
+    live = [i for i in range(len(rows)) if budgets[i] > 0]
+    while live:
+        width = max(len(rows[i]) for i in live)
+        batch = torch.full((len(live), width), pad, dtype=torch.long)
+        for r, i in enumerate(live):
+            batch[r, : len(rows[i])] = torch.tensor(rows[i])
+        last = torch.tensor([len(rows[i]) - 1 for i in live])
+        logits = served.model(input_ids=batch).logits[torch.arange(len(live)), last].float()
+        still = []
+        for r, i in enumerate(live):
+            token = _pick(logits[r], temperature, top_p, generators[i])
+            gen = out[i]
+            if token == eos:
+                gen.finish_reason = "stop"
+                continue
+            logp = logits[r].log_softmax(dim=-1)
+            gen.ids.append(token)
+            gen.logprobs.append(float(logp[token]))
+            best = logp.topk(min(k, logp.shape[-1])) if k else None
+            gen.top.append(
+                list(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if k else []
+            )
+            gen.text = tokenizer.decode(
+                gen.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
+            cut = _stop_at(gen.text, stop)
+            if cut is not None:
+                gen.text, gen.finish_reason = gen.text[:cut], "stop"
+                continue
+            rows[i].append(token)
+            if len(gen.ids) < budgets[i]:
+                still.append(i)
+        live = still
+    return out
+
+
 def _stop_at(text: str, stop: list[str] | None) -> int | None:
     hits = [text.find(s) for s in stop or () if s and s in text]
     return min(hits) if hits else None
