@@ -318,8 +318,24 @@ def _copy_spec(config: RunConfig, records: dict) -> dict:
         "signals": pick(records["signals"]) if "signals" in records else None,
     }
     if config.model.access == "api":
-        spec["label"] = config.run_id()  # names each copy's jobs on the server
+        spec["label"] = _api_label(config)  # names each copy's jobs on the server
     return spec
+
+
+def _api_label(config: RunConfig) -> str:
+    """What names an API run's jobs: the run's name and what decides its copies, no more.
+
+    How losses are read (``loss``, ``end_text``) and scored (``score``) are left out, so a
+    run that changes only those finds (and adopts) the jobs it already paid for. At most
+    37 characters, so that ``<label>-k<k>-a<attempt>`` fits the 64 of a job suffix.
+    """
+    plain = config.identity()
+    plain["daunce"].pop("score", None)
+    recipe = dict(plain["model"]["recipe"])
+    for name in ("loss", "end_text"):
+        recipe.pop(name, None)
+    plain["model"]["recipe"] = recipe
+    return f"{config.name[:24]}-{digest_json(plain)[:12]}"
 
 
 def _span(group: list) -> str:
@@ -393,6 +409,7 @@ def _locked_attribute(run: RunConfig, overwrite: bool) -> dict:
         status, message = _failure(run_dir, error)
         seconds = time.perf_counter() - started
         lineage.finish_run(run.run_id(), status, seconds, message, computed=status == "failed")
+        _record_copies(lineage, run, run_dir)  # a failed run's jobs and costs, as they stand
         raise
     # A rerun served entirely from the workspace keeps the timing of the run that computed.
     computed = any(state != "Cached" for state in summary["states"].values())
@@ -510,8 +527,7 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
     rows = _rows_digest(run, run_dir, spec, workspace)
     exports = _outputs(run, run_dir, records, states, rows)
     _record(lineage, run.run_id(), records, exports, states)
-    copy_records = CopyRecords(RunLayout(run_dir).copies).read_many(range(run.daunce.num_models))
-    lineage.record_copies(run.run_id(), copy_records)
+    copy_records = _record_copies(lineage, run, run_dir)
     quality = records["quality"]
     lineage.record_metrics(
         run.run_id(), quality["metrics"], "base_model", {"predictions": quality["uri"]}
@@ -535,6 +551,21 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
         "warnings": [w for w in (quality["warning"], records["scores"].get("constant")) if w],
         "usage": _usage(copy_records),
     }
+
+
+def _record_copies(lineage: Lineage, run: RunConfig, run_dir: Path) -> list:
+    """The copies' records (damaged ones left out), also written to the ``copies`` table."""
+    records = []
+    for k in range(run.daunce.num_models):
+        try:
+            records.append(CopyRecords(RunLayout(run_dir).copies).read(k))
+        except DaunceError:
+            continue
+    try:
+        lineage.record_copies(run.run_id(), records)
+    except Exception as error:  # the lineage must not hide the run's own outcome
+        print(f"warning: the copies' records did not reach the lineage ({error})")
+    return records
 
 
 def _usage(records: list) -> dict[str, int]:

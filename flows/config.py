@@ -341,6 +341,7 @@ class RunConfig:
         check_objective(access.kind, access.capabilities, self.daunce.objective)
         kind = self.task.get("kind", "classification")
         if self.model.access == "api":
+            _check_api_settings(self)
             if kind != "causal_lm":
                 raise DaunceError(
                     f"model.access: api needs task.kind: causal_lm (a prompt and a completion "
@@ -376,9 +377,11 @@ class RunConfig:
                     recipe[name] = digest_path(recipe[name])
         if self.model.access == "api":
             # Where the key is read and the limits are how, not what: the server, the model
-            # and the jobs' hyperparameters name the copies.
-            plain["model"]["recipe"] = parse_api_recipe(self.model.recipe).identity_fields
-            plain["model"].pop("train")
+            # and the jobs' hyperparameters name the copies; nothing else of ``model`` applies.
+            recipe = parse_api_recipe(self.model.recipe).identity_fields
+            if self.daunce.objective.labels == "observed":
+                recipe.pop("sample_max_tokens")
+            plain["model"] = {"access": "api", "recipe": recipe}
             plain["daunce"].pop("train")
         for key in ("name", "workspace", "exports", "execution", "evaluation", "compute"):
             plain.pop(key)
@@ -391,6 +394,36 @@ class RunConfig:
     def run_id(self) -> str:
         """``<name>-<first 12 hex digits of the digest>``."""
         return f"{self.name}-{self.digest()[:12]}"
+
+
+def _check_api_settings(run: RunConfig) -> None:
+    """Refuse settings an API run cannot honour (they would be ignored silently otherwise)."""
+    d, model = run.daunce, run.model
+    ignored = [
+        name
+        for name, given in (
+            ("model.checkpoint", model.checkpoint is not None),
+            ("model.l2", model.l2 != 0),
+            ("daunce.prox", d.prox is not None),
+            ("daunce.objective.gamma", d.objective.gamma != 1),
+            ("daunce.objective.rho", d.objective.rho != 1),
+            ("daunce.measurement: margin", d.measurement != "loss"),
+            ("daunce.antithetic", d.antithetic),
+        )
+        if given
+    ]
+    if ignored:
+        raise DaunceError(
+            f"{', '.join(ignored)} cannot apply to model.access: api (a fine-tuning job "
+            "minimises plain NLL of the model the server holds, and losses are read as they "
+            "are); remove them."
+        )
+    recipe = parse_api_recipe(model.recipe)
+    if recipe.loss == "top_logprobs" and recipe.end_text:
+        raise DaunceError(
+            "model.recipe.end_text needs loss: echo (top_logprobs reads one-token answers); "
+            "remove end_text or use loss: echo."
+        )
 
 
 def load_config(path: str | Path, *, check_data: bool = True, **overrides: Any) -> RunConfig:

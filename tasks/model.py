@@ -104,7 +104,7 @@ def _api_model(model_spec: dict, path: str) -> dict:
     recipe = client.recipe
     client.check_model(recipe.model)
     named = {
-        "base_url": recipe.base_url,
+        "base_url": recipe.base_url.rstrip("/"),
         "model": recipe.model,
         "loss_method": client.loss_method(recipe.model),
     }

@@ -34,6 +34,7 @@ FAULT_FLAGS = (
     "fail_first_jobs",
     "drop_rate",
     "step_delay",
+    "lose_job_replies",
     "fault_seed",
 )
 TINY_TEXTS = [

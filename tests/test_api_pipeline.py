@@ -32,7 +32,7 @@ from daunce_core.errors import DaunceError
 from daunce_core.evaluation.instructions import instructions
 from daunce_core.storage.lineage import Lineage
 from daunce_core.storage.records import CopyRecords
-from flows.attribute import run_attribute
+from flows.attribute import _api_label, run_attribute
 from flows.config import load_config
 
 N, M = 16, 4
@@ -61,7 +61,15 @@ def server(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def key(server, monkeypatch):
     monkeypatch.setenv(KEY_ENV, server.key)
-    server.set_faults(rate_limit=0, error_rate=0, delay=0, fail_jobs=0, fail_first_jobs=0)
+    server.set_faults(
+        rate_limit=0,
+        error_rate=0,
+        delay=0,
+        fail_jobs=0,
+        fail_first_jobs=0,
+        step_delay=0,
+        lose_job_replies=0,
+    )
 
 
 def api_config(tmp_path: Path, data: dict, server, name: str | None = None, **sections) -> Path:
@@ -126,7 +134,7 @@ def test_an_api_run_end_to_end_then_served_from_the_workspace(harness, data, ser
     assert np.isfinite(query_losses).all()
     assert np.ptp(train_losses, axis=0).max() > 0  # the copies differ
     # Each copy: one job, recorded with its state and cost; its fine-tuned model id saved.
-    run_id = config.run_id()
+    run_id = _api_label(config)  # the prefix of its jobs' suffixes
     assert jobs_by_suffix(server, run_id) == {f"{run_id}-k{k}-a0": 1 for k in range(4)}
     for record in records_of(first["run_dir"], 4):
         assert record.status == "done"
@@ -222,7 +230,7 @@ def test_sampled_labels_fine_tune_on_completions_drawn_from_the_base_model(
     # The files the server trained on hold sampled completions, not the observed ones.
     observed = {" " + c for c in pl.read_parquet(data["train"])["completion"]}
     client = server.client()
-    sent = [f for f in client.files.list().data if f.filename.startswith(config.run_id())]
+    sent = [f for f in client.files.list().data if f.filename.startswith(_api_label(config))]
     assert len(sent) == 2
     answers = [
         json.loads(line)["messages"][-1]["content"]
@@ -238,8 +246,9 @@ def test_sampled_labels_fine_tune_on_completions_drawn_from_the_base_model(
 def test_sigkill_mid_run_then_resume_creates_no_second_job(data, server, tmp_path):
     server.set_faults(step_delay=0.05)  # jobs take a while: the kill lands while they run
     config = api_config(tmp_path, data, server, name="killed", daunce={"num_models": 6})
-    run_id = load_config(config).run_id()
-    copies = tmp_path / "ws" / "runs" / run_id / "copies"
+    loaded = load_config(config)
+    run_id = _api_label(loaded)
+    copies = tmp_path / "ws" / "runs" / loaded.run_id() / "copies"
     env = {**os.environ, KEY_ENV: server.key, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "flows.cli", "run", str(config)]
     proc = subprocess.Popen(
@@ -278,6 +287,16 @@ def test_429_and_500_storms_are_ridden_out(harness, data, server, tmp_path):
     assert any(counts.get(code) for counts in answered for code in ("429", "500", "503"))
 
 
+def test_a_lost_answer_to_a_job_creation_creates_no_second_job(harness, data, server, tmp_path):
+    server.set_faults(lose_job_replies=2)  # created on the server, answered 500
+    config = load_config(api_config(tmp_path, data, server, daunce={"num_models": 2}))
+    result = run_attribute(config)
+    assert result["trained_now"] == 2
+    prefix = _api_label(config)
+    assert jobs_by_suffix(server, prefix) == {f"{prefix}-k{k}-a0": 1 for k in range(2)}
+    assert [len(r.jobs) for r in records_of(result["run_dir"], 2)] == [1, 1]
+
+
 def test_a_failed_job_is_retried_as_a_new_job_and_every_attempt_recorded(
     harness, data, server, tmp_path
 ):
@@ -292,28 +311,33 @@ def test_a_failed_job_is_retried_as_a_new_job_and_every_attempt_recorded(
 def test_a_job_that_fails_for_good_is_named_and_finished_copies_are_kept(
     harness, data, server, tmp_path
 ):
-    limits = {**yaml.safe_load(api_config(tmp_path, data, server).read_text())["model"]}
-    limits = limits["recipe"]["limits"] | {"job_attempts": 2}
-    path = api_config(tmp_path, data, server, recipe={"limits": limits}, compute={"group_size": 1})
-    config = load_config(path, daunce={"num_models": 3})
-    server.set_faults(fail_first_jobs=0)
-    run_attribute(load_config(path, daunce={"num_models": 2}))  # copies 0, 1 done
-    server.set_faults(fail_jobs=1.0)
-    with pytest.raises(DaunceError, match=r"copy 2: 2 fine-tuning job\(s\) did not succeed"):
-        run_attribute(config)
+    limits = yaml.safe_load(api_config(tmp_path, data, server).read_text())["model"]["recipe"]
+    limits = limits["limits"] | {"job_attempts": 1}
+    path = api_config(
+        tmp_path,
+        data,
+        server,
+        recipe={"limits": limits},
+        daunce={"num_models": 3},
+        compute={"group_size": 3},
+    )
+    server.set_faults(fail_first_jobs=1)  # one copy of the group fails, the others succeed
+    with pytest.raises(DaunceError, match=r"copy \d: 1 fine-tuning job\(s\) did not succeed"):
+        run_attribute(load_config(path))
     run_dir = next((tmp_path / "ws").glob("runs/*"))
     records = records_of(str(run_dir), 3)
-    assert [r.status for r in records[:2]] == ["done", "done"]
-    assert len(records[2].jobs) == 2
-    assert records[2].job_state.startswith("failed")
-    server.set_faults(fail_jobs=0)
+    assert sorted(r.status for r in records) == ["done", "done", "training"]
+    failed = next(r for r in records if r.status == "training")
+    assert failed.job_state.startswith("failed")
+    kept = {r.k: r.finished_at for r in records if r.status == "done"}
     raised = yaml.safe_load(path.read_text())
-    raised["model"]["recipe"]["limits"]["job_attempts"] = 3
-    raised["daunce"]["num_models"] = 3
+    raised["model"]["recipe"]["limits"]["job_attempts"] = 2
     path.write_text(yaml.safe_dump(raised))
     result = run_attribute(load_config(path))
     assert result["trained_now"] == 1
-    assert len(records_of(result["run_dir"], 3)[2].jobs) == 3
+    after = records_of(result["run_dir"], 3)
+    assert len(after[failed.k].jobs) == 2
+    assert {k: after[k].finished_at for k in kept} == kept  # not trained again
 
 
 def test_a_training_file_the_server_refuses_is_not_retried(harness, data, server, tmp_path):

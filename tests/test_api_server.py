@@ -411,3 +411,25 @@ def test_cancel_stops_a_running_job(server, client, trained):
     assert not any(m.id.endswith(job_id.removeprefix("ftjob-")) for m in client.models.list())
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.cancel(job_id)
+
+
+def test_a_training_line_holding_unicode_line_separators_is_one_line(tiny):
+    from transformers import AutoTokenizer
+
+    from daunce_core.access.api.server.text import parse_training_file
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    odd = "blue\u2028sky\x85end\u2029"  # a sampled completion may hold any character
+    lines = [
+        {
+            "messages": [
+                {"role": "user", "content": "The sky is"},
+                {"role": "assistant", "content": odd},
+            ]
+        },
+        {"prompt": "Two plus three is", "completion": " five"},
+    ]
+    for ascii_only in (True, False):  # escaped (our client) or raw UTF-8 (other clients)
+        content = "".join(json.dumps(x, ensure_ascii=ascii_only) + "\n" for x in lines)
+        examples = parse_training_file(content.encode(), tokenizer, 64)
+        assert len(examples) == 2

@@ -134,6 +134,22 @@ class CopyLosses:
     diverged: np.ndarray
 
 
+class CopiesFailed(DaunceError):
+    """Some copies of a group could not be trained; the others were, and are kept.
+
+    Attributes:
+        ks: the copies that succeeded, in the order of ``trained``.
+        trained: the kind's handle of those copies.
+        errors: the error of each copy that did not, by copy index.
+    """
+
+    def __init__(self, ks: list[int], trained: Any, errors: dict[int, Exception]) -> None:
+        first = next(iter(errors.values()))
+        more = f" (and {len(errors) - 1} more cop{'y' if len(errors) == 2 else 'ies'})"
+        super().__init__(str(first) + (more if len(errors) > 1 else ""))
+        self.ks, self.trained, self.errors = ks, trained, errors
+
+
 class CopyJournal(Protocol):
     """Where a kind that submits external jobs records them before waiting (per-copy records).
 

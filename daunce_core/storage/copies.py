@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from daunce_core.access.base import ModelAccess
+from daunce_core.access.base import CopiesFailed, ModelAccess
 from daunce_core.errors import DaunceError
 from daunce_core.storage.digest import digest_file, digest_json
 from daunce_core.storage.layout import RunLayout
@@ -178,13 +178,22 @@ class RunCopies:
                 began,
             )
             self.records.write(record)
-        trained = self.access.train(ks, journal=RecordJournal(self.records, records))
+        try:
+            trained = self.access.train(ks, journal=RecordJournal(self.records, records))
+        except CopiesFailed as failure:  # keep the copies that were trained, then stop
+            if failure.ks:
+                self._keep(failure.ks, failure.trained, records, started)
+            raise
+        self._keep(ks, trained, records, started)
+        report.trained = ks
+
+    def _keep(self, ks: list[int], trained, records: dict, started: float) -> None:
+        """Measure trained copies ``ks``, save them, write their rows and records."""
         rows = self.access.evaluate(ks, trained)
         seconds = (time.perf_counter() - started) / len(ks)
         for g, k in enumerate(ks):
             self._save(trained, g, records[k])
         self._write_rows(ks, rows.train, rows.query, rows.diverged, records, seconds)
-        report.trained = ks
 
     def _save(self, trained, g: int, record: CopyRecord) -> None:
         path = self.run.copy(record.k, self.access.copy_suffix)

@@ -25,8 +25,16 @@ import duckdb
 from daunce_core.errors import DaunceError
 from daunce_core.storage.layout import VIEW_GLOBS
 
-USAGE_COLUMNS = ("requests", "retries", "prompt_tokens", "completion_tokens", "trained_tokens")
-"""What a copy cost, in its record's ``usage`` (API access) and the ``copies`` table."""
+USAGE_COLUMNS = (
+    "requests",
+    "retries",
+    "prompt_tokens",
+    "completion_tokens",
+    "trained_tokens",
+    "jobs",
+)
+"""What a copy cost, in its record's ``usage`` (API access) and the ``copies`` table (where
+``jobs`` is the column ``jobs_created``; ``jobs`` there lists the job ids)."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -39,6 +47,7 @@ CREATE TABLE IF NOT EXISTS copies (
     run_id VARCHAR, k INTEGER, status VARCHAR, attempts INTEGER, seconds DOUBLE,
     job_id VARCHAR, job_state VARCHAR, jobs JSON, requests BIGINT, retries BIGINT,
     prompt_tokens BIGINT, completion_tokens BIGINT, trained_tokens BIGINT);
+ALTER TABLE copies ADD COLUMN IF NOT EXISTS jobs_created BIGINT;
 CREATE TABLE IF NOT EXISTS artifacts (
     run_id VARCHAR, uri VARCHAR, kind VARCHAR, digest VARCHAR, shape VARCHAR,
     producer VARCHAR, created_at TIMESTAMP);
@@ -230,27 +239,19 @@ class Lineage:
         """
         rows = []
         for r in records:
-            usage = r.usage or {}
-            counts = [usage.get(name, 0) for name in USAGE_COLUMNS]
-            rows.append(
-                [
-                    run_id,
-                    r.k,
-                    r.status,
-                    r.attempts,
-                    r.seconds,
-                    r.job_id,
-                    r.job_state,
-                    json.dumps(r.jobs),
-                    *counts,
-                ]
-            )
+            usage = r.usage  # None: a kind that does not count (torch, hf_lora): NULL
+            counts = [None if usage is None else usage.get(name, 0) for name in USAGE_COLUMNS]
+            fixed = [run_id, r.k, r.status, r.attempts, r.seconds, r.job_id, r.job_state]
+            rows.append([*fixed, json.dumps(r.jobs), *counts])
+        columns = (
+            "run_id, k, status, attempts, seconds, job_id, job_state, jobs, requests, retries, "
+            "prompt_tokens, completion_tokens, trained_tokens, jobs_created"
+        )
         with self.connect() as con:
             con.execute("DELETE FROM copies WHERE run_id = ?", [run_id])
             if rows:
-                con.executemany(
-                    "INSERT INTO copies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
-                )
+                marks = ", ".join("?" * len(rows[0]))
+                con.executemany(f"INSERT INTO copies ({columns}) VALUES ({marks})", rows)
 
     def record(self, run_id: str, artifacts: list[dict], tasks: list[dict]) -> None:
         """Record artefacts (with the edges from their inputs) and task runs."""

@@ -37,10 +37,19 @@ from typing import ClassVar
 import numpy as np
 
 from daunce_core.access.api.client import APIClient, Usage
-from daunce_core.access.base import Capabilities, CopyJournal, CopyLosses, ModelAccess
+from daunce_core.access.base import (
+    Capabilities,
+    CopiesFailed,
+    CopyJournal,
+    CopyLosses,
+    ModelAccess,
+)
 from daunce_core.errors import DaunceError
 from daunce_core.method.config import DaunceConfig
 from daunce_core.method.draws import Stream, draw_perturbation, epoch_order, stream_rng
+
+FIND_JOB_PAGES = 20
+"""Pages of 100 jobs searched for a job of a copy's suffix (the newest 2,000 jobs)."""
 
 REFUSED_FILE_CODES = ("invalid_training_file", "invalid_file", "invalid_n_examples")
 """Job error codes that a new job on the same data would meet again: not retried."""
@@ -125,6 +134,7 @@ class APIAccess(ModelAccess):
         self.train_set, self.query_set, self.config = train_set, query_set, config
         self.label = label
         self._usage: dict[int, Usage] = {}
+        self._counted: set[str] = set()
         self._lock = threading.Lock()
 
     @property
@@ -154,93 +164,144 @@ class APIAccess(ModelAccess):
         """Fine-tune copies ``ks`` as jobs (module docstring), at most ``jobs_in_flight`` at once.
 
         Raises:
-            DaunceError: a copy used up its job attempts (named with its jobs' errors); the
-                other copies' jobs are recorded and a rerun resumes them.
+            CopiesFailed: some copies did not succeed (each named with its jobs' errors); it
+                carries the copies that did, so that they are measured and kept.
         """
         if journal is None:
             raise DaunceError("API copies need a journal to record their jobs before waiting.")
         ks = [int(k) for k in ks]
+        done: dict[int, tuple[str, str]] = {}
+        failed: dict[int, Exception] = {}
         with ThreadPoolExecutor(max_workers=max(1, len(ks))) as pool:
-            futures = [pool.submit(self._copy, k, journal) for k in ks]
-            results, errors = [], []
-            for k, future in zip(ks, futures, strict=True):
+            futures = {k: pool.submit(self._copy, k, journal) for k in ks}
+            for k, future in futures.items():
                 try:
-                    results.append(future.result())
+                    done[k] = future.result()
                 except Exception as error:  # every copy is waited for before raising
-                    errors.append((k, error))
-        if errors:
-            raise errors[0][1]
-        return APICopies(ks, [r[0] for r in results], [r[1] for r in results])
+                    failed[k] = error
+        trained = APICopies(
+            list(done), [m for m, _ in done.values()], [j for _, j in done.values()]
+        )
+        if failed:
+            raise CopiesFailed(trained.ks, trained, failed)
+        return trained
 
     def _copy(self, k: int, journal: CopyJournal) -> tuple[str, str]:
-        """Bring copy ``k``'s job to success; its fine-tuned model id and job id."""
+        """Bring copy ``k``'s job to success; its fine-tuned model id and job id.
+
+        One job slot (``limits.jobs_in_flight``) is held from the upload to the job's end.
+        """
         usage = self.usage_of(k)
-        job_id = journal.job_id(k)
         errors: list[str] = []
-        while True:
-            if job_id is not None:
-                job = self._wait(k, job_id, journal, usage)
-                if job.status == "succeeded":
-                    self.client.count(usage, trained_tokens=job.trained_tokens or 0)
-                    if not job.fine_tuned_model:
-                        raise DaunceError(f"job {job_id} succeeded without a fine-tuned model id.")
-                    return job.fine_tuned_model, job.id
-                detail = _job_error(job)
-                errors.append(f"{job.id} {job.status}" + (f" ({detail})" if detail else ""))
-                code = getattr(getattr(job, "error", None), "code", None)
-                if code in REFUSED_FILE_CODES:  # the same file would fail again
+        with self.client.job_slot():
+            job_id, fresh = journal.job_id(k), False
+            while True:
+                if job_id is not None:
+                    job = self._wait(k, job_id, journal, usage)
+                    if job.status == "succeeded":
+                        return self._succeeded(k, job, usage)
+                    errors.append(self._failed(k, job, fresh))
+                attempts = journal.jobs(k)
+                if len(attempts) >= self.client.limits.job_attempts:
                     raise DaunceError(
-                        f"copy {k}: the server refused its training file ({detail}); no "
-                        "other job was tried. Fix the data (or model.recipe.sample_max_tokens "
-                        "for sampled completions), then rerun: finished copies are kept."
+                        f"copy {k}: {len(attempts)} fine-tuning job(s) did not succeed "
+                        f"({'; '.join(errors) or ', '.join(attempts)}). Fix the cause the "
+                        "server names, then rerun (finished copies are kept); to try more "
+                        "jobs raise model.recipe.limits.job_attempts."
                     )
-            attempts = journal.jobs(k)
-            if len(attempts) >= self.client.limits.job_attempts:
-                raise DaunceError(
-                    f"copy {k}: {len(attempts)} fine-tuning job(s) did not succeed "
-                    f"({'; '.join(errors) or ', '.join(attempts)}). Fix the cause the server "
-                    "names, then rerun (finished copies are kept); to try more jobs raise "
-                    "model.recipe.limits.job_attempts."
-                )
-            job_id = self._submit(k, len(attempts), journal, usage)
+                job_id, fresh = self._submit(k, len(attempts), journal, usage), True
+
+    def _succeeded(self, k: int, job, usage: Usage) -> tuple[str, str]:
+        if not job.fine_tuned_model:
+            raise DaunceError(f"copy {k}: job {job.id} succeeded without a fine-tuned model id.")
+        with self._lock:  # a job's tokens count once, however often it is polled
+            new = job.id not in self._counted
+            self._counted.add(job.id)
+        if new:
+            self.client.count(usage, trained_tokens=job.trained_tokens or 0)
+        return job.fine_tuned_model, job.id
+
+    def _failed(self, k: int, job, fresh: bool) -> str:
+        """What a job that ended without success says; raise if a new job would fail the same.
+
+        A training file refused by a job of this run stops the copy at once (the same file
+        would be refused again); one refused in an earlier run (the data may have been fixed
+        since) counts as a failed attempt.
+        """
+        detail = _job_error(job)
+        code = getattr(getattr(job, "error", None), "code", None)
+        if fresh and code in REFUSED_FILE_CODES:
+            raise DaunceError(
+                f"copy {k}: the server refused its training file ({detail}); no other job "
+                "was tried. Fix the data (or model.recipe.sample_max_tokens for sampled "
+                "completions), then rerun: finished copies are kept."
+            )
+        return f"{job.id} {job.status}" + (f" ({detail})" if detail else "")
 
     def _submit(self, k: int, attempt: int, journal: CopyJournal, usage: Usage) -> str:
-        """Create attempt ``attempt`` of copy ``k``'s job (or adopt it if it already exists)."""
-        suffix = f"{self.label}-k{k}-a{attempt}"
+        """Create attempt ``attempt`` of copy ``k``'s job, or adopt it if it already exists.
+
+        A job of the attempt's suffix created before a kill (or whose creation's answer was
+        lost, `APIClient.create_job`) is adopted: a paid job is never created twice.
+        """
+        suffix = self.suffix(k, attempt)
         found = self._find_job(suffix, usage)
-        if found is not None:
-            journal.record_job(k, found)
-            return found
-        lines = self.training_lines(k, attempt, usage)
-        file_id = self.client.upload(f"{suffix}.jsonl", lines, usage)
-        job = self.client.create_job(
-            self.base_model, file_id, suffix, self.job_seed(k, attempt), usage
-        )
-        journal.record_job(k, job.id)
-        return job.id
+        if found is None:
+            lines = self.training_lines(k, attempt, usage)
+            file_id = self.client.upload(f"{suffix}.jsonl", lines, usage)
+            found = self.client.create_job(
+                self.base_model,
+                file_id,
+                suffix,
+                self.job_seed(k, attempt),
+                find=lambda: self._find_job(suffix, usage),
+                usage=usage,
+            )
+        journal.record_job(k, found)
+        return found
+
+    def suffix(self, k: int, attempt: int) -> str:
+        """The job suffix of copy ``k``'s attempt ``attempt``: ``<label>-k<k>-a<attempt>``."""
+        return f"{self.label}-k{k}-a{attempt}"
 
     def _find_job(self, suffix: str, usage: Usage) -> str | None:
-        """A job of ``suffix`` created before a kill left no record of it, if any."""
+        """A job of ``suffix`` that exists without a record of it (a kill, a lost answer).
+
+        Asked by metadata (servers that filter on it answer at once) and checked by suffix
+        on every page, newest first, up to `FIND_JOB_PAGES` pages of 100 jobs.
+        """
         page = self.client.call(
             "list fine-tuning jobs",
             self.client.openai.fine_tuning.jobs.list,
             limit=100,
+            metadata={"daunce_copy": suffix},
             usage=usage,
         )
-        for job in page.data:
-            named = getattr(job, "suffix", None) or getattr(job, "user_provided_suffix", None)
-            if named is None and job.model_extra:
-                named = job.model_extra.get("suffix")
-            if named == suffix and job.model == self.base_model:
-                return job.id
+        for _ in range(FIND_JOB_PAGES):
+            for job in page.data:
+                if _suffix_of(job) == suffix:
+                    return job.id
+            if not page.has_next_page():
+                return None
+            page = self.client.call("list fine-tuning jobs", page.get_next_page, usage=usage)
         return None
 
     def _wait(self, k: int, job_id: str, journal: CopyJournal, usage: Usage):
+        import openai
+
         def on_state(job) -> None:
             journal.record_job_state(k, job.status, _job_error(job) or None)
 
-        with self.client.job_slot():
+        try:
             return self.client.wait(job_id, on_state=on_state, usage=usage)
+        except DaunceError as error:
+            if isinstance(error.__cause__, openai.NotFoundError):
+                raise DaunceError(
+                    f"copy {k}: the server no longer knows its job {job_id} (404). If the job "
+                    f"is gone for good, delete copies/copy-{k:06d}.json in the run folder to "
+                    "pay for a new job for this copy, then rerun."
+                ) from error
+            raise
 
     def job_seed(self, k: int, attempt: int) -> int:
         """The seed sent with every job: the run's seed.
@@ -311,7 +372,12 @@ class APIAccess(ModelAccess):
     def measure_queries(self, trained: APICopies, start: int) -> np.ndarray:
         """Query losses from ``start`` on, under each copy, ``[G, m − start]``."""
         tail = TextExamples(self.query_set.prompts[start:], self.query_set.completions[start:])
-        return np.stack([self.losses(m, tail) for m in trained.models])
+        return np.stack(
+            [
+                self.losses(m, tail, self.usage_of(k))
+                for k, m in zip(trained.ks, trained.models, strict=True)
+            ]
+        )
 
     def base_losses(self) -> tuple[np.ndarray, np.ndarray]:
         """θ0's losses on the training set and the queries."""
@@ -367,11 +433,27 @@ def example_losses(
     """The loss of every example under ``model`` by ``method`` (``echo``/``top_logprobs``)."""
     if len(examples) == 0:
         return np.zeros(0)
+    if method != "echo" and client.recipe.end_text:
+        raise DaunceError(
+            "model.recipe.end_text needs losses read by echo, and this server answers "
+            "top_logprobs only; remove end_text."
+        )
     if method == "echo":
         end = client.recipe.end_text or ""
         completions = [completion + end for completion in examples.completions]
         return client.echo_losses(model, examples.prompts, completions, usage)[0]
     return client.answer_losses(model, examples.prompts, examples.completions, usage)[0]
+
+
+def _suffix_of(job) -> str | None:
+    """The suffix a job was created with: its metadata, or the server's suffix field."""
+    metadata = getattr(job, "metadata", None) or {}
+    if isinstance(metadata, dict) and metadata.get("daunce_copy"):
+        return metadata["daunce_copy"]
+    named = getattr(job, "suffix", None) or getattr(job, "user_provided_suffix", None)
+    if named is None and job.model_extra:
+        named = job.model_extra.get("suffix")
+    return named
 
 
 def _job_error(job) -> str:

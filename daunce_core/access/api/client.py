@@ -18,11 +18,13 @@ created stays recorded. `Usage` counts requests, retries and tokens, so a run re
 
 from __future__ import annotations
 
+import email.utils
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -62,6 +64,11 @@ class _Pacer:
     def __init__(self, rate: float) -> None:
         self.interval, self.next, self.lock = 1.0 / rate, 0.0, threading.Lock()
 
+    def hold(self, seconds: float) -> None:
+        """Send nothing for ``seconds`` (a 429 asked every thread to slow down)."""
+        with self.lock:
+            self.next = max(self.next, time.monotonic() + seconds)
+
     def wait(self) -> None:
         with self.lock:
             now = time.monotonic()
@@ -84,15 +91,38 @@ def _shared(kind: str, base_url: str, value: float, make: Callable[[], Any]) -> 
         return _SHARED[key]
 
 
-def retry_after(error: Exception) -> float | None:
-    """The ``Retry-After`` seconds of a failed response, if the server gave them."""
+MAX_RETRY_AFTER = 600.0
+"""The longest wait a server's ``Retry-After`` is honoured for, in seconds."""
+
+
+PENDING = ("validating_files", "queued", "running", "paused", "created", "pending")
+"""Job states that may still end in success (polled on)."""
+
+
+def retry_after(error: Exception | None) -> float | None:
+    """The wait a failed response asks for, at most `MAX_RETRY_AFTER` seconds, or None.
+
+    From ``retry-after-ms``, or ``Retry-After`` in seconds or as an HTTP date.
+    """
     response = getattr(error, "response", None)
     headers = getattr(response, "headers", None) or {}
-    value = headers.get("retry-after") or headers.get("Retry-After")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
+    seconds = None
+    if headers.get("retry-after-ms") is not None:
+        try:
+            seconds = float(headers["retry-after-ms"]) / 1000
+        except ValueError:
+            seconds = None
+    value = headers.get("retry-after")
+    if seconds is None and value is not None:
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+                seconds = (when - datetime.now(timezone.utc)).total_seconds()
+            except (TypeError, ValueError):
+                seconds = None
+    return None if seconds is None else min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
 def backoff(limits: Limits, attempt: int, rng: random.Random) -> float:
@@ -173,7 +203,15 @@ class APIClient:
             self.count(usage, requests=1)
             try:
                 return fn(*args, **kwargs)
-            except (openai.APIConnectionError, openai.RateLimitError) as error:
+            except openai.RateLimitError as error:
+                if _code(error) == "insufficient_quota":
+                    raise DaunceError(
+                        f"{what}: the account behind the key has no quota left "
+                        f"({describe(error)}); add credit or raise the account's limits, then "
+                        "rerun (nothing done is lost)."
+                    ) from error
+                last = error
+            except openai.APIConnectionError as error:
                 last = error
             except openai.APIStatusError as error:
                 if error.status_code < 500 and error.status_code != 408:
@@ -182,6 +220,8 @@ class APIClient:
             if attempt == retries:
                 break
             wait = retry_after(last)
+            if wait is not None and isinstance(last, openai.RateLimitError):
+                self._pacer.hold(wait)  # every thread waits, not only this one
             self.count(usage, retries=1)
             self.sleep(wait if wait is not None else backoff(self.limits, attempt, self._rng))
         raise APIUnavailable(
@@ -236,6 +276,8 @@ class APIClient:
             if not isinstance(error.__cause__, openai.NotFoundError):
                 raise
             served = self.models()
+            if model in served:  # a server without GET /v1/models/{id}, or odd ids
+                return
             raise DaunceError(
                 f"the server at {self.recipe.base_url} has no model {model!r}; it serves "
                 f"{served}. Set model.recipe.model to one of them."
@@ -245,7 +287,9 @@ class APIClient:
         """Upload a JSONL training file of ``lines``; its file id."""
         import json
 
-        data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
+        # ASCII JSON: a sampled completion may hold U+2028 or U+0085, which some JSONL
+        # readers take for line ends; escaped, every line is one line for any reader.
+        data = "".join(json.dumps(line, ensure_ascii=True) + "\n" for line in lines).encode()
         file = self.call(
             f"upload {name}",
             self.openai.files.create,
@@ -256,27 +300,58 @@ class APIClient:
         return file.id
 
     def create_job(
-        self, model: str, file_id: str, suffix: str, seed: int, usage: Usage | None = None
-    ):
-        """Create a supervised fine-tuning job of ``model`` on ``file_id``."""
+        self,
+        model: str,
+        file_id: str,
+        suffix: str,
+        seed: int,
+        find: Callable[[], str | None],
+        usage: Usage | None = None,
+    ) -> str:
+        """Create a supervised fine-tuning job of ``model`` on ``file_id``; its id.
+
+        The request is never simply sent again: when its answer is lost (a timeout, a
+        dropped connection, a 429 or a 5xx), ``find()`` looks for a job of this ``suffix``
+        first (it may have been created all the same), and only if there is none is the
+        request sent again, after the usual wait. The job carries ``metadata.daunce_copy =
+        suffix`` so that servers that filter jobs on metadata find it at once.
+        """
         tune = self.recipe.fine_tune
         hyperparameters = {
             "n_epochs": tune.n_epochs,
             "learning_rate_multiplier": tune.learning_rate_multiplier,
             "batch_size": tune.batch_size,
         }
-        job = self.call(
-            f"create a fine-tuning job ({suffix})",
-            self.openai.fine_tuning.jobs.create,
-            model=model,
-            training_file=file_id,
-            method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
-            suffix=suffix,
-            seed=seed,
-            usage=usage,
-        )
-        self.count(usage, jobs=1)
-        return job
+        for attempt in range(self.limits.retries + 1):
+            try:
+                job = self.call(
+                    f"create a fine-tuning job ({suffix})",
+                    self.openai.fine_tuning.jobs.create,
+                    model=model,
+                    training_file=file_id,
+                    method={
+                        "type": "supervised",
+                        "supervised": {"hyperparameters": hyperparameters},
+                    },
+                    suffix=suffix,
+                    seed=seed,
+                    metadata={"daunce_copy": suffix},
+                    usage=usage,
+                    retries=0,
+                )
+            except APIUnavailable as error:
+                found = find()
+                if found is not None:
+                    return found
+                if attempt == self.limits.retries:
+                    raise
+                wait = retry_after(error.__cause__)
+                self.count(usage, retries=1)
+                self.sleep(wait if wait is not None else backoff(self.limits, attempt, self._rng))
+                continue
+            self.count(usage, jobs=1)
+            return job.id
+        raise AssertionError("unreachable")
 
     def job(self, job_id: str, usage: Usage | None = None):
         """The fine-tuning job ``job_id`` as the server sees it now."""
@@ -303,6 +378,11 @@ class APIClient:
                     on_state(job)
             if job.status in ("succeeded", "failed", "cancelled"):
                 return job
+            if job.status not in PENDING:
+                raise DaunceError(
+                    f"job {job_id} is in a state this client does not know ({job.status!r}); "
+                    "resolve it on the server (resume or cancel it), then rerun."
+                )
             timeout = self.limits.job_timeout_seconds
             if timeout is not None and time.monotonic() - started > timeout:
                 raise APIUnavailable(
@@ -441,6 +521,13 @@ class APIClient:
                 losses[i] = -max(match)
             else:
                 losses[i], censored[i] = -min(listed.values()), True
+        if censored.mean() > 0.5:
+            raise DaunceError(
+                f"{int(censored.sum())} of {len(answers)} answers are not among the {top} most "
+                "likely first tokens: top_logprobs reads one-token answers only, and these look "
+                "longer. Use a server that gives prompt log-probabilities (loss: echo), or data "
+                "whose completions are one token."
+            )
         return losses, censored
 
     def sample(
@@ -471,6 +558,12 @@ class APIClient:
                     prompt_tokens=answer.usage.prompt_tokens or 0,
                     completion_tokens=answer.usage.completion_tokens or 0,
                 )
+            if len(answer.choices) != len(batch):
+                raise DaunceError(
+                    f"the server answered {len(answer.choices)} samples for {len(batch)} "
+                    "prompts; it does not sample a list of prompts: set "
+                    "model.recipe.limits.prompts_per_request to 1."
+                )
             out.extend(choice.text for choice in sorted(answer.choices, key=lambda c: c.index))
         return out
 
@@ -482,6 +575,11 @@ def _completion_nll(choice, prompt_chars: int, i: int) -> tuple[float, int]:
         raise DaunceError(
             f"example {i}: the server answered without prompt log-probabilities "
             "(token_logprobs and text_offset)."
+        )
+    if len(logprobs.token_logprobs) != len(logprobs.text_offset):
+        raise DaunceError(
+            f"example {i}: the server's token_logprobs and text_offset differ in length "
+            f"({len(logprobs.token_logprobs)} and {len(logprobs.text_offset)})."
         )
     values = [
         lp
@@ -509,3 +607,10 @@ def describe(error: Exception | None) -> str:
         message = inner.get("message") if isinstance(inner, dict) else None
     message = message or getattr(error, "message", None) or str(error) or type(error).__name__
     return f"{status} {message}" if status else f"{type(error).__name__}: {message}"
+
+
+def _code(error: Exception) -> str | None:
+    """The ``error.code`` of a failed response's body, if any."""
+    body = getattr(error, "body", None)
+    inner = body.get("error", body) if isinstance(body, dict) else None
+    return inner.get("code") if isinstance(inner, dict) else getattr(error, "code", None)

@@ -73,8 +73,9 @@ class Limits:
         timeout_seconds: one request's timeout.
         poll_seconds: first wait between polls of a job; it grows by half each poll up to
             ``max_poll_seconds``.
-        job_timeout_seconds: how long to wait for one job before giving up (None: forever);
-            the job is left running and a rerun resumes waiting for it.
+        job_timeout_seconds: how long to wait for one job before giving up (6 hours by
+            default; None: forever); the job is left running and a rerun resumes waiting for
+            it.
     """
 
     jobs_in_flight: int = 4
@@ -87,7 +88,7 @@ class Limits:
     timeout_seconds: float = 120.0
     poll_seconds: float = 2.0
     max_poll_seconds: float = 30.0
-    job_timeout_seconds: float | None = None
+    job_timeout_seconds: float | None = 21600.0
 
     def __post_init__(self) -> None:
         for name in ("jobs_in_flight", "prompts_per_request", "job_attempts"):

@@ -250,11 +250,23 @@ def _jobs(app: FastAPI, server: Server) -> None:
             "job %s: validating_files (suffix %s, seed %s)", job["id"], job["suffix"], job["seed"]
         )
         server.trainer.submit(job["id"])
+        if server.faults.lose_reply():  # the job exists; its answer is "lost"
+            raise ApiError(500, "The server had an error while processing your request.")
         return public(job)
 
     @app.get("/v1/fine_tuning/jobs")
-    def list_jobs(after: str | None = None, limit: int = 20):
-        jobs = [public(j) for j in reversed(store.jobs())]
+    def list_jobs(request: Request, after: str | None = None, limit: int = 20):
+        # OpenAI's filter ``metadata[key]=value``: every pair given must match.
+        wanted = {
+            key[len("metadata[") : -1]: value
+            for key, value in request.query_params.items()
+            if key.startswith("metadata[") and key.endswith("]")
+        }
+        jobs = [
+            public(j)
+            for j in reversed(store.jobs())
+            if all((j.get("metadata") or {}).get(k) == v for k, v in wanted.items())
+        ]
         return _listing(jobs, after, limit)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}")

@@ -25,6 +25,7 @@ FAULT_HELP = {
     "fail_first_jobs": "the next N fine-tuning jobs fail while running (server_error)",
     "drop_rate": "fraction of /v1 requests whose connection is closed without an answer",
     "step_delay": "seconds slept after each training step (keeps jobs running longer)",
+    "lose_job_replies": "the next N jobs are created, then answered 500 (a lost answer)",
     "fault_seed": "seed of the random fault draws (default 0)",
 }
 

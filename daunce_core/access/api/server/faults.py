@@ -31,6 +31,8 @@ class FaultSettings:
             running (deterministic, for tests).
         drop_rate: fraction of ``/v1`` requests whose connection is closed without an answer.
         step_delay: seconds slept after each training step (keeps a job running for a while).
+        lose_job_replies: the next N fine-tuning jobs are created, then answered 500 as if a
+            gateway lost the answer (a client that simply retries creates a second job).
         fault_seed: seed of the random draws behind ``error_rate``, ``fail_jobs`` and
             ``drop_rate``.
     """
@@ -42,6 +44,7 @@ class FaultSettings:
     fail_first_jobs: int = 0
     drop_rate: float = 0.0
     step_delay: float = 0.0
+    lose_job_replies: int = 0
     fault_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -49,7 +52,7 @@ class FaultSettings:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise DaunceError(f"fault {name} is a fraction in [0, 1]; got {value!r}.")
-        for name in ("rate_limit", "delay", "fail_first_jobs", "step_delay"):
+        for name in ("rate_limit", "delay", "fail_first_jobs", "step_delay", "lose_job_replies"):
             if getattr(self, name) < 0:
                 raise DaunceError(f"fault {name} must be >= 0; got {getattr(self, name)!r}.")
 
@@ -100,6 +103,7 @@ class Faults:
             self._random = random.Random(settings.fault_seed)
             self._jobs_random = random.Random(settings.fault_seed + 1)
             self._jobs_to_fail = settings.fail_first_jobs
+            self._replies_to_lose = settings.lose_job_replies
 
     def update(self, values: dict) -> None:
         """Change the settings named in ``values`` (a ``PUT /admin/faults`` body).
@@ -118,6 +122,16 @@ class Faults:
                 self._jobs_random = random.Random(settings.fault_seed + 1)
             if "fail_first_jobs" in values:
                 self._jobs_to_fail = settings.fail_first_jobs
+            if "lose_job_replies" in values:
+                self._replies_to_lose = settings.lose_job_replies
+
+    def lose_reply(self) -> bool:
+        """Whether the answer to a job just created is to be lost (``lose_job_replies``)."""
+        with self._lock:
+            if self._replies_to_lose > 0:
+                self._replies_to_lose -= 1
+                return True
+            return False
 
     def request(self) -> Verdict:
         """The verdict on one ``/v1`` request (counts it against the rate limit if admitted)."""

@@ -147,7 +147,7 @@ class Store:
         path = self.root / "events" / f"{job_id}.jsonl"
         if not path.exists():
             return []
-        lines = path.read_text().splitlines()
+        lines = path.read_text().split("\n")  # not splitlines: JSON may hold U+2028
         return [json.loads(line) for line in lines if line.strip()]
 
     def clear_events(self, job_id: str) -> None:

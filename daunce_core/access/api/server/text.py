@@ -99,7 +99,9 @@ def parse_training_file(content: bytes, tokenizer, context: int) -> list[Example
     except UnicodeDecodeError as error:
         raise DaunceError(f"the training file is not UTF-8 text ({error}).") from error
     examples = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSONL lines end at "\n" only: str.splitlines would also cut at U+2028, U+0085 and other
+    # separators that JSON strings may hold unescaped.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
