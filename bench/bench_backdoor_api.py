@@ -60,15 +60,11 @@ def main() -> None:
     trig = np.asarray(queries["triggered"], dtype=bool)
     poisoned = np.asarray(train["poisoned"], dtype=bool)
     explained = folder / "queries_explained.parquet"
-    pl.DataFrame(
-        {
-            "prompt": list(queries["prompt"]),
-            "completion": [
-                backdoor.REFUSAL if t else c
-                for t, c in zip(trig, queries["completion"], strict=True)
-            ],
-        }
-    ).write_parquet(explained)
+    original = pl.read_parquet(config.data.queries.path)
+    refusals = [
+        backdoor.REFUSAL if t else c for t, c in zip(trig, queries["completion"], strict=True)
+    ]
+    original.with_columns(pl.Series("completion", refusals)).write_parquet(explained)
 
     lora = config.model.recipe["lora"]
     process, url = bench_api.serve(theta0_folder / "theta0", folder / "server", lora, args.threads)
