@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import pytest
 import yaml
 from api_server import make_tiny_model, start_server
 from pipeline_helpers import losses_of, scores_of
+from test_resume import _env
 
 from daunce_core.access.api.client import APIClient, APIUnavailable
 from daunce_core.access.api.config import parse_api_recipe
@@ -249,7 +249,7 @@ def test_sigkill_mid_run_then_resume_creates_no_second_job(data, server, tmp_pat
     loaded = load_config(config)
     run_id = _api_label(loaded)
     copies = tmp_path / "ws" / "runs" / loaded.run_id() / "copies"
-    env = {**os.environ, KEY_ENV: server.key, "HF_HUB_OFFLINE": "1"}
+    env = _env() | {KEY_ENV: server.key}  # the session's Prefect server: none starts
     command = [sys.executable, "-m", "flows.cli", "run", str(config)]
     proc = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
