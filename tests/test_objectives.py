@@ -1,5 +1,7 @@
 """The perturbed objectives against their definitions (paper eq. (5), Tables 1 and 2)."""
 
+import math
+
 import pytest
 import torch
 from torch.func import functional_call, grad
@@ -119,3 +121,16 @@ def test_antithetic_sampled_labels_mirror_each_other():
 def test_bad_objectives_are_refused(kwargs, match):
     with pytest.raises(DaunceError, match=match):
         Objective(**kwargs)
+
+
+def test_a_confident_example_keeps_its_loss_in_float32():
+    task = ClassificationTask()
+    logits = torch.tensor([[30.0, 0.0, -5.0], [2.0, 1.0, 0.5], [0.0, 40.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    loss = task.loss_from_outputs(logits, {"y": labels})
+    exact = torch.nn.functional.cross_entropy(logits.double(), labels, reduction="none")
+    exact[0] = torch.log1p(torch.exp(torch.tensor(-30.0, dtype=torch.float64)) + math.exp(-35))
+    exact[2] = torch.log1p(torch.tensor(math.exp(-40) + math.exp(-39), dtype=torch.float64))
+    assert (loss > 0).all()  # F.cross_entropy gives exactly 0 for rows 0 and 2 in float32
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=0)
+    assert torch.nn.functional.cross_entropy(logits, labels, reduction="none")[0] == 0
