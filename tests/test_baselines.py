@@ -91,14 +91,17 @@ def test_trak_with_a_full_rank_projection_equals_the_unprojected_formula():
         p = torch.sigmoid(prob.task.margin_from_outputs(prob.model(prob.train["x"]), prob.train))
     kernel = phi_train.T @ phi_train
     expected = ((1 - p)[:, None] * (phi_train @ torch.linalg.solve(kernel, phi_query.T))).numpy()
-    square = trak(
-        prob.model,
-        prob.task,
-        prob.train,
-        prob.queries,
-        projection_dim=flat.theta.numel(),
-        damping=0.0,
-    )
+    # A softmax's margins ignore a shift shared by every logit: the kernel is singular in that
+    # one direction (it says so), and both solves below agree on the rest.
+    with pytest.warns(DaunceWarning, match="kernel is singular"):
+        square = trak(
+            prob.model,
+            prob.task,
+            prob.train,
+            prob.queries,
+            projection_dim=flat.theta.numel(),
+            damping=0.0,
+        )
     np.testing.assert_allclose(square, expected, rtol=1e-6, atol=1e-9)
     small = trak(prob.model, prob.task, prob.train, prob.queries, projection_dim=4)
     assert np.corrcoef(small.ravel(), expected.ravel())[0, 1] < 0.999  # projection loses some
@@ -222,3 +225,24 @@ def test_loss_hessian_is_the_same_for_any_chunk_of_examples():
         np.testing.assert_allclose(
             loss_hessian(flat, train, chunk_size=chunk_size), whole, rtol=1e-10, atol=1e-12
         )
+
+
+def test_trak_warns_of_a_projection_wider_than_its_examples_can_span():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)  # 8 parameters
+    data = {"x": torch.randn(20, 3), "y": torch.randint(0, 2, (20,))}
+    with pytest.warns(DaunceWarning, match=r"kernel is singular.*smaller projection_dim"):
+        trak(model, ClassificationTask(), data, data, projection_dim=64)
+
+
+def test_gauss_newton_in_chunks_equals_all_at_once(monkeypatch):
+    from daunce_core.baselines import exact
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    data = {"x": torch.randn(30, 4), "y": torch.randint(0, 3, (30,))}
+    flat = exact.FlatModel(model, ClassificationTask())
+    whole = exact.gauss_newton(flat, data)
+    size = flat.theta.numel()
+    monkeypatch.setattr(exact, "GN_CHUNK_BYTES", 7 * size * size * 4)  # chunks of 7 examples
+    torch.testing.assert_close(exact.gauss_newton(flat, data), whole, rtol=1e-5, atol=1e-7)

@@ -117,6 +117,10 @@ def loss_hessian(flat: FlatModel, data: ExampleSet, chunk_size: int = 256) -> to
     return total / n
 
 
+GN_CHUNK_BYTES = 1 << 28
+"""Memory of the per-example ``P × P`` terms `gauss_newton` holds at once (256 MB)."""
+
+
 def gauss_newton(flat: FlatModel, data: ExampleSet) -> torch.Tensor:
     """``(1/n) Σ J_iᵀ Λ_i J_i``, ``[P, P]``: the curvature that sampled labels reproduce."""
 
@@ -128,8 +132,16 @@ def gauss_newton(flat: FlatModel, data: ExampleSet) -> torch.Tensor:
         lam = lam.reshape(jac.shape[0], jac.shape[0])
         return jac.T @ lam @ jac
 
-    terms = vmap(one, in_dims=(None, 0))(flat.theta, dict(data))
-    return terms.mean(dim=0)
+    # vmap over every example at once would hold n × P × P: chunk the examples so that a
+    # chunk's terms stay within GN_CHUNK_BYTES (at least one example a chunk).
+    n, size = num_examples(data), flat.theta.numel()
+    per_example = size * size * flat.theta.element_size()
+    chunk = max(1, GN_CHUNK_BYTES // per_example)
+    total = torch.zeros(size, size, dtype=flat.theta.dtype, device=flat.theta.device)
+    for start in range(0, n, chunk):
+        rows = {k: v[start : start + chunk] for k, v in data.items()}
+        total += vmap(one, in_dims=(None, 0))(flat.theta, rows).sum(dim=0)
+    return total / n
 
 
 def outer_mean(grads: torch.Tensor) -> torch.Tensor:

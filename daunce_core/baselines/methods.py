@@ -134,6 +134,18 @@ def trak(
     kernel = kernel + damping * torch.eye(
         projection_dim, dtype=x_train.dtype, device=x_train.device
     )
+    eigen = torch.linalg.eigvalsh(kernel)
+    if not eigen[0] > eigen[-1] * 1e-13:  # float64 solves lose all their digits near 1e16
+        warnings.warn(
+            f"TRAK's kernel is singular or nearly (condition number "
+            f"{float(eigen[-1] / max(float(eigen[0]), 1e-300)):.1e}): projection_dim "
+            f"{projection_dim} is more than the {num_examples(train)} training examples' "
+            f"margin gradients span (the model has {phi_train.shape[1]} parameters, and "
+            "symmetries such as a softmax's shared shift remove directions); its scores are "
+            "unreliable. Use a smaller projection_dim, or a damping > 0.",
+            DaunceWarning,
+            stacklevel=2,
+        )
     weights = 1.0 - _correct_probability(flat, task, train).double()
     scores = weights[:, None] * (x_train @ torch.linalg.solve(kernel, x_query.T))
     return scores.double().cpu().numpy()
