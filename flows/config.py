@@ -459,6 +459,11 @@ def load_config(path: str | Path, *, check_data: bool = True, **overrides: Any) 
     _refuse_moved(raw)
     model_train = raw.get("model", {}).get("train") if isinstance(raw.get("model"), dict) else None
     access = raw["model"].get("access", "torch") if isinstance(raw.get("model"), dict) else None
+    if access == "api" and model_train is not None:
+        raise DaunceError(
+            "model.train does not apply to model.access: api (θ0 is the server's model, already "
+            "trained); each copy's fine-tuning is model.recipe.fine_tune. Remove model.train."
+        )
     raw["daunce"] = flow_daunce(raw.get("daunce"), model_train, access)
     config = from_dict(RunConfig, raw, "")
     if check_data:

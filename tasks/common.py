@@ -183,9 +183,10 @@ def api_key(recipe) -> str:
             ) from error
     key = os.environ.get(recipe.key_env)
     if not key:
+        state = "empty" if recipe.key_env in os.environ else "not set"
         raise DaunceError(
             f"the API key is read from the environment variable {recipe.key_env} "
-            "(model.recipe.key_env), which is not set; export it, e.g. "
+            f"(model.recipe.key_env), which is {state}; export it, e.g. "
             f"`export {recipe.key_env}=<your key>`. The key never goes into the configuration."
         )
     return key

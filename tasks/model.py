@@ -111,7 +111,9 @@ def _api_model(model_spec: dict, path: str) -> dict:
     out = Path(path).parent / "api-model.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(named, indent=1))
-    return artifact(out, "model/base", digest_json(named), "base-model") | {
+    # Named by the model and how its losses are read, not by the address it is served at.
+    same = {k: v for k, v in named.items() if k != "base_url"}
+    return artifact(out, "model/base", digest_json(same), "base-model") | {
         "usage": client.usage.as_dict()
     }
 

@@ -271,7 +271,33 @@ def test_sigkill_mid_run_then_resume_creates_no_second_job(data, server, tmp_pat
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert jobs_by_suffix(server, run_id) == {f"{run_id}-k{k}-a0": 1 for k in range(6)}
-    assert all(r.status == "done" for r in records_of(str(copies.parent), 6))
+    records = records_of(str(copies.parent), 6)
+    assert all(r.status == "done" for r in records)
+    # The killed process's jobs are in the records too: the cost adds up to the server's count.
+    assert sum(r.usage["jobs"] for r in records) == 6
+
+
+def test_a_lost_copy_file_is_written_again_from_its_recorded_job(harness, data, server, tmp_path):
+    config = load_config(api_config(tmp_path, data, server, daunce={"num_models": 2}))
+    first = run_attribute(config)
+    saved = Path(first["run_dir"]) / "copies" / "copy-000001.model.json"
+    model = json.loads(saved.read_text())["model"]
+    saved.write_text(saved.read_text()[:20])  # damaged
+    more = tmp_path / "more.parquet"
+    pl.read_parquet(data["queries"]).head(2).write_parquet(more)
+    grown = load_config(
+        api_config(tmp_path, data, server, name=config.name, daunce={"num_models": 2}),
+        data={
+            "train": {"path": str(data["train"])},
+            "queries": [{"path": str(data["queries"])}, {"path": str(more)}],
+        },
+    )
+    result = run_attribute(grown)  # new queries need the copies' models: found again
+    assert json.loads(saved.read_text())["model"] == model
+    assert result["trained_now"] == 0
+    assert jobs_by_suffix(server, _api_label(config)) == {
+        f"{_api_label(config)}-k{k}-a0": 1 for k in range(2)
+    }
 
 
 def test_429_and_500_storms_are_ridden_out(harness, data, server, tmp_path):
@@ -365,6 +391,12 @@ def test_a_wrong_key_an_unknown_model_and_a_down_server_are_named(
         run_attribute(load_config(api_config(tmp_path / "c", data, server)))
 
 
+def test_a_base_url_without_v1_is_named(server):
+    recipe = parse_api_recipe({"base_url": server.root_url, "model": "tiny"})
+    with pytest.raises(DaunceError, match=r"answers 404 for /models.*ends in /v1"):
+        APIClient(recipe, server.key).check_model("tiny")
+
+
 def test_a_server_that_is_down_is_named_with_the_fix():
     recipe = parse_api_recipe(
         {
@@ -395,6 +427,7 @@ def test_a_server_that_is_down_is_named_with_the_fix():
             r"custom_objective",
         ),
         ({"daunce": {"train": {"lr": 0.1}}}, r"daunce.train does not apply"),
+        ({"model": {"access": "api", "train": {"lr": 0.1}}}, r"model.train does not apply"),
         ({"daunce": {"subset_ratio": 1.0}}, r"subset_ratio=1 every copy is the same"),
         ({"task": {"kind": "classification"}}, r"needs task.kind: causal_lm"),
     ],

@@ -83,3 +83,15 @@ def test_unknown_column_names_the_fix(tmp_path, table):
     np.savez(tmp_path / "d.npz", **table)
     with pytest.raises(DaunceError, match=r"no column\(s\) \['pixels'\]"):
         read_sources([DataSource(path=str(tmp_path / "d.npz"), columns={"x": "pixels"})])
+
+
+def test_a_missing_text_value_is_refused_not_written_as_none(tmp_path):
+    import polars as pl
+
+    from daunce_core.storage.sources import DataSource, read_sources, write_canonical
+
+    path = tmp_path / "pairs.parquet"
+    pl.DataFrame({"prompt": ["a", "b", "c"], "completion": ["x", None, "z"]}).write_parquet(path)
+    columns, ids = read_sources([DataSource(path=str(path))])
+    with pytest.raises(DaunceError, match=r"'completion' has missing \(null\).*rows \[1\]"):
+        write_canonical(columns, ids, tmp_path / "canonical", text=["prompt", "completion"])

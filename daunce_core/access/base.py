@@ -169,6 +169,9 @@ class CopyJournal(Protocol):
     def record_job_state(self, k: int, state: str, message: str | None = None) -> None:
         """Record the last state the server reported for copy ``k``'s current job."""
 
+    def record_usage(self, k: int, counts: dict[str, int]) -> None:
+        """Add ``counts`` (requests, tokens, jobs) to what copy ``k``'s record says it cost."""
+
 
 class ModelAccess(ABC):
     """One kind of model access: trains perturbed copies by index and evaluates their losses.
@@ -216,6 +219,14 @@ class ModelAccess(ABC):
     @abstractmethod
     def load_copies(self, paths: Sequence[Path]) -> Any:
         """Read copies saved by `save_copy`, in order, as one handle."""
+
+    def recover_copy(self, record, path: Path) -> bool:
+        """Write copy ``record.k``'s lost file at ``path`` again if the kind can (True if so).
+
+        A kind that cannot retrain a copy may still find it again (an API copy from its
+        recorded job); the default finds nothing.
+        """
+        return False
 
     def take_usage(self, k: int) -> dict | None:
         """What copy ``k`` cost since the last call (requests, tokens), for kinds that pay per use.

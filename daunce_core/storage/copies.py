@@ -75,6 +75,12 @@ class RecordJournal:
         record.job_state = f"{state}: {message}" if message else state
         self.store.write(record)
 
+    def record_usage(self, k: int, counts: dict[str, int]) -> None:
+        """Add ``counts`` to copy ``k``'s recorded usage and write the record now."""
+        record = self.records[k]
+        record.usage = _add_counts(record.usage or {}, counts)
+        self.store.write(record)
+
 
 def _add_counts(old: dict, new: dict) -> dict:
     """Usage counts of earlier attempts plus this process's."""
@@ -113,6 +119,7 @@ class RunCopies:
         behind = [k for k in finished if k not in damaged and self._behind(records[k])]
         needs_params = [k for k in damaged + behind if records[k].status == "done"]
         lost = [k for k in needs_params if not self._params_intact(records[k])]
+        lost = [k for k in lost if not self._recover(records[k])]
         self._refuse_lost(lost)
         todo = [k for k in report.ks if not records[k].finished] + lost
         if todo:
@@ -158,6 +165,17 @@ class RunCopies:
         if not record.params or not path.is_file():
             return False
         return digest_file(path) == record.params_digest
+
+    def _recover(self, record: CopyRecord) -> bool:
+        """Whether the access wrote a lost copy's file again (then its record names it)."""
+        if record.status != "done" or self.access.capabilities.deterministic:
+            return False  # a deterministic kind retrains it instead
+        path = self.run.copy(record.k, self.access.copy_suffix)
+        if not self.access.recover_copy(record, path):
+            return False
+        record.params, record.params_digest = path.name, digest_file(path)
+        self.records.write(record)
+        return True
 
     def _refuse_lost(self, lost: list[int]) -> None:
         if lost and not self.access.capabilities.deterministic:

@@ -388,6 +388,14 @@ def write_canonical(
     from daunce_core.storage.digest import digest_arrays, digest_rows
 
     numeric = {k: v for k, v in columns.items() if v.dtype.kind in NUMERIC}
+    for name in text:  # np.asarray(dtype=str) would turn a missing value into "None"
+        missing = [i for i, v in enumerate(columns[name].tolist()) if not isinstance(v, str)]
+        if missing:
+            raise DaunceError(
+                f"the text column {name!r} has missing (null) or non-text values in rows "
+                f"{missing[:5]}{' …' if len(missing) > 5 else ''}; every example needs its "
+                "text: fill or drop those rows."
+            )
     texts = {k: np.asarray(columns[k].tolist(), dtype=str) for k in text}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

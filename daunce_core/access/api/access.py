@@ -74,8 +74,20 @@ class TextExamples:
                 "user message and the server applies its own format; set task.chat: false."
             )
         separator = task.get("separator", " ")
-        prompts = [str(p) for p in columns[task.get("prompt", "prompt")]]
-        completions = [separator + str(c) for c in columns[task.get("completion", "completion")]]
+        raw_prompts = list(columns[task.get("prompt", "prompt")])
+        raw_completions = list(columns[task.get("completion", "completion")])
+        missing = [
+            i
+            for i, (p, c) in enumerate(zip(raw_prompts, raw_completions, strict=True))
+            if not isinstance(p, str) or not isinstance(c, str)
+        ]
+        if missing:
+            raise DaunceError(
+                f"{where}: examples {missing[:5]} have a missing (null) or non-text prompt or "
+                "completion; every example needs both as text."
+            )
+        prompts = list(raw_prompts)
+        completions = [separator + c for c in raw_completions]
         empty = [i for i, c in enumerate(completions) if not c.strip()]
         if empty:
             raise DaunceError(
@@ -155,8 +167,24 @@ class APIAccess(ModelAccess):
     def take_usage(self, k: int) -> dict | None:
         """Copy ``k``'s usage counts since the last call, for its record."""
         with self._lock:
-            usage = self._usage.pop(k, None)
-        return usage.as_dict() if usage is not None else None
+            usage = self._usage.get(k)
+        return self.client.drain(usage) if usage is not None else None
+
+    def _note_usage(self, k: int, journal: CopyJournal) -> None:
+        """Write what copy ``k`` has cost so far into its record (a kill loses none of it)."""
+        counts = self.take_usage(k)
+        if counts and any(counts.values()):
+            journal.record_usage(k, counts)
+
+    def recover_copy(self, record, path: Path) -> bool:
+        """Write a lost copy file again from its recorded job (its fine-tuned model's id)."""
+        if not record.job_id:
+            return False
+        job = self.client.job(record.job_id)
+        if job.status != "succeeded" or not job.fine_tuned_model:
+            return False
+        self.save_copy(APICopies([record.k], [job.fine_tuned_model], [job.id]), 0, path)
+        return True
 
     # Training ------------------------------------------------------------------------
 
@@ -199,7 +227,10 @@ class APIAccess(ModelAccess):
                 if job_id is not None:
                     job = self._wait(k, job_id, journal, usage)
                     if job.status == "succeeded":
-                        return self._succeeded(k, job, usage)
+                        found = self._succeeded(k, job, usage)
+                        self._note_usage(k, journal)
+                        return found
+                    self._note_usage(k, journal)
                     errors.append(self._failed(k, job, fresh))
                 attempts = journal.jobs(k)
                 if len(attempts) >= self.client.limits.job_attempts:
@@ -258,6 +289,7 @@ class APIAccess(ModelAccess):
                 usage=usage,
             )
         journal.record_job(k, found)
+        self._note_usage(k, journal)  # the job (and its upload) are paid for: say so now
         return found
 
     def suffix(self, k: int, attempt: int) -> str:

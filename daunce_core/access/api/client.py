@@ -177,6 +177,14 @@ class APIClient:
                     for name, value in counts.items():
                         setattr(target, name, getattr(target, name) + int(value))
 
+    def drain(self, usage: Usage) -> dict[str, int]:
+        """``usage``'s counts, and zero them (under the lock the counting threads take)."""
+        with self._usage_lock:
+            counts = usage.as_dict()
+            for name in counts:
+                setattr(usage, name, 0)
+        return counts
+
     def call(
         self,
         what: str,
@@ -275,7 +283,16 @@ class APIClient:
         except DaunceError as error:
             if not isinstance(error.__cause__, openai.NotFoundError):
                 raise
-            served = self.models()
+            try:
+                served = self.models()
+            except DaunceError as listing:
+                if isinstance(listing.__cause__, openai.NotFoundError):
+                    raise DaunceError(
+                        f"{self.recipe.base_url} answers 404 for /models: it is no "
+                        "OpenAI-compatible root. Such a base_url usually ends in /v1 (e.g. "
+                        "http://127.0.0.1:8000/v1); fix model.recipe.base_url."
+                    ) from listing
+                raise
             if model in served:  # a server without GET /v1/models/{id}, or odd ids
                 return
             raise DaunceError(

@@ -13,7 +13,8 @@ A run configuration's ``model.recipe`` for ``model.access: api``::
       limits: {jobs_in_flight: 4, requests_per_second: 10}
 
 `fine_tune` (and `loss`, `sample_max_tokens`) decide which copies a run holds; `limits` only how
-fast it gets them, so they are kept out of the run's identity (`identity_fields`).
+fast it gets them, and `base_url` only where the model is reached, so they are kept out of the
+run's identity (`identity_fields`).
 """
 
 from __future__ import annotations
@@ -170,9 +171,13 @@ class APIRecipe:
 
     @property
     def identity_fields(self) -> dict:
-        """What decides the copies: everything but the limits and where the key is read."""
+        """What decides the copies: the model, how it is fine-tuned and how losses are read.
+
+        Not the limits, where the key is read, or the server's address: a server that moves
+        (a new port, a new host) serves the same model, and its run, copies and paid jobs are
+        kept.
+        """
         return {
-            "base_url": self.base_url.rstrip("/"),
             "model": self.model,
             "loss": self.loss,
             "fine_tune": {

@@ -15,6 +15,7 @@ JSON files are written to a temporary name and renamed into place (atomic on POS
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -23,6 +24,8 @@ import time
 from pathlib import Path
 
 from daunce_core.errors import DaunceError
+
+log = logging.getLogger("daunce.api.server")
 
 
 def new_id(prefix: str) -> str:
@@ -172,11 +175,24 @@ class Store:
         path = folder / f"{item}.json"
         if not _safe(item) or not path.exists():
             return None
-        return json.loads(path.read_text())
+        return _load(path)
 
     def _all(self, folder: Path) -> list[dict]:
-        records = [json.loads(p.read_text()) for p in folder.glob("*.json")]
+        records = [r for r in (_load(p) for p in folder.glob("*.json")) if r is not None]
         return sorted(records, key=lambda r: (r["created_at"], r.get("_seq", 0), r["id"]))
+
+
+def _load(path: Path) -> dict | None:
+    """A stored record; a damaged one is named in the log and left out (not fatal)."""
+    try:
+        record = json.loads(path.read_text())
+        if isinstance(record, dict) and "id" in record and "created_at" in record:
+            return record
+        problem = "not a record"
+    except (OSError, ValueError) as error:
+        problem = str(error)
+    log.warning("%s is damaged (%s); it is left out: restore it, or delete it", path, problem)
+    return None
 
 
 def _safe(item: str) -> bool:
