@@ -120,6 +120,8 @@ def test_a_sequence_classifier_end_to_end(harness, data, tmp_path):
     assert "base/train_accuracy" in result["base_model"]["metrics"]
 
 
+@pytest.mark.slow  # ~50 s; `make test` keeps SIGKILL + resume of LM copies in the contract
+# tests (tests/test_access_hf.py) and of the flow in tests/test_resume.py (torch)
 def test_sigkill_then_resume_gives_the_scores_of_an_uninterrupted_run(data, tmp_path):
     slow = {"daunce": {"num_models": 6, "train": {"lr": 0.001, "epochs": 2, "batch_size": 8}}}
     (tmp_path / "killed").mkdir()

@@ -39,8 +39,8 @@ def test_scheduled_curation_run_executes(tmp_path):
     data = write_data(tmp_path / "data", n=120, m=10)
     config = write_config(tmp_path / "run.yaml", tmp_path / "ws", data, num_models=4)
     code = (
-        "from flows.curate import curate_flow; curate_flow.serve(name='every-minute', "
-        f"interval=60, parameters={{'config_path': {str(config)!r}, 'flag_top': 5}})"
+        "from flows.curate import curate_flow; curate_flow.serve(name='every-15-seconds', "
+        f"interval=15, parameters={{'config_path': {str(config)!r}, 'flag_top': 5}})"
     )
     log = tmp_path / "served.log"
     with prefect_server(tmp_path) as (url, env), open(log, "w") as output:
