@@ -533,6 +533,12 @@ def _print_query(lineage: Lineage, query: str, fmt: str) -> int:
     except duckdb.Error as error:
         raise DaunceError(f"the query failed: {error}") from error
     if fmt == "csv":
+        nested = [n for n, t in frame.schema.items() if t.is_nested()]
+        if nested:
+            raise DaunceError(
+                f"CSV cannot hold the nested values of column(s) {nested}; use --format json, "
+                "or select scalar columns (e.g. CAST(... AS VARCHAR))."
+            )
         sys.stdout.write(frame.write_csv())
     elif fmt == "json":
         sys.stdout.write(frame.write_json() + "\n")

@@ -248,3 +248,11 @@ def test_top_points_to_the_other_side_when_no_score_has_its_sign(tmp_path, capsy
     status, out, _ = daunce(capsys, "top", "--query", "0", "--opponents", "--workspace", str(ws))
     assert status == 0
     assert [row[1] for row in table_rows(out)] == ["105", "104"]
+
+
+def test_csv_of_nested_values_is_refused_naming_the_column(ws, capsys):
+    query = "SELECT [1, 2] AS pair, 3 AS x"
+    status, _, err = daunce(capsys, "sql", query, "--format", "csv", "--workspace", str(ws))
+    assert status == 2
+    assert "CSV cannot hold the nested values of column(s) ['pair']" in err
+    assert "Traceback" not in err

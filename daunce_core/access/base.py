@@ -112,7 +112,8 @@ def check_objective(kind: str, capabilities: Capabilities, objective: Objective)
     ]
     hint = f" It can run: {'; '.join(usable)}." if usable else ""
     raise DaunceError(
-        f"a {kind!r} model cannot run objective variant={objective.variant!r}, "
+        f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind!r} model cannot run objective "
+        f"variant={objective.variant!r}, "
         f"access={objective.access!r}: it lacks {reasons}.{hint}"
     )
 
