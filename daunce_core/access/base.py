@@ -161,8 +161,11 @@ class CopyJournal(Protocol):
     def job_id(self, k: int) -> str | None:
         """The external job recorded for copy ``k``, if any."""
 
-    def record_job(self, k: int, job_id: str) -> None:
-        """Record copy ``k``'s external job durably, before waiting for it (one per attempt)."""
+    def record_job(self, k: int, job_id: str, counts: dict[str, int] | None = None) -> None:
+        """Record copy ``k``'s external job durably, before waiting for it (one per attempt).
+
+        ``counts``: what creating it cost, recorded in the same write.
+        """
 
     def jobs(self, k: int) -> list[str]:
         """Every external job recorded for copy ``k``, oldest first (its attempts)."""

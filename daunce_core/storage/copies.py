@@ -57,12 +57,18 @@ class RecordJournal:
         """The external job recorded for copy ``k``, if any."""
         return self.records[k].job_id
 
-    def record_job(self, k: int, job_id: str) -> None:
-        """Write copy ``k``'s job id into its record now (another attempt if it is new)."""
+    def record_job(self, k: int, job_id: str, counts: dict[str, int] | None = None) -> None:
+        """Write copy ``k``'s job id into its record now (another attempt if it is new).
+
+        ``counts`` (what creating it cost) are added in the same write: a kill cannot keep
+        the one without the other.
+        """
         record = self.records[k]
         record.job_id, record.job_state = job_id, "created"
         if job_id not in record.jobs:
             record.jobs.append(job_id)
+        if counts:
+            record.usage = _add_counts(record.usage or {}, counts)
         self.store.write(record)
 
     def jobs(self, k: int) -> list[str]:

@@ -34,7 +34,8 @@ USAGE_COLUMNS = (
     "jobs",
 )
 """What a copy cost, in its record's ``usage`` (API access) and the ``copies`` table (where
-``jobs`` is the column ``jobs_created``; ``jobs`` there lists the job ids)."""
+``jobs`` is the column ``jobs_created`` and ``adopted`` ``jobs_adopted``; ``jobs`` there lists
+the job ids)."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -48,6 +49,7 @@ CREATE TABLE IF NOT EXISTS copies (
     job_id VARCHAR, job_state VARCHAR, jobs JSON, requests BIGINT, retries BIGINT,
     prompt_tokens BIGINT, completion_tokens BIGINT, trained_tokens BIGINT);
 ALTER TABLE copies ADD COLUMN IF NOT EXISTS jobs_created BIGINT;
+ALTER TABLE copies ADD COLUMN IF NOT EXISTS jobs_adopted BIGINT;
 CREATE TABLE IF NOT EXISTS artifacts (
     run_id VARCHAR, uri VARCHAR, kind VARCHAR, digest VARCHAR, shape VARCHAR,
     producer VARCHAR, created_at TIMESTAMP);
@@ -245,7 +247,7 @@ class Lineage:
             rows.append([*fixed, json.dumps(r.jobs), *counts])
         columns = (
             "run_id, k, status, attempts, seconds, job_id, job_state, jobs, requests, retries, "
-            "prompt_tokens, completion_tokens, trained_tokens, jobs_created"
+            "prompt_tokens, completion_tokens, trained_tokens, jobs_created, jobs_adopted"
         )
         with self.connect() as con:
             con.execute("DELETE FROM copies WHERE run_id = ?", [run_id])

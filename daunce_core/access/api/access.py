@@ -277,7 +277,9 @@ class APIAccess(ModelAccess):
         """
         suffix = self.suffix(k, attempt)
         found = self._find_job(suffix, usage)
-        if found is None:
+        if found is not None:
+            self.client.count(usage, adopted=1)
+        else:
             lines = self.training_lines(k, attempt, usage)
             file_id = self.client.upload(f"{suffix}.jsonl", lines, usage)
             found = self.client.create_job(
@@ -288,8 +290,9 @@ class APIAccess(ModelAccess):
                 find=lambda: self._find_job(suffix, usage),
                 usage=usage,
             )
-        journal.record_job(k, found)
-        self._note_usage(k, journal)  # the job (and its upload) are paid for: say so now
+        # The job and what it cost (its upload, its creation) in one write: a kill keeps both
+        # or neither (then a rerun adopts the job by its suffix, uncounted).
+        journal.record_job(k, found, self.take_usage(k))
         return found
 
     def suffix(self, k: int, attempt: int) -> str:

@@ -39,7 +39,11 @@ class APIUnavailable(DaunceError, ConnectionError):
 
 @dataclass
 class Usage:
-    """What a run (or one copy) cost: requests, retries and tokens."""
+    """What a run (or one copy) cost: requests, retries, tokens, jobs created and adopted.
+
+    ``adopted`` counts jobs found on the server under a copy's suffix without a record of
+    them (created just before a kill, or by another workspace with the same run).
+    """
 
     requests: int = 0
     retries: int = 0
@@ -47,6 +51,7 @@ class Usage:
     completion_tokens: int = 0
     trained_tokens: int = 0
     jobs: int = 0
+    adopted: int = 0
 
     def add(self, other: Usage) -> None:
         """Add ``other``'s counts to these."""
@@ -358,7 +363,8 @@ class APIClient:
                 )
             except APIUnavailable as error:
                 found = find()
-                if found is not None:
+                if found is not None:  # created by this request, its answer lost
+                    self.count(usage, jobs=1)
                     return found
                 if attempt == self.limits.retries:
                     raise
