@@ -68,7 +68,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -82,6 +81,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import polars as pl
 import torch
+from bench_lm import device_name
 from common import RESULTS, ROOT, format_table, machine_info, machine_line, write_results
 
 from daunce_core.access.hf_lora.access import HFLoraAccess, encode
@@ -456,21 +456,6 @@ def print_proponents(name: str, shown: list[dict]) -> None:
         for p in item["proponents"]:
             mark = "  [poisoned]" if p["poisoned"] else ""
             print(f"    {p['score']:+.3g}  #{p['train']}: {p['text']}{mark}")
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU model with the torch thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {name} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def git_state() -> dict:
