@@ -19,8 +19,9 @@ from typing import Any
 import polars as pl
 from prefect import flow
 
-from daunce_core.access import KINDS
+from daunce_core.access import KINDS, REMOTE_KINDS
 from daunce_core.access.api.config import parse_api_recipe
+from daunce_core.access.prompt.config import parse_prompt_recipe
 from daunce_core.conversion import from_dict, to_dict
 from daunce_core.errors import DaunceError
 from daunce_core.storage import validate
@@ -504,21 +505,40 @@ def _rows_digest(run: RunConfig, run_dir: Path, spec: dict, workspace: Path) -> 
     return digest_json({"rows": rows, "spec": spec})
 
 
+def _prompt_plan(run: RunConfig, n: int, m: int) -> str:
+    """What each copy of a prompt run may spend: its search's bound, then its measurement."""
+    recipe = parse_prompt_recipe(run.model.recipe)
+    s, b, per = recipe.search, recipe.budget, recipe.limits.prompts_per_request
+    step = -(-s.samples * s.batch_size // per)
+    calls = s.steps * step if b.calls is None else min(s.steps * step, b.calls // step * step)
+    tokens = f", at most {b.tokens:,} prompt tokens" if b.tokens else ""
+    measure = -(-n // per) + -(-m // per)
+    return (
+        f"each of {run.daunce.num_models} copies: a prompt search of at most {calls:,} "
+        f"loss-query requests ({s.samples} prompts × {s.batch_size} examples per step){tokens}, "
+        f"then {measure:,} requests to measure it on {n:,} training examples and {m:,} queries"
+    )
+
+
 def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage) -> dict:
     layout, states = Workspace(workspace), []
     orphans = _remove_orphans(run_dir, workspace)
     records = _inputs(run, layout, states)
-    if run.model.access == "api":
+    if run.model.access in REMOTE_KINDS:
         base = json.loads(Path(records["model"]["uri"]).read_text())
         how = {"echo": "prompt log-probabilities (echo)", "top_logprobs": "top_logprobs"}
         print(f"{base['model']} at {base['base_url']}: losses read from {how[base['loss_method']]}")
     n, m = records["train"]["count"], records["queries"]["count"]
+    if run.model.access == "prompt":
+        print(_prompt_plan(run, n, m))
     store = RunStore(RunLayout(run_dir).store)
     store.ensure(run.daunce.num_models, n, m, run.daunce.dtype)
     spec = _copy_spec(run, records)
     identity = {k: v for k, v in spec.items() if k in IDENTITY_KEYS}
     if run.model.access == "api":  # the limits and the key's variable name no copies
         identity["recipe"] = parse_api_recipe(run.model.recipe).identity_fields
+    if run.model.access == "prompt":
+        identity["recipe"] = parse_prompt_recipe(run.model.recipe).identity_fields
     earlier = (digest_json(portable(identity, workspace)), digest_json(identity))
     store.check_copies_key(digest_json(_content_of(identity)), legacy=earlier)
     index = pl.read_parquet(Path(records["queries"]["uri"]) / "index.parquet")

@@ -286,8 +286,8 @@ def status(args) -> int:
 
 
 def _print_jobs(records, num_models: int) -> None:
-    """An API run's copies: each one's current job and state, and what they cost so far."""
-    rows, usage = [], {}
+    """A remote run's copies: each one's job (API) or search (prompt), and what they cost."""
+    rows, usage, jobs = [], {}, False
     for k in range(num_models):
         try:
             record = records.read(k)
@@ -296,14 +296,17 @@ def _print_jobs(records, num_models: int) -> None:
         for name, value in (record.usage or {}).items():
             usage[name] = usage.get(name, 0) + value
         if record.job_id:
+            jobs = True
             attempts = f" (attempt {len(record.jobs)})" if len(record.jobs) > 1 else ""
             rows.append(
                 f"  copy {k:>4}  {record.status:<8}  job {record.job_id}{attempts}: "
                 f"{record.job_state or 'unknown'}"
             )
+        elif record.job_state:  # a prompt search's progress
+            rows.append(f"  copy {k:>4}  {record.status:<8}  {record.job_state}")
     if not rows:
         return
-    print("fine-tuning jobs:")
+    print("fine-tuning jobs:" if jobs else "prompt searches:")
     print("\n".join(rows))
     if usage:
         print("usage: " + ", ".join(f"{name} {value:,}" for name, value in sorted(usage.items())))

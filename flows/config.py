@@ -43,9 +43,11 @@ from typing import Any
 
 import yaml
 
-from daunce_core.access import KINDS, check_objective
+from daunce_core.access import KINDS, REMOTE_KINDS, check_objective
 from daunce_core.access.api.config import parse_api_recipe
 from daunce_core.access.hf_lora.base import PATH_FIELDS, check_recipe_paths, parse_recipe
+from daunce_core.access.prompt.access import check_prompt_objective
+from daunce_core.access.prompt.config import parse_prompt_recipe
 from daunce_core.conversion import from_dict, to_dict
 from daunce_core.errors import DaunceError
 from daunce_core.method.config import ComputeConfig, DaunceConfig, TrainConfig
@@ -92,6 +94,8 @@ class ModelConfig:
             parse_recipe(self.recipe)
         if self.access == "api":
             parse_api_recipe(self.recipe)
+        if self.access == "prompt":
+            parse_prompt_recipe(self.recipe)
 
 
 @dataclass(frozen=True)
@@ -270,6 +274,18 @@ job's hyperparameters in ``model.recipe.fine_tune``), correlation scores as for 
 models. ``objective: {access: black_box, labels: sampled}`` with ``subset_ratio: 1`` is the
 parametric bootstrap instead (completions sampled from θ0)."""
 
+FLOW_DAUNCE_PROMPT = {
+    "num_models": 32,
+    "subset_ratio": 0.5,
+    "objective": {"access": "black_box"},
+    "score": "correlation",
+}
+"""The same for strict black-box access (``model.access: prompt``), where each copy is a prompt
+learned over loss queries (its search and budget in ``model.recipe.search`` and
+``model.recipe.budget``): K = 32 copies of the paper's Table 2 form on random halves,
+correlation scores. ``labels: sampled`` (with ``subset_ratio: 1``) searches on completions
+sampled from θ0 instead."""
+
 INHERITED = ("optimizer", "lr", "momentum", "betas")
 """Fields of ``model.train`` the copies' ``train`` takes where the ``daunce`` section leaves them
 out: a copy fine-tunes the model with the step its own recipe found stable."""
@@ -284,8 +300,8 @@ def flow_daunce(
     default recipe's) come before `FLOW_DAUNCE`'s (`FLOW_DAUNCE_LM`'s for ``access: hf_lora``).
     """
     section = dict(section or {})
-    if access == "api":
-        return _api_daunce(section)
+    if access in REMOTE_KINDS:
+        return _remote_daunce(section, access)
     flow = FLOW_DAUNCE_LM if access == "hf_lora" else FLOW_DAUNCE
     objective = section.get("objective") or {}
     if isinstance(objective, dict) and objective.get("access") == "black_box":
@@ -304,16 +320,23 @@ def flow_daunce(
     return merged
 
 
-def _api_daunce(section: dict) -> dict:
-    """`FLOW_DAUNCE_API` under the user's fields; a ``train`` section is refused (it is unused)."""
+def _remote_daunce(section: dict, access: str) -> dict:
+    """`FLOW_DAUNCE_API` (or `FLOW_DAUNCE_PROMPT`) under the user's fields.
+
+    A ``train`` section is refused: it would be unused.
+    """
     if "train" in section:
-        raise DaunceError(
-            "daunce.train does not apply to model.access: api: each copy is a fine-tuning job, "
-            "whose epochs, learning-rate multiplier and batch size are model.recipe.fine_tune."
-        )
-    merged = {**FLOW_DAUNCE_API, **section}
+        how = {
+            "api": "each copy is a fine-tuning job, whose epochs, learning-rate multiplier "
+            "and batch size are model.recipe.fine_tune",
+            "prompt": "each copy is a prompt learned over loss queries, whose steps, batch "
+            "size and learning rate are model.recipe.search",
+        }[access]
+        raise DaunceError(f"daunce.train does not apply to model.access: {access}: {how}.")
+    flow = FLOW_DAUNCE_API if access == "api" else FLOW_DAUNCE_PROMPT
+    merged = {**flow, **section}
     if isinstance(section.get("objective"), dict):
-        merged["objective"] = {**FLOW_DAUNCE_API["objective"], **section["objective"]}
+        merged["objective"] = {**flow["objective"], **section["objective"]}
     return merged
 
 
@@ -340,18 +363,22 @@ class RunConfig:
         access = KINDS[self.model.access]
         check_objective(access.kind, access.capabilities, self.daunce.objective)
         kind = self.task.get("kind", "classification")
-        if self.model.access == "api":
+        if self.model.access in REMOTE_KINDS:
             _check_api_settings(self)
+            if self.model.access == "prompt":
+                check_prompt_objective(self.daunce)
             if kind != "causal_lm":
                 raise DaunceError(
-                    f"model.access: api needs task.kind: causal_lm (a prompt and a completion "
-                    f"per example; a one-token completion for classification data); got {kind!r}."
+                    f"model.access: {self.model.access} needs task.kind: causal_lm (a prompt and "
+                    "a completion per example; a one-token completion for classification "
+                    f"data); got {kind!r}."
                 )
         elif (kind in validate.LM_TASKS) != (self.model.access == "hf_lora"):
             raise DaunceError(
                 f"task.kind {kind!r} does not go with "
                 f"model.access {self.model.access!r}: the language-model tasks (causal_lm, "
-                "sequence_classification) need model.access: hf_lora (or api, for causal_lm), "
+                "sequence_classification) need model.access: hf_lora (or api or prompt, for "
+                "causal_lm), "
                 "and hf_lora needs one of them."
             )
         self.compute.torch_device  # noqa: B018 - refuses device: cuda without a GPU, now
@@ -383,6 +410,13 @@ class RunConfig:
                 recipe.pop("sample_max_tokens")
             plain["model"] = {"access": "api", "recipe": recipe}
             plain["daunce"].pop("train")
+        if self.model.access == "prompt":
+            # The same for a prompt search: the model, how losses are read, the search, budget.
+            recipe = parse_prompt_recipe(self.model.recipe).identity_fields
+            if self.daunce.objective.labels == "observed":
+                recipe.pop("sample_max_tokens")
+            plain["model"] = {"access": "prompt", "recipe": recipe}
+            plain["daunce"].pop("train")
         for key in ("name", "workspace", "exports", "execution", "evaluation", "compute"):
             plain.pop(key)
         return plain
@@ -413,12 +447,19 @@ def _check_api_settings(run: RunConfig) -> None:
         if given
     ]
     if ignored:
+        why = {
+            "api": "a fine-tuning job minimises plain NLL of the model the server holds",
+            "prompt": "a prompt search changes only the text before each example, never the "
+            "model the server holds",
+        }[model.access]
         raise DaunceError(
-            f"{', '.join(ignored)} cannot apply to model.access: api (a fine-tuning job "
-            "minimises plain NLL of the model the server holds, and losses are read as they "
-            "are); remove them."
+            f"{', '.join(ignored)} cannot apply to model.access: {model.access} ({why}, and "
+            "losses are read as they are); remove them."
         )
-    recipe = parse_api_recipe(model.recipe)
+    if model.access == "prompt":
+        recipe = parse_prompt_recipe(model.recipe).server
+    else:
+        recipe = parse_api_recipe(model.recipe)
     if recipe.loss == "top_logprobs" and recipe.end_text:
         raise DaunceError(
             "model.recipe.end_text needs loss: echo (top_logprobs reads one-token answers); "
@@ -459,10 +500,14 @@ def load_config(path: str | Path, *, check_data: bool = True, **overrides: Any) 
     _refuse_moved(raw)
     model_train = raw.get("model", {}).get("train") if isinstance(raw.get("model"), dict) else None
     access = raw["model"].get("access", "torch") if isinstance(raw.get("model"), dict) else None
-    if access == "api" and model_train is not None:
+    if access in REMOTE_KINDS and model_train is not None:
+        copies = {
+            "api": "each copy's fine-tuning is model.recipe.fine_tune",
+            "prompt": ("each copy's prompt search is model.recipe.search"),
+        }[access]
         raise DaunceError(
-            "model.train does not apply to model.access: api (θ0 is the server's model, already "
-            "trained); each copy's fine-tuning is model.recipe.fine_tune. Remove model.train."
+            f"model.train does not apply to model.access: {access} (θ0 is the server's model, "
+            f"already trained); {copies}. Remove model.train."
         )
     raw["daunce"] = flow_daunce(raw.get("daunce"), model_train, access)
     config = from_dict(RunConfig, raw, "")

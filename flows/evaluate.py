@@ -25,6 +25,7 @@ import numpy as np
 import polars as pl
 from prefect import flow
 
+from daunce_core.access import REMOTE_KINDS
 from daunce_core.conversion import from_dict, to_dict
 from daunce_core.errors import DaunceError
 from daunce_core.storage.digest import digest_json, digest_path
@@ -104,12 +105,14 @@ def _methods(run: RunConfig, run_dir: Path, spec: dict, states: list) -> list[di
 
 def _prepare(run: RunConfig, overwrite: bool, states: list) -> tuple:
     """The attribute run (cached when done), then the records of its inputs."""
-    if run.model.access == "api":
+    if run.model.access in REMOTE_KINDS:
+        kind = run.model.access
         raise DaunceError(
             "daunce lds and daunce removal retrain the model from its recipe, which a model "
-            "behind an API has not got (only θ0 is reachable there). Evaluate an API run's "
+            f"behind a server has not got (only θ0 is reachable there). Evaluate a {kind} run's "
             "scores against a white-box run of the same model instead: `daunce lds "
-            "<white-box config> --scores api=<api run>/store/scores` (bench/bench_api.py)."
+            f"<white-box config> --scores {kind}=<{kind} run>/store/scores` "
+            f"(bench/bench_{kind}.py)."
         )
     summary = _locked_attribute(run, overwrite)
     workspace = Path(run.workspace)

@@ -124,6 +124,8 @@ def copy_access(spec: dict) -> ModelAccess:
     compute = from_dict(ComputeConfig, spec["compute"], "compute")
     if kind == "hf_lora":
         return _language_access(spec, config, compute)
+    if kind == "prompt":
+        return prompt_access(spec, config)
     if kind == "api":
         return api_access(
             spec["recipe"],
@@ -193,12 +195,46 @@ def api_key(recipe) -> str:
 
 
 def api_client(recipe: dict):
-    """A client of an ``api`` run's server (`daunce_core.access.api.client.APIClient`)."""
+    """A client of an ``api`` or ``prompt`` run's server (`access.api.client.APIClient`)."""
     from daunce_core.access.api.client import APIClient
     from daunce_core.access.api.config import parse_api_recipe
+    from daunce_core.access.prompt.config import parse_prompt_recipe
 
-    parsed = parse_api_recipe(recipe)
+    if recipe.get("kind") == "prompt":
+        parsed = parse_prompt_recipe(recipe).server
+    else:
+        parsed = parse_api_recipe(recipe)
     return APIClient(parsed, api_key(parsed))
+
+
+def prompt_access(spec: dict, config: DaunceConfig) -> ModelAccess:
+    """The ``prompt`` access of a copy spec: its server, θ0, the splits' text, the search."""
+    from daunce_core.access.prompt.access import PromptAccess
+    from daunce_core.access.prompt.config import parse_prompt_recipe
+
+    recipe = parse_prompt_recipe(spec["recipe"])
+    base = json.loads(Path(spec["model"]["uri"]).read_text())
+    return PromptAccess(
+        api_client(spec["recipe"]),
+        base["model"],
+        base["loss_method"],
+        *text_splits(spec["task"], spec["train"], spec["queries"]),
+        config,
+        recipe.search,
+        recipe.budget,
+    )
+
+
+def text_splits(task_spec: dict, train: dict, queries: dict) -> tuple:
+    """Both splits of a server run as the text the server reads (`TextExamples`)."""
+    from daunce_core.access.api.access import TextExamples
+
+    return tuple(
+        TextExamples.from_columns(
+            task_spec, load_columns(record["uri"], record["digest"]), f"data.{name}"
+        )
+        for name, record in (("train", train), ("queries", queries))
+    )
 
 
 def api_access(
@@ -211,19 +247,14 @@ def api_access(
     model_uri: str,
 ) -> ModelAccess:
     """The ``api`` access of a run: its server, θ0's id and loss method, the splits' text."""
-    from daunce_core.access.api.access import APIAccess, TextExamples
+    from daunce_core.access.api.access import APIAccess
 
     base = json.loads(Path(model_uri).read_text())
     return APIAccess(
         api_client(recipe),
         base["model"],
         base["loss_method"],
-        TextExamples.from_columns(
-            task_spec, load_columns(train["uri"], train["digest"]), "data.train"
-        ),
-        TextExamples.from_columns(
-            task_spec, load_columns(queries["uri"], queries["digest"]), "data.queries"
-        ),
+        *text_splits(task_spec, train, queries),
         config,
         label,
     )

@@ -10,6 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from safetensors.torch import save_file
 
+from daunce_core.access import REMOTE_KINDS
 from daunce_core.access.hf_lora.access import encode, make_task
 from daunce_core.access.hf_lora.base import make_base, num_labels, parse_recipe
 from daunce_core.access.hf_lora.models import context_window, load_model
@@ -51,7 +52,7 @@ def base_model(
     """
     if model_spec.get("access") == "hf_lora":
         return _language_model(model_spec, task_spec, train, path)
-    if model_spec.get("access") == "api":
+    if model_spec.get("access") in REMOTE_KINDS:
         return _api_model(model_spec, path)
     model = build_model(model_spec["recipe"], seed=model_spec["seed"])
     if model_spec.get("checkpoint"):
@@ -95,7 +96,7 @@ def _language_model(model_spec: dict, task_spec: dict, train: dict, path: str) -
 
 
 def _api_model(model_spec: dict, path: str) -> dict:
-    """θ0 of an ``api`` run: checked on its server (key, model, a loss method), named in a file.
+    """θ0 of an ``api`` or ``prompt`` run: checked on its server (key, model, loss method).
 
     The file holds the server, the model's id and the loss method the server answers
     (``model.recipe.loss``, or what ``auto`` found), so every copy measures losses the same way.
@@ -174,7 +175,7 @@ def base_quality(
     (`~daunce_core.evaluation.base_quality.fit_warning`). Accuracy needs
     ``Task.correct_from_outputs`` (classification has it). ``batch_size`` says only how.
     """
-    if model_spec.get("access") == "api":
+    if model_spec.get("access") in REMOTE_KINDS:
         return _api_quality(model_spec, task_spec, model, train, queries, path)
     if model_spec.get("access") == "hf_lora":
         network, task_, data = _language_split_data(model_spec, task_spec, model, train, queries)
@@ -229,7 +230,7 @@ def _language_split_data(model_spec, task_spec, model, train, queries):
 
 
 def _api_quality(model_spec, task_spec, model, train, queries, path) -> dict:
-    """θ0's losses on both splits, read from its server (an ``api`` run: no accuracy)."""
+    """θ0's losses on both splits, read from its server (``api``, ``prompt``: no accuracy)."""
     from daunce_core.access.api.access import TextExamples, example_losses
 
     client = api_client(model_spec["recipe"])

@@ -12,7 +12,8 @@ kind                   module                          capabilities
 ``torch``              `access.torch_module`           all four
 ``hf_lora``            `access.hf_lora`                all four (LoRA adapters as copies)
 ``api``                `access.api`                    fine-tuning, bootstrap (not deterministic)
-``prompt`` (planned)   ``access/prompt/``              deterministic loss queries only
+``prompt``             `access.prompt`                 custom objective over loss queries,
+                                                       bootstrap, deterministic
 =====================  ==============================  =====================================
 
 `check_objective` refuses, before anything runs, an objective that needs a capability the
@@ -155,7 +156,8 @@ class CopyJournal(Protocol):
     """Where a kind that submits external jobs records them before waiting (per-copy records).
 
     A fine-tuning API's copy trainer asks `job_id` first and resumes polling a recorded job
-    instead of submitting a second one; it calls `record_job` as soon as a job is created.
+    instead of submitting a second one; it calls `record_job` as soon as a job is created. A
+    prompt search keeps its state in `state_file` and its progress in `record_job_state`.
     """
 
     def job_id(self, k: int) -> str | None:
@@ -175,6 +177,13 @@ class CopyJournal(Protocol):
 
     def record_usage(self, k: int, counts: dict[str, int]) -> None:
         """Add ``counts`` (requests, tokens, jobs) to what copy ``k``'s record says it cost."""
+
+    def state_file(self, k: int) -> Path:
+        """Where a kind keeps copy ``k``'s work in progress (a prompt search's state).
+
+        The kind writes it atomically as it goes and reads it when the copy starts again, so
+        a killed run resumes mid-copy.
+        """
 
 
 class ModelAccess(ABC):

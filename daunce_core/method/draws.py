@@ -33,6 +33,7 @@ class Stream(IntEnum):
     ORDER = 2  # copy k's visiting order, per epoch
     TOKEN_XI = 3  # copy k's uniforms per answer token (sampled labels of a language model)
     API_SAMPLES = 4  # copy k's seed of the completions an API samples from θ0 (per attempt)
+    PROMPT_SEARCH = 5  # copy k's prompts sampled at each step of its prompt search
     LDS_SUBSETS = 7  # the LDS ground truth's random subsets
     REMOVAL_RANDOM = 11  # subset removal: the random examples removed
     REMOVAL_ORDER = 12  # subset removal: a retraining's visiting order

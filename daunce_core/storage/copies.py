@@ -23,13 +23,14 @@ import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from daunce_core.access.base import CopiesFailed, ModelAccess
 from daunce_core.errors import DaunceError
 from daunce_core.storage.digest import digest_file, digest_json
-from daunce_core.storage.layout import RunLayout
+from daunce_core.storage.layout import RunLayout, copy_file
 from daunce_core.storage.records import CopyRecord, CopyRecords, now
 from daunce_core.storage.zarr_store import RunStore
 
@@ -86,6 +87,10 @@ class RecordJournal:
         record = self.records[k]
         record.usage = _add_counts(record.usage or {}, counts)
         self.store.write(record)
+
+    def state_file(self, k: int) -> Path:
+        """Copy ``k``'s work in progress, beside its record: ``copy-000007.state.json``."""
+        return copy_file(self.store.folder, k, ".state.json")
 
 
 def _add_counts(old: dict, new: dict) -> dict:

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import json
 import threading
+from abc import abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -106,7 +107,115 @@ class APICopies:
     jobs: list[str | None]
 
 
-class APIAccess(ModelAccess):
+class ServerAccess(ModelAccess):
+    """What the kinds that reach θ0 on a server share (``api``, ``prompt``).
+
+    The text of both splits, the client, θ0's id and how losses are read; per-copy usage;
+    copies trained concurrently (`_each`); and each copy measured by reading the losses of
+    every example, under the copy's model and before each prompt the copy's prefix
+    (`readers`).
+
+    Args:
+        client: the server, with the key and limits.
+        base_model: θ0's id on the server.
+        loss_method: ``echo`` or ``top_logprobs`` (resolved, not ``auto``).
+        train_set: the training examples (text).
+        query_set: the queries (text).
+        config: the run's DAUNCE settings (K, subset ratio, objective, seed).
+    """
+
+    def __init__(
+        self,
+        client: APIClient,
+        base_model: str,
+        loss_method: str,
+        train_set: TextExamples,
+        query_set: TextExamples,
+        config: DaunceConfig,
+    ) -> None:
+        if loss_method not in ("echo", "top_logprobs"):
+            raise DaunceError(f"loss_method must be 'echo' or 'top_logprobs'; got {loss_method!r}.")
+        self.check(config.objective)
+        self.client, self.base_model, self.loss_method = client, base_model, loss_method
+        self.train_set, self.query_set, self.config = train_set, query_set, config
+        self._usage: dict[int, Usage] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def num_train(self) -> int:
+        """n, the number of training examples."""
+        return len(self.train_set)
+
+    @property
+    def num_queries(self) -> int:
+        """m, the number of queries."""
+        return len(self.query_set)
+
+    def usage_of(self, k: int) -> Usage:
+        """What copy ``k`` has cost in this process (requests, retries, tokens, jobs)."""
+        with self._lock:
+            return self._usage.setdefault(k, Usage())
+
+    def take_usage(self, k: int) -> dict | None:
+        """Copy ``k``'s usage counts since the last call, for its record."""
+        with self._lock:
+            usage = self._usage.get(k)
+        return self.client.drain(usage) if usage is not None else None
+
+    def _each(self, ks: list[int], work) -> tuple[dict, dict]:
+        """``work(k)`` for every copy at once (threads); ``(results, errors)`` by copy.
+
+        Every copy is waited for, so one copy's failure loses none of the others.
+        """
+        done: dict[int, Any] = {}
+        failed: dict[int, Exception] = {}
+        with ThreadPoolExecutor(max_workers=max(1, len(ks))) as pool:
+            futures = {k: pool.submit(work, k) for k in ks}
+            for k, future in futures.items():
+                try:
+                    done[k] = future.result()
+                except Exception as error:  # every copy is waited for before raising
+                    failed[k] = error
+        return done, failed
+
+    @abstractmethod
+    def readers(self, trained) -> list[tuple[str, str]]:
+        """Per copy of ``trained``: the model to read losses from and the prefix of prompts."""
+
+    def losses(
+        self, model: str, examples: TextExamples, usage: Usage | None = None, prefix: str = ""
+    ) -> np.ndarray:
+        """The loss of every example under ``model``, ``prefix`` before each prompt, ``[n]``."""
+        if prefix:
+            examples = TextExamples([prefix + p for p in examples.prompts], examples.completions)
+        return example_losses(self.client, self.loss_method, model, examples, usage)
+
+    def evaluate(self, ks: Sequence[int], trained) -> CopyLosses:
+        """Loss rows of copies ``ks``: every training example and query under each copy."""
+        rows = {}
+        for split, examples in (("train", self.train_set), ("query", self.query_set)):
+            rows[split] = np.stack(
+                [
+                    self.losses(model, examples, self.usage_of(k), prefix)
+                    for k, (model, prefix) in zip(ks, self.readers(trained), strict=True)
+                ]
+            )
+        train, query = rows["train"], rows["query"]
+        diverged = ~(np.isfinite(train).all(axis=1) & np.isfinite(query).all(axis=1))
+        return CopyLosses(np.asarray(ks), train, query, diverged)
+
+    def measure_queries(self, trained, start: int) -> np.ndarray:
+        """Query losses from ``start`` on, under each copy, ``[G, m − start]``."""
+        tail = TextExamples(self.query_set.prompts[start:], self.query_set.completions[start:])
+        return np.stack(
+            [
+                self.losses(model, tail, self.usage_of(k), prefix)
+                for k, (model, prefix) in zip(trained.ks, self.readers(trained), strict=True)
+            ]
+        )
+
+
+class APIAccess(ServerAccess):
     """Perturbed copies as fine-tuning jobs of an OpenAI-compatible server.
 
     Args:
@@ -139,36 +248,9 @@ class APIAccess(ModelAccess):
         config: DaunceConfig,
         label: str,
     ) -> None:
-        if loss_method not in ("echo", "top_logprobs"):
-            raise DaunceError(f"loss_method must be 'echo' or 'top_logprobs'; got {loss_method!r}.")
-        self.check(config.objective)
-        self.client, self.base_model, self.loss_method = client, base_model, loss_method
-        self.train_set, self.query_set, self.config = train_set, query_set, config
+        super().__init__(client, base_model, loss_method, train_set, query_set, config)
         self.label = label
-        self._usage: dict[int, Usage] = {}
         self._counted: set[str] = set()
-        self._lock = threading.Lock()
-
-    @property
-    def num_train(self) -> int:
-        """n, the number of training examples."""
-        return len(self.train_set)
-
-    @property
-    def num_queries(self) -> int:
-        """m, the number of queries."""
-        return len(self.query_set)
-
-    def usage_of(self, k: int) -> Usage:
-        """What copy ``k`` has cost in this process (requests, retries, tokens, jobs)."""
-        with self._lock:
-            return self._usage.setdefault(k, Usage())
-
-    def take_usage(self, k: int) -> dict | None:
-        """Copy ``k``'s usage counts since the last call, for its record."""
-        with self._lock:
-            usage = self._usage.get(k)
-        return self.client.drain(usage) if usage is not None else None
 
     def _note_usage(self, k: int, journal: CopyJournal) -> None:
         """Write what copy ``k`` has cost so far into its record (a kill loses none of it)."""
@@ -197,16 +279,7 @@ class APIAccess(ModelAccess):
         """
         if journal is None:
             raise DaunceError("API copies need a journal to record their jobs before waiting.")
-        ks = [int(k) for k in ks]
-        done: dict[int, tuple[str, str]] = {}
-        failed: dict[int, Exception] = {}
-        with ThreadPoolExecutor(max_workers=max(1, len(ks))) as pool:
-            futures = {k: pool.submit(self._copy, k, journal) for k in ks}
-            for k, future in futures.items():
-                try:
-                    done[k] = future.result()
-                except Exception as error:  # every copy is waited for before raising
-                    failed[k] = error
+        done, failed = self._each([int(k) for k in ks], lambda k: self._copy(k, journal))
         trained = APICopies(
             list(done), [m for m, _ in done.values()], [j for _, j in done.values()]
         )
@@ -383,36 +456,9 @@ class APIAccess(ModelAccess):
 
     # Losses ----------------------------------------------------------------------------
 
-    def losses(self, model: str, examples: TextExamples, usage: Usage | None = None) -> np.ndarray:
-        """The loss of every example under ``model`` (mean completion-token NLL), ``[n]``."""
-        return example_losses(self.client, self.loss_method, model, examples, usage)
-
-    def evaluate(self, ks: Sequence[int], trained: APICopies) -> CopyLosses:
-        """Loss rows of copies ``ks``: every training example and query under each copy."""
-        train = np.stack(
-            [
-                self.losses(m, self.train_set, self.usage_of(k))
-                for k, m in zip(ks, trained.models, strict=True)
-            ]
-        )
-        query = np.stack(
-            [
-                self.losses(m, self.query_set, self.usage_of(k))
-                for k, m in zip(ks, trained.models, strict=True)
-            ]
-        )
-        diverged = ~(np.isfinite(train).all(axis=1) & np.isfinite(query).all(axis=1))
-        return CopyLosses(np.asarray(ks), train, query, diverged)
-
-    def measure_queries(self, trained: APICopies, start: int) -> np.ndarray:
-        """Query losses from ``start`` on, under each copy, ``[G, m − start]``."""
-        tail = TextExamples(self.query_set.prompts[start:], self.query_set.completions[start:])
-        return np.stack(
-            [
-                self.losses(m, tail, self.usage_of(k))
-                for k, m in zip(trained.ks, trained.models, strict=True)
-            ]
-        )
+    def readers(self, trained: APICopies) -> list[tuple[str, str]]:
+        """Each copy's fine-tuned model, with no prefix."""
+        return [(model, "") for model in trained.models]
 
     def base_losses(self) -> tuple[np.ndarray, np.ndarray]:
         """θ0's losses on the training set and the queries."""

@@ -1,0 +1,1 @@
+"""Strict black-box access (``model.access: prompt``): copies are learned discrete prompts."""
