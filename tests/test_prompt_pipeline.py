@@ -43,6 +43,7 @@ from daunce_core.errors import DaunceError
 from daunce_core.evaluation.instructions import instructions
 from daunce_core.method.config import DaunceConfig
 from daunce_core.method.objectives import Objective
+from daunce_core.storage.lineage import Lineage
 from daunce_core.storage.records import CopyRecords
 from flows.attribute import run_attribute
 from flows.config import load_config
@@ -201,6 +202,16 @@ def test_a_prompt_run_end_to_end_then_rerun_without_work(harness, data, server, 
     second = run_attribute(config)
     assert second["trained_now"] == 0
     np.testing.assert_array_equal(scores_of(second["run_dir"]), scores)
+    with Lineage(tmp_path / "ws" / "lineage.duckdb").connect(read_only=True) as con:
+        rows = con.execute(
+            "SELECT count(*), sum(search_calls), min(search_tokens), sum(jobs_created) "
+            "FROM copies WHERE run_id = ?",
+            [config.run_id()],
+        ).fetchone()
+    assert rows[0] == 4
+    assert rows[1] == 4 * 4 * per_step  # the budget's count, once per copy
+    assert rows[2] > 0
+    assert rows[3] == 0
     status = subprocess.run(
         [sys.executable, "-m", "flows.cli", "status", "--workspace", str(tmp_path / "ws")],
         capture_output=True,

@@ -178,6 +178,9 @@ class CopyJournal(Protocol):
     def record_usage(self, k: int, counts: dict[str, int]) -> None:
         """Add ``counts`` (requests, tokens, jobs) to what copy ``k``'s record says it cost."""
 
+    def recorded_usage(self, k: int) -> dict[str, int]:
+        """What copy ``k``'s record says it cost so far (over attempts and processes)."""
+
     def state_file(self, k: int) -> Path:
         """Where a kind keeps copy ``k``'s work in progress (a prompt search's state).
 

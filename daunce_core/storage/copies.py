@@ -88,6 +88,10 @@ class RecordJournal:
         record.usage = _add_counts(record.usage or {}, counts)
         self.store.write(record)
 
+    def recorded_usage(self, k: int) -> dict[str, int]:
+        """What copy ``k``'s record says it cost so far."""
+        return dict(self.records[k].usage or {})
+
     def state_file(self, k: int) -> Path:
         """Copy ``k``'s work in progress, beside its record: ``copy-000007.state.json``."""
         return copy_file(self.store.folder, k, ".state.json")

@@ -32,10 +32,14 @@ USAGE_COLUMNS = (
     "completion_tokens",
     "trained_tokens",
     "jobs",
+    "adopted",
+    "search_calls",
+    "search_tokens",
 )
-"""What a copy cost, in its record's ``usage`` (API access) and the ``copies`` table (where
-``jobs`` is the column ``jobs_created`` and ``adopted`` ``jobs_adopted``; ``jobs`` there lists
-the job ids)."""
+"""What a copy cost, in its record's ``usage`` (API and prompt access) and the ``copies`` table
+(where ``jobs`` is the column ``jobs_created`` and ``adopted`` ``jobs_adopted``; ``jobs`` there
+lists the job ids; ``search_calls`` and ``search_tokens`` are what a prompt search spent of its
+budget)."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -50,6 +54,8 @@ CREATE TABLE IF NOT EXISTS copies (
     prompt_tokens BIGINT, completion_tokens BIGINT, trained_tokens BIGINT);
 ALTER TABLE copies ADD COLUMN IF NOT EXISTS jobs_created BIGINT;
 ALTER TABLE copies ADD COLUMN IF NOT EXISTS jobs_adopted BIGINT;
+ALTER TABLE copies ADD COLUMN IF NOT EXISTS search_calls BIGINT;
+ALTER TABLE copies ADD COLUMN IF NOT EXISTS search_tokens BIGINT;
 CREATE TABLE IF NOT EXISTS artifacts (
     run_id VARCHAR, uri VARCHAR, kind VARCHAR, digest VARCHAR, shape VARCHAR,
     producer VARCHAR, created_at TIMESTAMP);
@@ -247,7 +253,8 @@ class Lineage:
             rows.append([*fixed, json.dumps(r.jobs), *counts])
         columns = (
             "run_id, k, status, attempts, seconds, job_id, job_state, jobs, requests, retries, "
-            "prompt_tokens, completion_tokens, trained_tokens, jobs_created, jobs_adopted"
+            "prompt_tokens, completion_tokens, trained_tokens, jobs_created, jobs_adopted, "
+            "search_calls, search_tokens"
         )
         with self.connect() as con:
             con.execute("DELETE FROM copies WHERE run_id = ?", [run_id])

@@ -330,8 +330,12 @@ class PromptAccess(ServerAccess):
         self._save_state(path, k, state, completions, final)
         if journal is None:
             return
-        counts = self.take_usage(k)
-        if counts and any(counts.values()):
+        counts = self.take_usage(k) or {}
+        if final:  # the budget's own counts, once: what the record lacks of the state's totals
+            recorded = journal.recorded_usage(k)
+            counts["search_calls"] = state.calls - recorded.get("search_calls", 0)
+            counts["search_tokens"] = state.tokens - recorded.get("search_tokens", 0)
+        if any(counts.values()):
             journal.record_usage(k, counts)
         b, s = self.budget, self.search
         calls = f"{state.calls:,}" + (f" of {b.calls:,}" if b.calls else "")
