@@ -197,7 +197,7 @@ class PromptAccess(ServerAccess):
             state.objective.append(float(values.mean()))
             with self._lock:
                 usage.add(spent)
-            if state.step % s.checkpoint_steps == 0:
+            if state.step % s.checkpoint_steps == 0 and self._stop(state) is None:
                 self._checkpoint(k, journal, path, state, completions)
         self._checkpoint(k, journal, path, state, completions, final=stopped)
         return state, stopped
