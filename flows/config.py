@@ -360,6 +360,12 @@ class RunConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def __post_init__(self) -> None:
+        if self.daunce.score == "subspace":
+            raise DaunceError(
+                "daunce.score: subspace is available in the library (daunce_core.attribute) so "
+                "far, not in the pipeline, which streams covariance and correlation scores; use "
+                "one of those here."
+            )
         access = KINDS[self.model.access]
         check_objective(access.kind, access.capabilities, self.daunce.objective)
         kind = self.task.get("kind", "classification")

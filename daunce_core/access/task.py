@@ -13,7 +13,8 @@ touches the model in exactly four ways (paper §3.1, eq. (5) and Table 1):
 
 A `Task` names these with two required methods (`outputs`, `loss_from_outputs`) and optional
 hooks with safe defaults: `margin_from_outputs` (needed by the ``trak`` variant and the margin
-measurement), `logit_noise` (needed by sampled-label perturbations) and `trainable_parameters`.
+measurement), `logit_noise` (needed by sampled-label perturbations), `output_hessian_product`
+(the subspace-curvature scores; autograd by default) and `trainable_parameters`.
 
 A Hugging Face causal LM with LoRA meets the same protocol: ``outputs`` returns the
 answer-token logits ``[B, T, V]``; ``loss_from_outputs`` the mean token NLL over the answer
@@ -98,6 +99,30 @@ class Task(ABC):
             f"{type(self).__name__} defines no correct_from_outputs; implement it (e.g. argmax "
             "equals the label) to run the subset-removal evaluation."
         )
+
+    def output_hessian_product(
+        self, outputs: torch.Tensor, batch: ExampleSet, vectors: torch.Tensor
+    ) -> torch.Tensor:
+        """The loss's Hessian in the outputs times ``vectors``: ``H_i v_i`` for every example i.
+
+        Used by the subspace-curvature scores (DESIGN §1), whose curvature is the Gauss-Newton
+        ``Σ_i J_iᵀ H_i J_i`` in the copies' span. ``outputs``: the base model's logits
+        ``[B, ...]``, where ``H_i = ∂²L_i/∂g²`` is taken; ``vectors``: ``[G, B, ...]``, G
+        directions in output space for each example. Returns ``[G, B, ...]``.
+
+        Default: forward-over-reverse autograd of `loss_from_outputs` (each example's loss
+        depends on its own outputs only, so the Hessian of the summed loss is block-diagonal);
+        `ClassificationTask` and `RegressionTask` have closed forms.
+        """
+        outputs = outputs.detach()
+
+        def gradient(out: torch.Tensor) -> torch.Tensor:
+            return torch.func.grad(lambda o: self.loss_from_outputs(o, batch).sum())(out)
+
+        def product(vector: torch.Tensor) -> torch.Tensor:
+            return torch.func.jvp(gradient, (outputs,), (vector.to(outputs.dtype),))[1]
+
+        return torch.stack([product(vector) for vector in vectors])
 
     def trainable_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Parameters the perturbed copies train, keyed by ``model.named_parameters()`` name."""
@@ -213,6 +238,14 @@ class ClassificationTask(Task):
         classes = torch.arange(outputs.shape[-1], device=outputs.device)
         return probs - (classes == sampled.unsqueeze(-1)).to(probs.dtype)
 
+    def output_hessian_product(
+        self, outputs: torch.Tensor, batch: ExampleSet, vectors: torch.Tensor
+    ) -> torch.Tensor:
+        """``(diag(p) − p pᵀ) v`` with ``p = softmax(outputs)``: cross-entropy's Hessian."""
+        probs = outputs.softmax(dim=-1)
+        weighted = probs * vectors
+        return weighted - probs * weighted.sum(dim=-1, keepdim=True)
+
 
 class RegressionTask(Task):
     """Least squares: loss ``½‖g − y‖²`` (Gaussian NLL with unit variance, up to a constant).
@@ -249,6 +282,12 @@ class RegressionTask(Task):
             )
         z = math.sqrt(2.0) * torch.erfinv(2.0 * xi.to(outputs.dtype) - 1.0)
         return z.reshape(outputs.shape)
+
+    def output_hessian_product(
+        self, outputs: torch.Tensor, batch: ExampleSet, vectors: torch.Tensor
+    ) -> torch.Tensor:
+        """``v`` itself: the Hessian of ``½‖g − y‖²`` in ``g`` is the identity."""
+        return vectors
 
 
 def task_from_spec(spec: dict) -> Task:

@@ -1,11 +1,12 @@
 """DAUNCE in a few lines, in memory: `attribute` a model's queries to its training examples.
 
 ``attribute`` runs Algorithm 1 end to end — perturbed copies, loss matrices ``A`` (K × n) and
-``B`` (K × m), then covariance or correlation scores (paper eq. (6)) — and returns an
-`Attribution`. Scores are oriented ``[n_train, m_query]``: ``scores[i, j]`` is the influence of
+``B`` (K × m), then covariance or correlation scores (paper eq. (6)), or the subspace-curvature
+scores (the influence function in the copies' span, `daunce_core.method.subspace`) — and returns
+an `Attribution`. Scores are oriented ``[n_train, m_query]``: ``scores[i, j]`` is the influence of
 training example ``i`` on query ``j``; positive means training on ``i`` lowers the query's loss
 (a proponent), negative raises it (an opponent). The pipeline (``flows/``) runs the same steps
-out of core, with every intermediate result kept.
+out of core, with every intermediate result kept (the subspace scores are in-memory only so far).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from daunce_core.access.base import CopyLosses
 from daunce_core.access.task import Task
 from daunce_core.access.torch_module.access import TorchModuleAccess
 from daunce_core.errors import DaunceError
@@ -25,6 +27,7 @@ from daunce_core.method.scores import (
     warn_constant,
     write_scores,
 )
+from daunce_core.method.subspace import SubspaceLosses, subspace_scores
 
 
 @dataclass
@@ -33,13 +36,15 @@ class Attribution:
 
     Attributes:
         scores: ``[n_train, m_query]`` float32; ``scores[i, j]`` = influence of train ``i`` on
-            query ``j`` (correlation or covariance, per the config).
+            query ``j`` (correlation, covariance or subspace, per the config).
         self_influence: ``[n_train]`` variance of each training loss across the copies
             (high values flag mislabelled or atypical examples).
         losses_train: ``A``, ``[K, n_train]``; row k = copy k (NaN rows: diverged copies).
         losses_query: ``B``, ``[K, m_query]``.
         excluded: copy indices left out of the scores (non-finite losses).
         config: the configuration that produced it.
+        subspace: for ``score="subspace"``: the reflected copies' measurements and the
+            curvature ``Q`` (`daunce_core.method.subspace.SubspaceLosses`); else None.
     """
 
     scores: np.ndarray
@@ -48,6 +53,7 @@ class Attribution:
     losses_query: np.ndarray
     excluded: np.ndarray
     config: DaunceConfig
+    subspace: SubspaceLosses | None = None
 
     def _column(self, query: int) -> np.ndarray:
         if not 0 <= query < self.scores.shape[1]:
@@ -94,15 +100,31 @@ def attribute(
     copies = TorchModuleAccess(
         model, task, train, queries, config, base_l2=base_l2, compute=compute
     )
-    rows = copies.run(range(config.num_models))
+    parts = None
+    if config.score == "subspace":
+        rows, parts = copies.run_subspace(range(config.num_models))
+    else:
+        rows = copies.run(range(config.num_models))
     stats = collect_statistics(rows.train, rows.query)
     warn_constant(stats, config.dtype)
-    scores = write_scores(rows.train, rows.query, stats, kind=config.score)
     return Attribution(
-        scores=scores,
+        scores=_scores(rows, stats, config, parts),
         self_influence=self_influence(stats),
         losses_train=rows.train,
         losses_query=rows.query,
         excluded=stats.excluded_rows,
         config=config,
+        subspace=parts,
+    )
+
+
+def _scores(rows: CopyLosses, stats, config: DaunceConfig, parts: SubspaceLosses | None):
+    """The config's score kind over the valid copies of ``stats``, ``[n_train, m_query]``."""
+    if parts is None:
+        return write_scores(rows.train, rows.query, stats, kind=config.score)
+    valid = stats.valid_rows
+    return subspace_scores(
+        parts.train.central()[valid],
+        parts.query.central()[valid],
+        parts.curvature[np.ix_(valid, valid)],
     )

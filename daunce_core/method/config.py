@@ -16,7 +16,9 @@ from daunce_core.access.task import MEASUREMENTS, Measurement
 from daunce_core.errors import DaunceError
 from daunce_core.method.objectives import Objective
 
-SCORE_KINDS = ("correlation", "covariance")
+SCORE_KINDS = ("correlation", "covariance", "subspace")
+"""Score kinds of `DaunceConfig.score`; ``subspace`` is computed by the in-memory `attribute` only
+(the pipeline streams ``correlation`` and ``covariance``)."""
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -83,7 +85,10 @@ class DaunceConfig:
             strength (the ``base_l2`` given to the run), so the perturbed objective has the
             training objective's curvature.
         measurement: query measurement, ``"loss"`` or ``"margin"`` (stored negated).
-        score: ``"correlation"`` (the paper's default) or ``"covariance"``.
+        score: ``"correlation"`` (the paper's default), ``"covariance"``, or ``"subspace"``: the
+            influence function in the copies' span, from the copies, their reflections
+            ``θ0 − Δ_k`` and the curvature in their span (`daunce_core.method.subspace`; in
+            `daunce_core.attribute` only, for torch models).
         dtype: ``"float32"`` or ``"float64"`` for the copies' training and losses.
         antithetic: pair copies ``(2p, 2p+1)`` with ``ξ`` and ``1 − ξ`` on the same subset.
         seed: the run's seed; copy k's draws depend only on ``(seed, k)``.
@@ -98,7 +103,7 @@ class DaunceConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.01, batch_size=64))
     prox: float | None = None
     measurement: Measurement = "loss"
-    score: Literal["correlation", "covariance"] = "correlation"
+    score: Literal["correlation", "covariance", "subspace"] = "correlation"
     dtype: Literal["float32", "float64"] = "float32"
     antithetic: bool = False
     seed: int = 0

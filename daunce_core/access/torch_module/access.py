@@ -22,6 +22,7 @@ from daunce_core.access.base import Capabilities, CopyJournal, CopyLosses, Model
 from daunce_core.access.task import Task, check_per_example
 from daunce_core.access.torch_module.evaluation import evaluate_copies
 from daunce_core.access.torch_module.stacked import trainable_names
+from daunce_core.access.torch_module.subspace import merge_trained, parameter_gram, reflected_losses
 from daunce_core.access.torch_module.training import TrainedCopies, train_copies
 from daunce_core.data import as_example_set, cast_floating, check_compatible, num_examples, take
 from daunce_core.errors import DaunceWarning, TaskError
@@ -29,6 +30,7 @@ from daunce_core.method.config import ComputeConfig, DaunceConfig
 from daunce_core.method.draws import draw_perturbation
 from daunce_core.method.objectives import per_example_objective
 from daunce_core.method.signals import BaseSignals, compute_base_signals
+from daunce_core.method.subspace import SubspaceLosses
 
 
 class TorchModuleAccess(ModelAccess):
@@ -83,8 +85,8 @@ class TorchModuleAccess(ModelAccess):
             self.signals = {k: v.to(device=device, dtype=dtype) for k, v in self.signals.items()}
         params = dict(self.model.named_parameters())
         self.anchor = {name: params[name].detach() for name in self.names}
-        lam = base_l2 if config.prox is None else config.prox
-        self.l2 = config.objective.gamma * lam
+        self.prox = base_l2 if config.prox is None else config.prox
+        self.l2 = config.objective.gamma * self.prox
 
     def _probe(self) -> None:
         """Fail early, with the fix, if the model cannot run on the data or reduces losses."""
@@ -144,16 +146,52 @@ class TorchModuleAccess(ModelAccess):
             query=np.concatenate([p.query for p in parts]),
             diverged=np.concatenate([p.diverged for p in parts]),
         )
-        if result.diverged.any():
-            bad = result.ks[result.diverged].tolist()
-            warnings.warn(
-                f"perturbed copies {bad} diverged (non-finite objective, parameters or losses); "
-                "their losses are NaN "
-                "and the scores leave them out. Lower the learning rate or rho if this recurs.",
-                DaunceWarning,
-                stacklevel=2,
-            )
+        _warn_diverged(result)
         return result
+
+    def run_subspace(self, ks: Sequence[int]) -> tuple[CopyLosses, SubspaceLosses]:
+        """Train copies ``ks`` (in groups) and measure what the subspace scores need.
+
+        Every copy ``θ0 + Δ_k``, its reflection ``θ0 − Δ_k`` (no training) and ``θ0`` are
+        measured on the training set and the queries, and ``Q = (1/n) Σ_i dz_ikᵀ H_i dz_il +
+        λ Δ_kᵀ Δ_l`` is formed over all copies at once (`daunce_core.method.subspace`), ``λ``
+        the copies' proximal strength (``prox``, default the base model's L2). All K copies'
+        parameters are held together (``K × P`` values). The loss rows are the trained copies'
+        (as `run`'s); a copy is diverged if any of its measurements is not finite.
+        """
+        size = self.compute.group_size
+        trained = merge_trained(
+            [self.train(list(ks[i : i + size])) for i in range(0, len(ks), size)]
+        )
+        parts = self.measure_reflected(trained)
+        diverged = np.asarray(trained.diverged) | ~parts.finite_rows()
+        train, query = parts.train.plus.copy(), parts.query.plus.copy()
+        train[diverged], query[diverged] = np.nan, np.nan
+        rows = CopyLosses(np.asarray(ks), train, query, diverged)
+        _warn_diverged(rows)
+        return rows, parts
+
+    def measure_reflected(self, trained: TrainedCopies) -> SubspaceLosses:
+        """Measurements of ``trained``, of their reflections and of ``θ0``, and ``Q``."""
+        c = self.compute
+
+        def measure(data, **options):
+            return reflected_losses(
+                self.model,
+                self.task,
+                trained.params,
+                self.anchor,
+                data,
+                batch_size=c.eval_batch_size,
+                group_size=c.group_size,
+                vectorize=c.vectorize,
+                **options,
+            )
+
+        train, gram = measure(self.train_set)
+        query, _ = measure(self.query_set, measurement=self.config.measurement, curvature=False)
+        curvature = gram + self.prox * parameter_gram(trained.params, self.anchor)
+        return SubspaceLosses(train=train, query=query, curvature=curvature)
 
     def train(self, ks: Sequence[int], journal: CopyJournal | None = None) -> TrainedCopies:
         """Train copies ``ks`` together (one group: ``vmap`` over all of them) from ``θ0``.
@@ -240,6 +278,18 @@ class TorchModuleAccess(ModelAccess):
             vectorize=self.compute.vectorize,
         )
         return values.double().cpu().numpy()
+
+
+def _warn_diverged(rows: CopyLosses) -> None:
+    if rows.diverged.any():
+        bad = rows.ks[rows.diverged].tolist()
+        warnings.warn(
+            f"perturbed copies {bad} diverged (non-finite objective, parameters or losses); "
+            "their losses are NaN "
+            "and the scores leave them out. Lower the learning rate or rho if this recurs.",
+            DaunceWarning,
+            stacklevel=3,
+        )
 
 
 def _on(examples: dict, device: torch.device) -> dict:
