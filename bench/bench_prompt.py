@@ -19,7 +19,8 @@ Prints the tables and the cost per copy (calls and tokens of the search, request
 in all, seconds), writes ``bench/results/prompt_<study>_cpu.json``.
 
 Usage: ``.venv/bin/python bench/bench_prompt.py --study lds [--workspace W] [--models K]
-[--steps 8,32,128]`` and ``--study backdoor [--models K] [--steps 32]``.
+[--steps 8,32,128]`` and ``--study backdoor --length 2 --max-words 1 [--models K] [--steps
+32]`` (its θ0's 64-token context leaves room for a short prompt only).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")  # busy cores
 
 import bench_api  # noqa: E402
 
@@ -52,7 +54,9 @@ from flows.evaluate import run_lds  # noqa: E402
 SEARCH = {"length": 4, "candidates": 64, "samples": 4, "batch_size": 16}
 
 
-def prompt_config(base: dict, name: str, url: str, models: int, steps: int, folder: Path) -> Path:
+def prompt_config(
+    base: dict, name: str, url: str, models: int, steps: int, folder: Path, search: dict
+) -> Path:
     """A run configuration of ``base``'s data with K prompt copies of ``steps`` search steps."""
     raw = {k: v for k, v in base.items() if k not in ("evaluation", "daunce", "model", "compute")}
     raw["name"] = name
@@ -65,7 +69,7 @@ def prompt_config(base: dict, name: str, url: str, models: int, steps: int, fold
             "key_env": bench_api.KEY_ENV,
             "loss": "echo",
             "end_text": "<|endoftext|>",
-            "search": {**SEARCH, "steps": steps},
+            "search": {**search, "steps": steps},
             "limits": {"requests_per_second": 200},
         },
     }
@@ -85,7 +89,10 @@ def copy_costs(run_dir: str, models: int) -> dict:
     return {
         "done": sum(r.status == "done" for r in records),
         "seconds": float(np.median([r.seconds or 0 for r in records])),
-        "search_calls": float(np.median([s["calls"] for s in saved])),
+        # loss queries of the search (steps × samples × batch; counted the same in any run)
+        "search_calls": float(
+            np.median([s["steps"] * SEARCH["samples"] * SEARCH["batch_size"] for s in saved])
+        ),
         "search_tokens": float(np.median([s["tokens"] for s in saved])),
         "requests": float(np.median([u.get("requests", 0) for u in usage])),
         "prompt_tokens": float(np.median([u.get("prompt_tokens", 0) for u in usage])),
@@ -93,11 +100,12 @@ def copy_costs(run_dir: str, models: int) -> dict:
     }
 
 
-def run_prompts(raw: dict, url: str, models: int, steps: list[int], folder: Path) -> dict:
-    runs = {}
-    for count in steps:
+def run_prompts(raw: dict, url: str, args, folder: Path) -> dict:
+    runs, models = {}, args.models
+    search = {**SEARCH, "length": args.length, "max_words": args.max_words}
+    for count in args.steps:
         name = f"{raw['name']}-prompt-s{count}"
-        path = prompt_config(raw, name, url, models, count, folder)
+        path = prompt_config(raw, name, url, models, count, folder, search)
         t = time.perf_counter()
         result = run_attribute(load_config(path))
         runs[f"prompt-s{count}"] = {
@@ -126,6 +134,21 @@ def print_costs(runs: dict) -> None:
         )
 
 
+def covariance_scores(run_dir: str) -> str:
+    """Covariance scores of a run's stored loss rows, written beside its own scores."""
+    from daunce_core.method.scores import score_matrix
+
+    store = Path(run_dir) / "store"
+    a, b = (np.asarray(zarr.open_array(str(store / name), mode="r")[:]) for name in LOSSES)
+    path = store / "scores_covariance"
+    out = zarr.open_array(str(path), mode="w", shape=(a.shape[1], b.shape[1]), dtype="f4")
+    out[:] = score_matrix(a, b, kind="covariance")
+    return str(path)
+
+
+LOSSES = ("losses_train", "losses_query")
+
+
 def study_lds(args, workspace: Path) -> dict:
     config_path = REPO / "data" / "instructions.yaml"
     config = load_config(config_path, workspace=str(workspace))
@@ -143,12 +166,16 @@ def study_lds(args, workspace: Path) -> dict:
     process, url = bench_api.serve(theta0, folder / "server", lora, args.threads)
     os.environ[bench_api.KEY_ENV] = bench_api.KEY
     try:
-        runs = run_prompts(raw, url, args.models, args.steps, folder)
+        runs = run_prompts(raw, url, args, folder)
     finally:
         process.terminate()
         process.wait(30)
     scores = [
         {"name": name, "path": str(Path(run["run_dir"]) / "store" / "scores")}
+        for name, run in runs.items()
+    ]
+    scores += [  # the same copies with covariance scores (the run's own are correlation)
+        {"name": f"{name}-cov", "path": covariance_scores(run["run_dir"])}
         for name, run in runs.items()
     ]
     api = REPO / "bench" / "results" / "api_cpu.json"
@@ -199,7 +226,7 @@ def study_backdoor(args, workspace: Path) -> dict:
         "task": config.task,
     }
     try:
-        runs = run_prompts(raw, url, args.models, args.steps, folder)
+        runs = run_prompts(raw, url, args, folder)
     finally:
         process.terminate()
         process.wait(30)
@@ -226,6 +253,8 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=32, help="prompt copies per run (32)")
     parser.add_argument("--steps", default="8,32,128", help="search steps per copy, one run each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    parser.add_argument("--length", type=int, default=4, help="phrases per prompt (4)")
+    parser.add_argument("--max-words", type=int, default=2, help="words per phrase (2)")
     args = parser.parse_args()
     args.steps = [int(s) for s in args.steps.split(",")]
     import torch
@@ -239,7 +268,7 @@ def main() -> None:
         "command": "bench/bench_prompt.py " + " ".join(sys.argv[1:]),
         "device": f"CPU ({os.cpu_count()} cores), server torch threads {args.threads}",
         "models": args.models,
-        "search": SEARCH,
+        "search": {**SEARCH, "length": args.length, "max_words": args.max_words},
         **study(args, workspace),
         "load_average": os.getloadavg(),
         "seconds": time.perf_counter() - started,

@@ -508,15 +508,14 @@ def _rows_digest(run: RunConfig, run_dir: Path, spec: dict, workspace: Path) -> 
 def _prompt_plan(run: RunConfig, n: int, m: int) -> str:
     """What each copy of a prompt run may spend: its search's bound, then its measurement."""
     recipe = parse_prompt_recipe(run.model.recipe)
-    s, b, per = recipe.search, recipe.budget, recipe.limits.prompts_per_request
-    step = -(-s.samples * s.batch_size // per)
+    s, b = recipe.search, recipe.budget
+    step = s.samples * s.batch_size
     calls = s.steps * step if b.calls is None else min(s.steps * step, b.calls // step * step)
     tokens = f", at most {b.tokens:,} prompt tokens" if b.tokens else ""
-    measure = -(-n // per) + -(-m // per)
     return (
-        f"each of {run.daunce.num_models} copies: a prompt search of at most {calls:,} "
-        f"loss-query requests ({s.samples} prompts × {s.batch_size} examples per step){tokens}, "
-        f"then {measure:,} requests to measure it on {n:,} training examples and {m:,} queries"
+        f"each of {run.daunce.num_models} copies: a prompt search of at most {calls:,} loss "
+        f"queries ({s.samples} prompts × {s.batch_size} examples per step){tokens}, then "
+        f"{n + m:,} to measure it on {n:,} training examples and {m:,} queries"
     )
 
 

@@ -308,8 +308,9 @@ def _print_jobs(records, num_models: int) -> None:
         return
     print("fine-tuning jobs:" if jobs else "prompt searches:")
     print("\n".join(rows))
-    if usage:
-        print("usage: " + ", ".join(f"{name} {value:,}" for name, value in sorted(usage.items())))
+    spent = {name: value for name, value in sorted(usage.items()) if value}
+    if spent:
+        print("usage: " + ", ".join(f"{name} {value:,}" for name, value in spent.items()))
 
 
 TOP_SQL = (

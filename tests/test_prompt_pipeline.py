@@ -29,6 +29,7 @@ from test_resume import _env
 
 from daunce_core.access.api.access import TextExamples
 from daunce_core.access.api.client import APIClient
+from daunce_core.access.base import CopiesFailed
 from daunce_core.access.prompt.access import PromptAccess
 from daunce_core.access.prompt.config import Budget, PromptSearch, parse_prompt_recipe
 from daunce_core.access.prompt.search import (
@@ -105,7 +106,7 @@ def test_candidates_are_frequent_phrases_in_a_fixed_order():
     texts = ["the cat sat", "the dog sat", "a cat ran", "a bird flew"]
     assert mine_candidates(texts, 3, 2) == mine_candidates(list(reversed(texts)), 3, 2)
     assert set(mine_candidates(texts, 10, 1)) == {"the", "cat", "sat", "a"}
-    with pytest.raises(DaunceError, match=r"raise model\.recipe\.search\.max_words"):
+    with pytest.raises(DaunceError, match=r"must share some words"):
         mine_candidates(["one two", "three four"], 5, 1)
 
 
@@ -188,12 +189,12 @@ def test_a_prompt_run_end_to_end_then_rerun_without_work(harness, data, server, 
     assert np.isfinite(scores).all()
     train_losses, _ = losses_of(first["run_dir"])
     assert np.ptp(train_losses, axis=0).max() > 0  # the copies' prompts differ
-    per_step = 1  # 2 prompts × 4 examples in one request
+    per_step = 2 * 4  # loss queries: 2 prompts × 4 examples (one request)
     for record in records_of(first["run_dir"], 4):
         assert record.status == "done"
         assert record.job_state.startswith("stopped by steps: step 4/4")
-        # Search requests, then one request per split to measure the copy.
-        assert record.usage["requests"] == 4 * per_step + 2
+        # One request per search step, then one per split to measure the copy.
+        assert record.usage["requests"] == 4 + 2
         assert record.usage["prompt_tokens"] > 0
         saved = json.loads((Path(first["run_dir"]) / "copies" / record.params).read_text())
         assert saved["steps"] == 4
@@ -241,9 +242,9 @@ def _access(server, data, budget: Budget, steps: int = 12) -> PromptAccess:
 
 
 def test_the_budget_bounds_each_copys_calls_and_tokens(data, server):
-    by_calls = _access(server, data, Budget(calls=5)).train([0])
+    by_calls = _access(server, data, Budget(calls=5 * 8 + 7)).train([0])  # 8 queries a step
     assert by_calls.stopped == ["budget.calls"]
-    assert by_calls.states[0].calls == 5
+    assert by_calls.states[0].calls == 5 * 8
     assert by_calls.states[0].step == 5
     unbounded = _access(server, data, Budget()).train([0])
     assert unbounded.stopped == ["steps"]
@@ -256,6 +257,8 @@ def test_the_budget_bounds_each_copys_calls_and_tokens(data, server):
     assert (
         by_tokens.states[0].objective == unbounded.states[0].objective[: by_tokens.states[0].step]
     )
+    with pytest.raises(CopiesFailed, match=r"budget\.tokens=10 cannot pay for one search step"):
+        _access(server, data, Budget(tokens=10)).train([1])
 
 
 def test_sigkill_mid_search_then_resume_repeats_no_finished_copy(harness, data, server, tmp_path):
@@ -327,6 +330,16 @@ def test_sampled_labels_search_on_completions_drawn_from_the_base_model(
         assert sum(c in observed for c in state["completions"]) < N / 2
 
 
+def test_a_prompt_too_long_for_the_context_is_refused_before_any_search(
+    harness, data, server, tmp_path
+):
+    recipe = {"search": {"length": 30, "max_words": 2}}
+    config = load_config(prompt_config(tmp_path, data, server, recipe=recipe))
+    with pytest.raises(DaunceError, match=r"Lower model\.recipe\.search\.length"):
+        run_attribute(config)
+    assert not list((tmp_path / "ws").rglob("copy-*.state.json"))  # no search began
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -343,6 +356,7 @@ def test_sampled_labels_search_on_completions_drawn_from_the_base_model(
         ({"recipe": {"search": {"samples": 1}}}, r"search.samples must be >= 2"),
         ({"recipe": {"search": {"learning_rate": 0}}}, r"search.learning_rate must be > 0"),
         ({"recipe": {"budget": {"calls": 0}}}, r"budget.calls must be >= 1"),
+        ({"recipe": {"budget": {"calls": 7}}}, r"budget.calls=7 cannot pay for one search step"),
         ({"recipe": {"key": "sk-1"}}, r"must not hold the API key"),
         ({"task": {"kind": "classification"}}, r"model.access: prompt needs task.kind: causal_lm"),
     ],
@@ -366,5 +380,5 @@ def test_limits_and_checkpointing_do_not_change_the_run_but_the_search_does(data
     assert load_config(same).run_id() == one.run_id()
     longer = prompt_config(tmp_path, data, server, "p", recipe={"search": {"steps": 5}})
     assert load_config(longer).run_id() != one.run_id()
-    bounded = prompt_config(tmp_path, data, server, "p", recipe={"budget": {"calls": 9}})
+    bounded = prompt_config(tmp_path, data, server, "p", recipe={"budget": {"calls": 90}})
     assert load_config(bounded).run_id() != one.run_id()

@@ -239,8 +239,8 @@ class APIClient:
             self.sleep(wait if wait is not None else backoff(self.limits, attempt, self._rng))
         raise APIUnavailable(
             f"{what}: the server at {self.recipe.base_url} kept failing ({describe(last)}) "
-            f"through {retries} retries. Nothing computed is lost (every job "
-            "created is recorded): rerun the same command to resume, or raise "
+            f"through {retries} retries. Nothing computed is lost (jobs and searches "
+            "are recorded as they go): rerun the same command to resume, or raise "
             "model.recipe.limits.retries to wait longer."
         ) from last
 

@@ -28,7 +28,6 @@ deterministic server (the same text gives the same log-probabilities) a copy dep
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import ClassVar
 import numpy as np
 
 from daunce_core.access.api.access import ServerAccess, TextExamples
-from daunce_core.access.api.client import APIClient, Usage
+from daunce_core.access.api.client import APIClient, APIUnavailable, Usage
 from daunce_core.access.base import (
     Capabilities,
     CopiesFailed,
@@ -56,6 +55,10 @@ from daunce_core.method.config import DaunceConfig
 from daunce_core.method.draws import Stream, draw_perturbation, epoch_order, stream_rng
 
 STATE_VERSION = 1
+
+FIT_EXAMPLES = 8
+"""The longest examples of each split (in characters) read under the longest prompt before any
+search (`PromptAccess.check_fits`)."""
 
 
 @dataclass
@@ -119,15 +122,8 @@ class PromptAccess(ServerAccess):
 
     @property
     def calls_per_step(self) -> int:
-        """Loss-query requests of one search step (its samples × batch texts)."""
-        texts = self.search.samples * self.search.batch_size
-        return math.ceil(texts / self.client.limits.prompts_per_request)
-
-    @property
-    def calls_to_measure(self) -> int:
-        """Requests that measure one copy on every training example and query."""
-        per = self.client.limits.prompts_per_request
-        return math.ceil(self.num_train / per) + math.ceil(self.num_queries / per)
+        """Loss queries of one search step: its samples × its batch (texts, not requests)."""
+        return self.search.samples * self.search.batch_size
 
     def prompt_text(self, chosen: Sequence[int]) -> str:
         """The prompt of candidate indices ``chosen``: the phrases, then the separator."""
@@ -143,7 +139,8 @@ class PromptAccess(ServerAccess):
         Raises:
             CopiesFailed: some copies failed (each named); it carries those that did not.
         """
-        done, failed = self._each([int(k) for k in ks], lambda k: self._copy(k, journal))
+        self.check_fits()
+        done, failed = self._each([int(k) for k in ks], lambda k: self._recorded(k, journal))
         trained = PromptCopies(
             list(done),
             [self.prompt_text(state.best()) for state, _ in done.values()],
@@ -153,6 +150,55 @@ class PromptAccess(ServerAccess):
         if failed:
             raise CopiesFailed(trained.ks, trained, failed)
         return trained
+
+    def _recorded(self, k: int, journal: CopyJournal | None) -> tuple[PolicyState, str]:
+        """`_copy`, with what a failed copy spent written to its record before the error."""
+        try:
+            return self._copy(k, journal)
+        except Exception:
+            counts = self.take_usage(k) if journal is not None else None
+            if counts and any(counts.values()):
+                journal.record_usage(k, counts)
+            raise
+
+    def check_fits(self) -> None:
+        """Refuse, before any search, a prompt that cannot fit before the longest examples.
+
+        The longest prompt the search can make repeats the phrase of the most tokens (counted
+        by the server, where it echoes: one loss query per candidate) ``length`` times; it is read
+        once before the `FIT_EXAMPLES` longest training examples and queries (in characters:
+        the tokenizer is the server's), and the server's refusal is named with the fix. A
+        rarer example, longer in tokens than all of those, is refused by the server during
+        the search, named with the same fix.
+        """
+        if getattr(self, "_fits", False):
+            return
+        s = self.search
+        if self.loss_method == "echo":
+            separators = [s.separator] * len(self.candidates)
+            phrases = [" " + c for c in self.candidates]
+            _, counts = self.client.echo_losses(self.base_model, separators, phrases)
+        else:
+            counts = np.array([len(c) for c in self.candidates])
+        # Every position may choose the same phrase: the longest prompt repeats the longest.
+        prefix = " ".join([self.candidates[int(np.argmax(counts))]] * s.length) + s.separator
+        prompts, answers = [], []
+        for split in (self.train_set, self.query_set):
+            sizes = [len(p) + len(c) for p, c in zip(split.prompts, split.completions, strict=True)]
+            for i in np.argsort(sizes, kind="stable")[::-1][:FIT_EXAMPLES]:
+                prompts.append(prefix + split.prompts[i])
+                answers.append(split.completions[i])
+        try:
+            self.losses(self.base_model, TextExamples(prompts, answers))
+        except APIUnavailable:
+            raise
+        except DaunceError as error:
+            raise DaunceError(
+                f"the longest examples do not fit behind the longest prompt the search can "
+                f"make ({prefix.strip()!r}): {error} Lower model.recipe.search.length or "
+                "search.max_words (or shorten the examples)."
+            ) from error
+        self._fits = True
 
     def _copy(self, k: int, journal: CopyJournal | None) -> tuple[PolicyState, str]:
         """Run copy ``k``'s search to its end (resuming a saved state); the state and why."""
@@ -178,7 +224,22 @@ class PromptAccess(ServerAccess):
             rng = stream_rng(self.config.seed, k, Stream.PROMPT_SEARCH, state.step)
             chosen = sample_prompts(state.probs, s.samples, rng)
             spent = Usage()
-            losses = self._losses(chosen, batch, completions, draw.subset, spent)
+            try:
+                losses = self._losses(chosen, batch, completions, draw.subset, spent)
+            except APIUnavailable:
+                raise
+            except DaunceError as error:
+                if "context" not in str(error):
+                    raise
+                raise DaunceError(
+                    f"copy {k}, search step {state.step}: a sampled prompt with the batch's "
+                    f"examples is longer than θ0's context window on the server ({error}). "
+                    "Lower model.recipe.search.length or search.max_words (or shorten the "
+                    "examples); copies already done are kept."
+                ) from error
+            finally:
+                with self._lock:
+                    usage.add(spent)
             values = self._objective(losses)
             if not np.isfinite(values).all():
                 raise DaunceError(
@@ -195,8 +256,13 @@ class PromptAccess(ServerAccess):
             state.calls += self.calls_per_step
             state.tokens += spent.prompt_tokens
             state.objective.append(float(values.mean()))
-            with self._lock:
-                usage.add(spent)
+            if self.budget.tokens is not None and state.tokens > self.budget.tokens:
+                raise DaunceError(
+                    f"copy {k}: budget.tokens={self.budget.tokens:,} cannot pay for one search "
+                    f"step: the first read {state.tokens:,} prompt tokens. Raise budget.tokens "
+                    f"(to about {state.tokens * self.search.steps:,} for all "
+                    f"{self.search.steps} steps) or lower search.samples or search.batch_size."
+                )
             if state.step % s.checkpoint_steps == 0 and self._stop(state) is None:
                 self._checkpoint(k, journal, path, state, completions)
         self._checkpoint(k, journal, path, state, completions, final=stopped)

@@ -9,7 +9,7 @@ A run configuration's ``model.recipe`` for ``model.access: prompt``::
       key_env: DAUNCE_API_KEY                # the environment variable holding the key
       loss: auto                             # echo | top_logprobs | auto (ask the server)
       search: {length: 4, candidates: 64, samples: 4, batch_size: 16, steps: 30}
-      budget: {calls: 200, tokens: 400000}   # per copy, for its search (null: no bound)
+      budget: {calls: 2000, tokens: 400000}  # per copy, for its search (null: no bound)
       limits: {requests_per_second: 10}
 
 Nothing is fine-tuned and no gradient is read: the only operation is "the log-probability of
@@ -107,13 +107,15 @@ class Budget:
     """What one copy's search may spend, at most (None: no bound).
 
     Attributes:
-        calls: loss-query requests of the search (each holds up to
-            ``limits.prompts_per_request`` texts; retries of a failed request are not
-            counted against it, so the budget decides the same copy every time).
-        tokens: prompt tokens the server reads for the search.
+        calls: loss queries of the search (one text whose log-probabilities are read; a
+            step makes ``search.samples × search.batch_size``). Counted in texts, not
+            requests, so that neither ``limits.prompts_per_request`` nor a retried request
+            changes which copy the budget makes.
+        tokens: prompt tokens the server reads for the search (known only after each step:
+            a step is taken if the largest step so far still fits).
 
-    Measuring the copy's final prompt on every training example and query costs
-    ``ceil((n + m) / prompts_per_request)`` requests more; the run prints both before it starts.
+    Measuring the copy's final prompt on every training example and query costs ``n + m``
+    loss queries more; the run prints both before it starts.
     """
 
     calls: int | None = None
@@ -149,6 +151,14 @@ class PromptRecipe:
 
     def __post_init__(self) -> None:
         self.server  # noqa: B018 - the server fields are checked as an API recipe's
+        step = self.search.samples * self.search.batch_size
+        if self.budget.calls is not None and self.budget.calls < step:
+            raise DaunceError(
+                f"budget.calls={self.budget.calls} cannot pay for one search step "
+                f"(search.samples × search.batch_size = {step} loss queries): every copy "
+                f"would be the same untrained prompt. Raise budget.calls to at least {step}, "
+                "or lower search.samples or search.batch_size."
+            )
 
     @property
     def server(self) -> APIRecipe:

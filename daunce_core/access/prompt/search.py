@@ -58,8 +58,8 @@ def mine_candidates(texts: Sequence[str], count: int, max_words: int) -> list[st
     if len(chosen) < 2:
         raise DaunceError(
             f"the training texts hold {len(chosen)} phrase(s) that occur in two or more (but not "
-            "all) examples; a learned prompt chooses among such phrases. Add training examples, "
-            "or raise model.recipe.search.max_words."
+            "all) examples; a learned prompt chooses among such phrases, so the training "
+            "examples must share some words. Add training examples."
         )
     return chosen
 
