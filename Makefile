@@ -31,8 +31,10 @@ smollm2: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/daunce demo
 
+# Two pytest workers (pytest-xdist), a whole test module each at a time, the longest modules
+# first (tests/conftest.py): ~2x faster on two cores than one process.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not gpu"
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow and not gpu"
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q

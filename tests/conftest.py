@@ -93,3 +93,35 @@ def prefect_api() -> str:
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
+
+
+# One torch thread per test process: `make test` runs two pytest workers on two cores (and the
+# servers and `daunce` processes the tests start take their own). The single-process suite ran
+# this way too, from test_access_hf's first model on.
+torch.set_num_threads(1)
+
+# Under pytest-xdist (`make test`: `-n 2 --dist loadfile --no-loadscope-reorder`) a worker takes
+# a whole module at a time, in collection order: the modules that take longest go first, so that
+# no worker is left with a minute-long module while the other has finished. Longest first.
+LONG_MODULES = (
+    "test_api_pipeline.py",
+    "test_server_lifecycle.py",
+    "test_closed_form.py",
+    "test_schedule.py",
+    "test_resume.py",
+    "test_dask.py",
+    "test_prompt_pipeline.py",
+    "test_artefacts.py",
+    "test_pipeline.py",
+    "test_api_server.py",
+    "test_access_hf.py",
+    "test_lm_pipeline.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist, the long modules first (a stable sort: each module keeps its order)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
