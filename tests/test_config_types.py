@@ -57,7 +57,7 @@ BAD = [
     ("daunce.antithetic", "yes", "true or false"),
     ("daunce.antithetic", 1, "true or false"),
     ("name", 5, "a string"),
-    ("daunce.score", "best", "one of ['correlation', 'covariance']"),
+    ("daunce.score", "best", "one of ['correlation', 'covariance', 'subspace']"),
     ("compute.device", "tpu", "one of ['auto', 'cpu', 'cuda']"),
     ("daunce.train.betas", [0.9], "a list of 2 numbers"),
     ("daunce.train.betas[0]", ["high", 0.99], "a number"),
