@@ -113,3 +113,15 @@ def test_good_values_load_as_their_fields_types(tmp_path, data):
     assert len(listed.data.query_sources()) == 1
     named = load(tmp_path, data, "evaluation.baselines", ["gradient_dot"])
     assert named.evaluation.baselines[0].method == "gradient_dot"
+
+
+@pytest.mark.parametrize("name", ["DaunceConfig", "ComputeConfig", "TrainConfig", "attribute"])
+def test_each_public_name_imports_first_in_a_fresh_process(name):
+    """``from daunce_core import DaunceConfig`` as a program's first import (was circular)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", f"from daunce_core import {name}"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-1500:]
