@@ -8,7 +8,7 @@ A run configuration's ``model.recipe`` for ``model.access: prompt``::
       model: tiny                            # θ0, as the server names it
       key_env: DAUNCE_API_KEY                # the environment variable holding the key
       loss: auto                             # echo | top_logprobs | auto (ask the server)
-      search: {length: 4, candidates: 64, samples: 4, batch_size: 16, steps: 30}
+      search: {length: 4, candidates: 64, samples: 4, batch_size: 16, steps: 8}
       budget: {calls: 2000, tokens: 400000}  # per copy, for its search (null: no bound)
       limits: {requests_per_second: 10}
 
@@ -45,7 +45,11 @@ class PromptSearch:
         max_words: the longest candidate phrase, in words.
         samples: prompts sampled per step (at least 2: the baseline is their mean loss).
         batch_size: training examples of the copy's subset per step.
-        steps: steps per copy at most (the budget may stop a copy sooner).
+        steps: steps per copy at most (the budget may stop a copy sooner). 8 by evidence
+            (README, "Strict black-box"): more search drives every copy toward the same
+            generic prompt, and LDS and backdoor retrieval fall (32 steps: 0.44 and 0.71 of
+            the best); 1 and 8 steps tie on the worst case of the two benchmarks (0.86 of the
+            best), and 8 retrieves the backdoor better.
         learning_rate, weight_decay, clip: the AdamW step and the gradient clipping.
         separator: the text between the learned prompt and each example's prompt.
         checkpoint_steps: a copy's search state is written every this many steps, so that a
@@ -57,7 +61,7 @@ class PromptSearch:
     max_words: int = 2
     samples: int = 4
     batch_size: int = 16
-    steps: int = 30
+    steps: int = 8
     learning_rate: float = 0.05
     weight_decay: float = 0.01
     clip: float = 10.0
