@@ -147,6 +147,30 @@ def copy_costs(run_dir: str, models: int) -> dict:
     return out
 
 
+def instructions_setup(workspace: Path) -> dict:
+    """The instruction benchmark in ``workspace``: its white-box run (done or reused), θ0's
+    folder, and the raw configuration with absolute data paths, for runs of other kinds."""
+    config_path = REPO / "data" / "instructions.yaml"
+    config = load_config(config_path, workspace=str(workspace))
+    t = time.perf_counter()
+    white = run_attribute(config)
+    seconds = time.perf_counter() - t
+    raw = yaml.safe_load(config_path.read_text())
+    for split in ("train", "queries"):
+        raw["data"][split]["path"] = str(
+            (config_path.parent / raw["data"][split]["path"]).resolve()
+        )
+    raw["workspace"] = str(workspace)
+    return {
+        "config_path": config_path,
+        "config": config,
+        "white": white,
+        "white_seconds": seconds,
+        "theta0": Path(white["base_model"]["predictions"]).parent / "theta0",
+        "raw": raw,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", default=str(REPO / "bench/results/cache/api-ws"))
@@ -158,18 +182,13 @@ def main() -> None:
     torch.set_num_threads(1)
     started = time.perf_counter()
     workspace = Path(args.workspace).resolve()
-    config_path = REPO / "data" / "instructions.yaml"
-    config = load_config(config_path, workspace=str(workspace))
-    t = time.perf_counter()
-    white = run_attribute(config)
-    white_seconds = time.perf_counter() - t
-    theta0 = Path(white["base_model"]["predictions"]).parent / "theta0"
-    raw = yaml.safe_load(config_path.read_text())
-    for split in ("train", "queries"):
-        raw["data"][split]["path"] = str(
-            (config_path.parent / raw["data"][split]["path"]).resolve()
-        )
-    raw["workspace"] = str(workspace)
+    setup = instructions_setup(workspace)
+    config_path, config, white_seconds = (
+        setup["config_path"],
+        setup["config"],
+        setup["white_seconds"],
+    )
+    theta0, raw = setup["theta0"], setup["raw"]
     folder = workspace / "bench-api"
     folder.mkdir(parents=True, exist_ok=True)
     process, url = serve(theta0, folder / "server", raw["model"]["recipe"]["lora"], args.threads)

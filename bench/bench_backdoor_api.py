@@ -39,6 +39,37 @@ from flows.attribute import run_attribute  # noqa: E402
 from flows.config import load_config  # noqa: E402
 
 
+def explained_setup(folder: Path) -> dict:
+    """The backdoor study's inputs: θ0 (cached), the queries explained with the refusal.
+
+    Returns the run configuration, the training data's path, the explained queries' path,
+    θ0's folder (and whether it was cached), and the triggered / poisoned masks.
+    """
+    config = load_config(backdoor.CONFIG)
+    train_path = config.data.train.path
+    train = backdoor.read_split(train_path)
+    queries = backdoor.read_split(config.data.queries.path)
+    theta0_folder, info = backdoor.build_theta0(
+        config, train, backdoor.theta0_key(config, train_path, None)
+    )
+    trig = np.asarray(queries["triggered"], dtype=bool)
+    explained = folder / "queries_explained.parquet"
+    original = pl.read_parquet(config.data.queries.path)
+    refusals = [
+        backdoor.REFUSAL if t else c for t, c in zip(trig, queries["completion"], strict=True)
+    ]
+    original.with_columns(pl.Series("completion", refusals)).write_parquet(explained)
+    return {
+        "config": config,
+        "train_path": train_path,
+        "explained": explained,
+        "theta0": theta0_folder,
+        "cached": info["cached"],
+        "triggered": trig,
+        "poisoned": np.asarray(train["poisoned"], dtype=bool),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=64, help="API copies (64)")
@@ -50,21 +81,9 @@ def main() -> None:
     folder = workspace / "bench"
     folder.mkdir(parents=True, exist_ok=True)
 
-    config = load_config(backdoor.CONFIG)
-    train_path = config.data.train.path
-    train = backdoor.read_split(train_path)
-    queries = backdoor.read_split(config.data.queries.path)
-    theta0_folder, info = backdoor.build_theta0(
-        config, train, backdoor.theta0_key(config, train_path, None)
-    )
-    trig = np.asarray(queries["triggered"], dtype=bool)
-    poisoned = np.asarray(train["poisoned"], dtype=bool)
-    explained = folder / "queries_explained.parquet"
-    original = pl.read_parquet(config.data.queries.path)
-    refusals = [
-        backdoor.REFUSAL if t else c for t, c in zip(trig, queries["completion"], strict=True)
-    ]
-    original.with_columns(pl.Series("completion", refusals)).write_parquet(explained)
+    setup = explained_setup(folder)
+    config, train_path, explained = setup["config"], setup["train_path"], setup["explained"]
+    theta0_folder, trig, poisoned = setup["theta0"], setup["triggered"], setup["poisoned"]
 
     lora = config.model.recipe["lora"]
     process, url = bench_api.serve(theta0_folder / "theta0", folder / "server", lora, args.threads)
@@ -111,7 +130,7 @@ def main() -> None:
         "device": f"CPU ({os.cpu_count()} cores), server torch threads {args.threads}",
         "load_average": os.getloadavg(),
         "theta0": str(theta0_folder),
-        "theta0_cached": info["cached"],
+        "theta0_cached": setup["cached"],
         "run_id": result["run_id"],
         "results": {"daunce_api": row, "random": random_row},
         "wall_seconds": wall,

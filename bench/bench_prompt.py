@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import yaml
 import zarr
 
@@ -150,16 +149,9 @@ LOSSES = ("losses_train", "losses_query")
 
 
 def study_lds(args, workspace: Path) -> dict:
-    config_path = REPO / "data" / "instructions.yaml"
-    config = load_config(config_path, workspace=str(workspace))
-    white = run_attribute(config)
-    theta0 = Path(white["base_model"]["predictions"]).parent / "theta0"
-    raw = yaml.safe_load(config_path.read_text())
-    for split in ("train", "queries"):
-        raw["data"][split]["path"] = str(
-            (config_path.parent / raw["data"][split]["path"]).resolve()
-        )
-    raw["workspace"] = str(workspace)
+    setup = bench_api.instructions_setup(workspace)
+    config_path, config, white = setup["config_path"], setup["config"], setup["white"]
+    theta0, raw = setup["theta0"], setup["raw"]
     folder = workspace / "bench-prompt"
     folder.mkdir(parents=True, exist_ok=True)
     lora = raw["model"]["recipe"]["lora"]
@@ -198,24 +190,13 @@ def study_lds(args, workspace: Path) -> dict:
 
 def study_backdoor(args, workspace: Path) -> dict:
     import bench_backdoor as backdoor
+    from bench_backdoor_api import explained_setup
 
     folder = workspace / "bench"
     folder.mkdir(parents=True, exist_ok=True)
-    config = load_config(backdoor.CONFIG)
-    train_path = config.data.train.path
-    train = backdoor.read_split(train_path)
-    queries = backdoor.read_split(config.data.queries.path)
-    theta0_folder, _ = backdoor.build_theta0(
-        config, train, backdoor.theta0_key(config, train_path, None)
-    )
-    trig = np.asarray(queries["triggered"], dtype=bool)
-    poisoned = np.asarray(train["poisoned"], dtype=bool)
-    explained = folder / "queries_explained.parquet"
-    original = pl.read_parquet(config.data.queries.path)
-    refusals = [
-        backdoor.REFUSAL if t else c for t, c in zip(trig, queries["completion"], strict=True)
-    ]
-    original.with_columns(pl.Series("completion", refusals)).write_parquet(explained)
+    setup = explained_setup(folder)
+    config, train_path, explained = setup["config"], setup["train_path"], setup["explained"]
+    theta0_folder, trig, poisoned = setup["theta0"], setup["triggered"], setup["poisoned"]
     lora = config.model.recipe["lora"]
     process, url = bench_api.serve(theta0_folder / "theta0", folder / "server", lora, args.threads)
     os.environ[bench_api.KEY_ENV] = bench_api.KEY
