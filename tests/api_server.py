@@ -47,6 +47,19 @@ TINY_TEXTS = [
 ]
 
 
+def write_instructions(folder: Path, n: int, m: int, seed: int) -> dict[str, Path]:
+    """``n`` training instructions and ``m`` queries (`instructions`) as Parquet in ``folder``."""
+    import polars as pl
+
+    from daunce_core.evaluation.instructions import instructions
+
+    train, queries = instructions(num_train=n, num_queries=m, seed=seed)
+    paths = {"train": folder / "train.parquet", "queries": folder / "queries.parquet"}
+    pl.DataFrame(train).write_parquet(paths["train"])
+    pl.DataFrame(queries).write_parquet(paths["queries"])
+    return paths
+
+
 def make_tiny_model(folder: str | Path, *, context: int = 64, seed: int = 0) -> Path:
     """A tiny GPT-2 (2 layers, width 32, ~300 tokens) saved to ``folder``; reused if present."""
     from daunce_core.access.hf_lora.models import GPT2Recipe, build_gpt2, save_model

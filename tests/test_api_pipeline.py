@@ -22,14 +22,13 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
-from api_server import make_tiny_model, start_server
+from api_server import make_tiny_model, start_server, write_instructions
 from pipeline_helpers import losses_of, scores_of
 from test_resume import _env
 
 from daunce_core.access.api.client import APIClient, APIUnavailable
 from daunce_core.access.api.config import parse_api_recipe
 from daunce_core.errors import DaunceError
-from daunce_core.evaluation.instructions import instructions
 from daunce_core.storage.lineage import Lineage
 from daunce_core.storage.records import CopyRecords
 from flows.attribute import _api_label, run_attribute
@@ -42,12 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("api-data")
-    train, queries = instructions(num_train=N, num_queries=M, seed=2)
-    paths = {"train": folder / "train.parquet", "queries": folder / "queries.parquet"}
-    pl.DataFrame(train).write_parquet(paths["train"])
-    pl.DataFrame(queries).write_parquet(paths["queries"])
-    return paths
+    return write_instructions(tmp_path_factory.mktemp("api-data"), N, M, seed=2)
 
 
 @pytest.fixture(scope="module")

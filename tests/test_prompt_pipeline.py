@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
-from api_server import make_tiny_model, start_server
+from api_server import make_tiny_model, start_server, write_instructions
 from pipeline_helpers import losses_of, scores_of
 from test_resume import _env
 
@@ -41,7 +41,6 @@ from daunce_core.access.prompt.search import (
     sample_prompts,
 )
 from daunce_core.errors import DaunceError
-from daunce_core.evaluation.instructions import instructions
 from daunce_core.method.config import DaunceConfig
 from daunce_core.method.objectives import Objective
 from daunce_core.storage.lineage import Lineage
@@ -115,12 +114,7 @@ def test_candidates_are_frequent_phrases_in_a_fixed_order():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("prompt-data")
-    train, queries = instructions(num_train=N, num_queries=M, seed=3)
-    paths = {"train": folder / "train.parquet", "queries": folder / "queries.parquet"}
-    pl.DataFrame(train).write_parquet(paths["train"])
-    pl.DataFrame(queries).write_parquet(paths["queries"])
-    return paths
+    return write_instructions(tmp_path_factory.mktemp("prompt-data"), N, M, seed=3)
 
 
 @pytest.fixture(scope="module")
