@@ -1,5 +1,7 @@
 """Bad input gets a clear error that names the problem and the fix."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from daunce_core import (
     ClassificationTask,
     DaunceConfig,
     DaunceError,
+    DaunceWarning,
     Objective,
     RegressionTask,
     Task,
@@ -141,6 +144,18 @@ def test_query_index_out_of_range():
     with pytest.raises(DaunceError, match="query index 5 is out of range; there are 5"):
         result.top_proponents(5)
     assert np.isfinite(result.scores).all()
+
+
+def test_a_float64_model_attributed_in_float32_is_warned_about():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    config = small_config(train=TrainConfig(epochs=1, batch_size=4))
+    with pytest.warns(DaunceWarning, match=r"float64.*DaunceConfig\(dtype='float64'\)"):
+        attribute(model, ClassificationTask(), data(), data(5), config)
+    assert model.weight.dtype == torch.float64  # the caller's model is left as it was
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DaunceWarning)  # same precision: no warning
+        attribute(model, ClassificationTask(), data(), data(5), small_config(dtype="float64"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

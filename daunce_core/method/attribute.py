@@ -11,6 +11,7 @@ out of core, with every intermediate result kept (the subspace scores are in-mem
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,7 @@ from torch import nn
 from daunce_core.access.base import CopyLosses
 from daunce_core.access.task import Task
 from daunce_core.access.torch_module.access import TorchModuleAccess
-from daunce_core.errors import DaunceError
+from daunce_core.errors import DaunceError, DaunceWarning
 from daunce_core.method.config import ComputeConfig, DaunceConfig
 from daunce_core.method.scores import (
     collect_statistics,
@@ -97,6 +98,7 @@ def attribute(
         compute: group size, vectorisation, batch size and device (default `ComputeConfig()`).
     """
     config = config or DaunceConfig()
+    warn_downcast(model, config)
     copies = TorchModuleAccess(
         model, task, train, queries, config, base_l2=base_l2, compute=compute
     )
@@ -116,6 +118,26 @@ def attribute(
         config=config,
         subspace=parts,
     )
+
+
+def warn_downcast(model: nn.Module, config: DaunceConfig) -> None:
+    """Warn when the copies would run in a narrower float type than the model was given in.
+
+    The copies are trained and measured in ``config.dtype``; a float64 model attributed in
+    float32 loses the precision it was built with (losses that move little across the copies
+    round to the same value), silently until now.
+    """
+    widest = max((p.dtype.itemsize for p in model.parameters() if p.is_floating_point()), default=0)
+    wanted = config.torch_dtype.itemsize
+    if widest > wanted:
+        warnings.warn(
+            f"the model's parameters are float{8 * widest}, and the copies run in "
+            f"{config.dtype} (DaunceConfig.dtype): losses that move little across the copies "
+            f"may round away. Set DaunceConfig(dtype='float{8 * widest}') to keep the model's "
+            "precision, or cast the model to float32 to silence this warning.",
+            DaunceWarning,
+            stacklevel=3,
+        )
 
 
 def _scores(rows: CopyLosses, stats, config: DaunceConfig, parts: SubspaceLosses | None):
