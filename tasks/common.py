@@ -194,16 +194,17 @@ def api_key(recipe) -> str:
     return key
 
 
-def api_client(recipe: dict):
-    """A client of an ``api`` or ``prompt`` run's server (`access.api.client.APIClient`)."""
+def api_client(recipe: dict, access: str = "api"):
+    """A client of an ``api`` or ``prompt`` run's server (`access.api.client.APIClient`).
+
+    ``access``: the run's ``model.access``, which decides how the recipe reads (its ``kind``
+    may be left out).
+    """
     from daunce_core.access.api.client import APIClient
     from daunce_core.access.api.config import parse_api_recipe
     from daunce_core.access.prompt.config import parse_prompt_recipe
 
-    if recipe.get("kind") == "prompt":
-        parsed = parse_prompt_recipe(recipe).server
-    else:
-        parsed = parse_api_recipe(recipe)
+    parsed = parse_prompt_recipe(recipe).server if access == "prompt" else parse_api_recipe(recipe)
     return APIClient(parsed, api_key(parsed))
 
 
@@ -215,7 +216,7 @@ def prompt_access(spec: dict, config: DaunceConfig) -> ModelAccess:
     recipe = parse_prompt_recipe(spec["recipe"])
     base = json.loads(Path(spec["model"]["uri"]).read_text())
     return PromptAccess(
-        api_client(spec["recipe"]),
+        api_client(spec["recipe"], "prompt"),
         base["model"],
         base["loss_method"],
         *text_splits(spec["task"], spec["train"], spec["queries"]),

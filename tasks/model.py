@@ -101,7 +101,7 @@ def _api_model(model_spec: dict, path: str) -> dict:
     The file holds the server, the model's id and the loss method the server answers
     (``model.recipe.loss``, or what ``auto`` found), so every copy measures losses the same way.
     """
-    client = api_client(model_spec["recipe"])
+    client = api_client(model_spec["recipe"], model_spec["access"])
     recipe = client.recipe
     client.check_model(recipe.model)
     named = {
@@ -233,7 +233,7 @@ def _api_quality(model_spec, task_spec, model, train, queries, path) -> dict:
     """θ0's losses on both splits, read from its server (``api``, ``prompt``: no accuracy)."""
     from daunce_core.access.api.access import TextExamples, example_losses
 
-    client = api_client(model_spec["recipe"])
+    client = api_client(model_spec["recipe"], model_spec["access"])
     base = json.loads(Path(model["uri"]).read_text())
     frames, measured = [], {}
     for split, record in (("train", train), ("queries", queries)):

@@ -362,6 +362,28 @@ def test_configurations_asking_to_fine_tune_or_for_gradients_are_refused(
         load_config(prompt_config(tmp_path, data, server, **change))
 
 
+def test_a_recipe_without_its_kind_reaches_the_server_as_a_prompt_recipe(server, monkeypatch):
+    from tasks.common import api_client
+
+    recipe = {k: v for k, v in recipe_of(server).items() if k != "kind"}
+    assert api_client(recipe, "prompt").recipe.base_url == server.base_url
+
+
+def test_perturbation_knobs_a_prompt_search_ignores_are_refused_in_the_library(data, server):
+    access = _access(server, data, Budget())
+    black_box = Objective(access="black_box")
+    for change in (
+        {"antithetic": True},
+        {"prox": 0.1},
+        {"objective": Objective(access="black_box", rho=0.5)},
+    ):
+        config = DaunceConfig(
+            **{"num_models": 2, "subset_ratio": 0.5, "objective": black_box} | change
+        )
+        with pytest.raises(DaunceError, match=r"cannot apply to model\.access: prompt"):
+            PromptAccess(access.client, "tiny", "echo", access.train_set, access.query_set, config)
+
+
 def test_limits_and_checkpointing_do_not_change_the_run_but_the_search_does(data, server, tmp_path):
     one = load_config(prompt_config(tmp_path, data, server, "p"))
     same = prompt_config(

@@ -27,6 +27,7 @@ deterministic server (the same text gives the same log-probabilities) a copy dep
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -190,9 +191,9 @@ class PromptAccess(ServerAccess):
                 answers.append(split.completions[i])
         try:
             self.losses(self.base_model, TextExamples(prompts, answers))
-        except APIUnavailable:
-            raise
         except DaunceError as error:
+            if isinstance(error, APIUnavailable) or "context" not in str(error):
+                raise
             raise DaunceError(
                 f"the longest examples do not fit behind the longest prompt the search can "
                 f"make ({prefix.strip()!r}): {error} Lower model.recipe.search.length or "
@@ -246,6 +247,7 @@ class PromptAccess(ServerAccess):
                     f"copy {k}: the server answered non-finite losses at search step "
                     f"{state.step}; check the model on the server."
                 )
+            before = copy.deepcopy(state)
             adamw_step(
                 state,
                 policy_gradient(state.probs, chosen, values),
@@ -255,14 +257,21 @@ class PromptAccess(ServerAccess):
             )
             state.calls += self.calls_per_step
             state.tokens += spent.prompt_tokens
+            state.largest = max(state.largest, spent.prompt_tokens)
             state.objective.append(float(values.mean()))
             if self.budget.tokens is not None and state.tokens > self.budget.tokens:
-                raise DaunceError(
-                    f"copy {k}: budget.tokens={self.budget.tokens:,} cannot pay for one search "
-                    f"step: the first read {state.tokens:,} prompt tokens. Raise budget.tokens "
-                    f"(to about {state.tokens * self.search.steps:,} for all "
-                    f"{self.search.steps} steps) or lower search.samples or search.batch_size."
-                )
+                if before.step == 0:
+                    raise DaunceError(
+                        f"copy {k}: budget.tokens={self.budget.tokens:,} cannot pay for one "
+                        f"search step: the first read {state.tokens:,} prompt tokens. Raise "
+                        f"budget.tokens (to about {state.tokens * self.search.steps:,} for all "
+                        f"{self.search.steps} steps) or lower search.samples or "
+                        "search.batch_size."
+                    )
+                # A step larger than any before passed the budget: it is not taken (what it
+                # read is in the usage), so the copy is the same whenever the search resumes.
+                state, stopped = before, "budget.tokens"
+                break
             if state.step % s.checkpoint_steps == 0 and self._stop(state) is None:
                 self._checkpoint(k, journal, path, state, completions)
         self._checkpoint(k, journal, path, state, completions, final=stopped)
@@ -280,10 +289,8 @@ class PromptAccess(ServerAccess):
         b = self.budget
         if b.calls is not None and state.calls + self.calls_per_step > b.calls:
             return "budget.calls"
-        if b.tokens is not None and state.step > 0:
-            largest = max(state.tokens / state.step, 0) * 1.25
-            if state.tokens + largest > b.tokens:
-                return "budget.tokens"
+        if b.tokens is not None and state.step > 0 and state.tokens + state.largest > b.tokens:
+            return "budget.tokens"
         return None
 
     def _batch(self, draw, step: int, orders: dict[int, np.ndarray]) -> np.ndarray:
@@ -461,6 +468,22 @@ class PromptAccess(ServerAccess):
 def check_prompt_objective(config: DaunceConfig) -> None:
     """Refuse what a prompt search cannot do: the margin objective and perturbation knobs."""
     objective = config.objective
+    ignored = [
+        name
+        for name, given in (
+            ("prox", config.prox is not None),
+            ("objective.gamma", objective.gamma != 1),
+            ("objective.rho", objective.rho != 1),
+            ("antithetic", config.antithetic),
+            ("measurement: margin", config.measurement != "loss"),
+        )
+        if given
+    ]
+    if ignored:
+        raise DaunceError(
+            f"{', '.join(ignored)} cannot apply to model.access: prompt (a prompt search changes "
+            "only the text before each example, and losses are read as they are); remove them."
+        )
     if objective.variant == "trak":
         raise DaunceError(
             "model.access: prompt cannot run variant 'trak': its objective is the TRAK margin, "

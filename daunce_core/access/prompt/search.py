@@ -84,8 +84,9 @@ class PolicyState:
         step: steps taken.
         probs: ``[L, N]`` the distributions (rows on the simplex).
         m, v: AdamW's first and second moments, ``[L, N]``.
-        calls: loss-query requests of the search so far (the budget's count).
+        calls: loss queries of the search so far (the budget's count).
         tokens: prompt tokens read for the search so far.
+        largest: the most tokens one step has read (the token budget's estimate of the next).
         objective: the mean sampled objective of each step taken.
     """
 
@@ -96,6 +97,7 @@ class PolicyState:
     calls: int = 0
     tokens: int = 0
     objective: list[float] | None = None
+    largest: int = 0
 
     @classmethod
     def start(cls, length: int, candidates: int) -> PolicyState:
@@ -113,6 +115,7 @@ class PolicyState:
             "calls": self.calls,
             "tokens": self.tokens,
             "objective": list(self.objective or []),
+            "largest": self.largest,
         }
 
     @classmethod
@@ -126,6 +129,7 @@ class PolicyState:
             int(saved["calls"]),
             int(saved["tokens"]),
             [float(x) for x in saved.get("objective", [])],
+            int(saved.get("largest", 0)),
         )
 
     def best(self) -> np.ndarray:
