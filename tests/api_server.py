@@ -60,6 +60,41 @@ def write_instructions(folder: Path, n: int, m: int, seed: int) -> dict[str, Pat
     return paths
 
 
+def write_run_config(
+    tmp_path: Path, data: dict, name: str | None, prefix: str, model: dict, sections: dict
+) -> Path:
+    """A run configuration of K = 4 copies of the tiny model through ``model`` (``sections``
+    replace top-level fields), written to ``tmp_path``; named ``prefix`` + a digest of
+    ``tmp_path`` unless ``name`` is given (the server outlives the tests: one name per test)."""
+    import hashlib
+
+    import yaml
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    name = name or prefix + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:6]
+    config = {
+        "name": name,
+        "workspace": str(tmp_path / "ws"),
+        "data": {"train": {"path": str(data["train"])}, "queries": {"path": str(data["queries"])}},
+        "task": {"kind": "causal_lm", "prompt": "prompt", "completion": "completion"},
+        "model": model,
+        "daunce": {"num_models": 4},
+        "compute": {"group_size": 2},
+        "exports": {"top_k": 3},
+        "execution": {"workers": 2, "retries": 0},
+    } | sections
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def records_of(run_dir: str | Path, k: int) -> list:
+    """The records of a run's first ``k`` copies."""
+    from daunce_core.storage.records import CopyRecords
+
+    return CopyRecords(Path(run_dir) / "copies").read_many(range(k))
+
+
 def make_tiny_model(folder: str | Path, *, context: int = 64, seed: int = 0) -> Path:
     """A tiny GPT-2 (2 layers, width 32, ~300 tokens) saved to ``folder``; reused if present."""
     from daunce_core.access.hf_lora.models import GPT2Recipe, build_gpt2, save_model

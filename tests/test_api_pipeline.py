@@ -10,7 +10,6 @@ each reported with the fix and nothing computed lost; the sampled-label form; re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import subprocess
@@ -22,7 +21,13 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
-from api_server import make_tiny_model, start_server, write_instructions
+from api_server import (
+    make_tiny_model,
+    records_of,
+    start_server,
+    write_instructions,
+    write_run_config,
+)
 from pipeline_helpers import losses_of, scores_of
 from test_resume import _env
 
@@ -30,7 +35,6 @@ from daunce_core.access.api.client import APIClient, APIUnavailable
 from daunce_core.access.api.config import parse_api_recipe
 from daunce_core.errors import DaunceError
 from daunce_core.storage.lineage import Lineage
-from daunce_core.storage.records import CopyRecords
 from flows.attribute import _api_label, run_attribute
 from flows.config import load_config
 
@@ -72,8 +76,6 @@ def api_config(tmp_path: Path, data: dict, server, name: str | None = None, **se
     Each test's run gets its own name: the server outlives the tests, and a run adopts the
     jobs of its own name and copies that it finds there (as after a kill).
     """
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    name = name or "t" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:6]
     recipe = {
         "kind": "api",
         "base_url": server.base_url,
@@ -91,24 +93,7 @@ def api_config(tmp_path: Path, data: dict, server, name: str | None = None, **se
     model = {"access": "api", "recipe": recipe}
     if "recipe" in sections:
         recipe.update(sections.pop("recipe"))
-    config = {
-        "name": name,
-        "workspace": str(tmp_path / "ws"),
-        "data": {"train": {"path": str(data["train"])}, "queries": {"path": str(data["queries"])}},
-        "task": {"kind": "causal_lm", "prompt": "prompt", "completion": "completion"},
-        "model": model,
-        "daunce": {"num_models": 4},
-        "compute": {"group_size": 2},
-        "exports": {"top_k": 3},
-        "execution": {"workers": 2, "retries": 0},
-    } | sections
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def records_of(run_dir: str, k: int) -> list:
-    return CopyRecords(Path(run_dir) / "copies").read_many(range(k))
+    return write_run_config(tmp_path, data, name, "t", model, sections)
 
 
 def jobs_by_suffix(server, run_id: str) -> dict[str, int]:

@@ -11,7 +11,6 @@ run; the sampled-label form; configurations that ask to fine-tune or use gradien
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import subprocess
@@ -22,8 +21,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-import yaml
-from api_server import make_tiny_model, start_server, write_instructions
+from api_server import (
+    make_tiny_model,
+    records_of,
+    start_server,
+    write_instructions,
+    write_run_config,
+)
 from pipeline_helpers import losses_of, scores_of
 from test_resume import _env
 
@@ -44,7 +48,6 @@ from daunce_core.errors import DaunceError
 from daunce_core.method.config import DaunceConfig
 from daunce_core.method.objectives import Objective
 from daunce_core.storage.lineage import Lineage
-from daunce_core.storage.records import CopyRecords
 from flows.attribute import run_attribute
 from flows.config import load_config
 
@@ -151,27 +154,10 @@ def recipe_of(server, **fields) -> dict:
 
 def prompt_config(tmp_path: Path, data: dict, server, name: str | None = None, **sections):
     """A run configuration of K = 4 prompt copies of the tiny model (``sections`` replace)."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    name = name or "p" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:6]
     recipe = recipe_of(server, **sections.pop("recipe", {}))
-    config = {
-        "name": name,
-        "workspace": str(tmp_path / "ws"),
-        "data": {"train": {"path": str(data["train"])}, "queries": {"path": str(data["queries"])}},
-        "task": {"kind": "causal_lm", "prompt": "prompt", "completion": "completion"},
-        "model": {"access": "prompt", "recipe": recipe},
-        "daunce": {"num_models": 4},
-        "compute": {"group_size": 2},
-        "exports": {"top_k": 3},
-        "execution": {"workers": 2, "retries": 0},
-    } | sections
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def records_of(run_dir: str, k: int) -> list:
-    return CopyRecords(Path(run_dir) / "copies").read_many(range(k))
+    return write_run_config(
+        tmp_path, data, name, "p", {"access": "prompt", "recipe": recipe}, sections
+    )
 
 
 def test_a_prompt_run_end_to_end_then_rerun_without_work(harness, data, server, tmp_path):

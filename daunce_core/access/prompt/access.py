@@ -120,6 +120,7 @@ class PromptAccess(ServerAccess):
         self.budget = budget or Budget()
         texts = [p + c for p, c in zip(train_set.prompts, train_set.completions, strict=True)]
         self.candidates = mine_candidates(texts, self.search.candidates, self.search.max_words)
+        self._fits = False  # check_fits has passed (once per access)
 
     @property
     def calls_per_step(self) -> int:
@@ -172,7 +173,7 @@ class PromptAccess(ServerAccess):
         rarer example, longer in tokens than all of those, is refused by the server during
         the search, named with the same fix.
         """
-        if getattr(self, "_fits", False):
+        if self._fits:
             return
         s = self.search
         if self.loss_method == "echo":
