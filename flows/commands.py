@@ -287,12 +287,14 @@ def status(args) -> int:
 
 def _print_jobs(records, num_models: int) -> None:
     """A remote run's copies: each one's job (API) or search (prompt), and what they cost."""
-    rows, usage, jobs = [], {}, False
+    rows, usage, jobs, fits = [], {}, False, []
     for k in range(num_models):
         try:
             record = records.read(k)
         except DaunceError:
             continue
+        if record.training:
+            fits.append(record.training)
         for name, value in (record.usage or {}).items():
             usage[name] = usage.get(name, 0) + value
         if record.job_id:
@@ -304,6 +306,7 @@ def _print_jobs(records, num_models: int) -> None:
             )
         elif record.job_state:  # a prompt search's progress
             rows.append(f"  copy {k:>4}  {record.status:<8}  {record.job_state}")
+    _print_training(fits)
     if not rows:
         return
     print("fine-tuning jobs:" if jobs else "prompt searches:")
@@ -311,6 +314,21 @@ def _print_jobs(records, num_models: int) -> None:
     spent = {name: value for name, value in sorted(usage.items()) if value}
     if spent:
         print("usage: " + ", ".join(f"{name} {value:,}" for name, value in spent.items()))
+
+
+def _print_training(fits: list[dict]) -> None:
+    """In-process copies: the learning rate they used and how many converged."""
+    if not fits:
+        return
+    rates = sorted({f["lr"] for f in fits if f.get("lr") is not None})
+    line = "copies' learning rate: " + ", ".join(f"{rate:.4g}" for rate in rates)
+    judged = [f for f in fits if f.get("converged") is not None]
+    if judged:
+        done = sum(f["converged"] for f in judged)
+        residuals = sorted(f["residual"] for f in judged if f.get("residual") is not None)
+        median = f", median residual {residuals[len(residuals) // 2]:.3g}" if residuals else ""
+        line += f"; converged: {done} of {len(judged)}{median}"
+    print(line)
 
 
 TOP_SQL = (

@@ -251,6 +251,13 @@ class ModelAccess(ABC):
         """
         return None
 
+    def training_summary(self, trained: Any, g: int) -> dict | None:
+        """How copy ``g`` of ``trained`` trained (lr, steps, convergence), for its record.
+
+        Kinds that train in process say; remote kinds (their jobs are their own) say nothing.
+        """
+        return None
+
     def check(self, objective: Objective) -> None:
         """Refuse ``objective`` if this kind lacks a capability it needs (`check_objective`)."""
         check_objective(self.kind, self.capabilities, objective)

@@ -28,7 +28,12 @@ class TrainConfig:
 
     Attributes:
         optimizer: ``"sgd"`` (with momentum; the paper's vision recipe) or ``"adamw"`` (LLMs).
-        lr: peak learning rate (> 0).
+        lr: peak learning rate (> 0), or ``"auto"`` (SGD only): ``(1 − momentum) / L``, ``L``
+            the largest curvature of the copies' objective at ``θ0`` (power iteration with
+            Hessian-vector products, `daunce_core.access.torch_module.training.largest_curvature`):
+            heavy-ball momentum's effective step ``lr / (1 − momentum)`` is then ``1 / L``,
+            gradient descent's step that cannot overshoot, whatever the model's scale or how the
+            base was trained.
         momentum: SGD momentum (paper: 0.9).
         betas: AdamW betas.
         weight_decay: the optimiser's own decay towards zero (default 0; for an L2 penalty or a
@@ -37,10 +42,16 @@ class TrainConfig:
         epochs: passes over each copy's subset (may be fractional); ignored if ``steps`` is set.
         steps: exact number of optimiser steps (overrides ``epochs``).
         batch_size: examples per step and copy.
+        tolerance: convergence criterion, or None (train every step). Each copy's residual
+            ``‖∇F_k(θ)‖ / ‖∇F_k(θ0)‖`` (its perturbed objective's gradient, averaged over an
+            epoch of its own batches, relative to the gradient at ``θ0``; the relative residual
+            of the linear response the copy approximates) is checked after every epoch; a copy
+            stops when it falls to ``tolerance`` and is recorded as converged. ``epochs`` /
+            ``steps`` are then the most a copy trains.
     """
 
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.01
+    lr: float | Literal["auto"] = 0.01
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -48,13 +59,28 @@ class TrainConfig:
     epochs: float = 1.0
     steps: int | None = None
     batch_size: int = 64
+    tolerance: float | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
             raise DaunceError(f"optimizer must be 'sgd' or 'adamw'; got {self.optimizer!r}.")
         if self.schedule not in ("cosine", "constant"):
             raise DaunceError(f"schedule must be 'cosine' or 'constant'; got {self.schedule!r}.")
-        if not (self.lr > 0 and self.batch_size >= 1 and 0 <= self.momentum < 1):
+        if self.lr == "auto" and self.optimizer != "sgd":
+            raise DaunceError(
+                "lr 'auto' sets SGD's step from the objective's curvature; AdamW rescales every "
+                "step by its own statistics, so give it a number (e.g. lr: 1e-4) or use "
+                "optimizer: sgd."
+            )
+        if isinstance(self.lr, str) and self.lr != "auto":
+            raise DaunceError(f"lr must be a number > 0 or 'auto'; got {self.lr!r}.")
+        if self.tolerance is not None and not 0 < self.tolerance < 1:
+            raise DaunceError(
+                f"tolerance must be in (0, 1) (a relative gradient norm) or None; got "
+                f"{self.tolerance}."
+            )
+        lr_ok = self.lr == "auto" or self.lr > 0
+        if not (lr_ok and self.batch_size >= 1 and 0 <= self.momentum < 1):
             raise DaunceError(
                 f"need lr > 0, batch_size >= 1 and 0 <= momentum < 1; got lr={self.lr}, "
                 f"batch_size={self.batch_size}, momentum={self.momentum}."

@@ -226,6 +226,7 @@ class RunCopies:
         seconds = (time.perf_counter() - started) / len(ks)
         for g, k in enumerate(ks):
             self._save(trained, g, records[k])
+            records[k].training = self.access.training_summary(trained, g)
         self._write_rows(ks, rows.train, rows.query, rows.diverged, records, seconds)
 
     def _save(self, trained, g: int, record: CopyRecord) -> None:

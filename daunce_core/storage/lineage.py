@@ -56,6 +56,10 @@ ALTER TABLE copies ADD COLUMN IF NOT EXISTS jobs_created BIGINT;
 ALTER TABLE copies ADD COLUMN IF NOT EXISTS jobs_adopted BIGINT;
 ALTER TABLE copies ADD COLUMN IF NOT EXISTS search_calls BIGINT;
 ALTER TABLE copies ADD COLUMN IF NOT EXISTS search_tokens BIGINT;
+ALTER TABLE copies ADD COLUMN IF NOT EXISTS lr DOUBLE;
+ALTER TABLE copies ADD COLUMN IF NOT EXISTS steps BIGINT;
+ALTER TABLE copies ADD COLUMN IF NOT EXISTS residual DOUBLE;
+ALTER TABLE copies ADD COLUMN IF NOT EXISTS converged BOOLEAN;
 CREATE TABLE IF NOT EXISTS artifacts (
     run_id VARCHAR, uri VARCHAR, kind VARCHAR, digest VARCHAR, shape VARCHAR,
     producer VARCHAR, created_at TIMESTAMP);
@@ -243,18 +247,22 @@ class Lineage:
         """Replace the ``copies`` rows of ``run_id`` with its copies' records (status, jobs, cost).
 
         ``SELECT sum(trained_tokens) FROM copies WHERE run_id = ...`` is what an API run's
-        fine-tuning cost; ``job_state`` is each copy's job as the server last reported it.
+        fine-tuning cost; ``job_state`` is each copy's job as the server last reported it;
+        ``lr``, ``steps``, ``residual`` and ``converged`` how an in-process copy trained (NULL
+        for remote kinds, and ``residual``/``converged`` without a ``train.tolerance``).
         """
         rows = []
         for r in records:
             usage = r.usage  # None: a kind that does not count (torch, hf_lora): NULL
             counts = [None if usage is None else usage.get(name, 0) for name in USAGE_COLUMNS]
             fixed = [run_id, r.k, r.status, r.attempts, r.seconds, r.job_id, r.job_state]
-            rows.append([*fixed, json.dumps(r.jobs), *counts])
+            training = r.training or {}
+            fit = [training.get(name) for name in ("lr", "steps", "residual", "converged")]
+            rows.append([*fixed, json.dumps(r.jobs), *counts, *fit])
         columns = (
             "run_id, k, status, attempts, seconds, job_id, job_state, jobs, requests, retries, "
             "prompt_tokens, completion_tokens, trained_tokens, jobs_created, jobs_adopted, "
-            "search_calls, search_tokens"
+            "search_calls, search_tokens, lr, steps, residual, converged"
         )
         with self.connect() as con:
             con.execute("DELETE FROM copies WHERE run_id = ?", [run_id])

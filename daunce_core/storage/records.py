@@ -45,6 +45,9 @@ class CopyRecord:
         jobs: every external job created for this copy, oldest first (its attempts).
         job_state: the last state the server reported for ``job_id``, and why if it failed.
         usage: what the copy cost (requests, retries, tokens trained and queried; API access).
+        training: how the copy's training went, where the kind trains in process: its learning
+            rate (the value ``lr: auto`` chose), steps, and with a ``tolerance`` its last
+            relative gradient residual and whether it converged.
         params: the file holding the copy's parameters or adapter (name in the copies folder).
         params_digest: SHA-256 of that file.
         rows_digest: digest of the copy's loss row (train losses and the covered queries).
@@ -63,6 +66,7 @@ class CopyRecord:
     jobs: list[str] = dataclasses.field(default_factory=list)
     job_state: str | None = None
     usage: dict | None = None
+    training: dict | None = None
     params: str | None = None
     params_digest: str | None = None
     rows_digest: str | None = None

@@ -215,6 +215,10 @@ class TorchModuleAccess(ModelAccess):
             vectorize=self._vectorize_training(),
         )
 
+    def training_summary(self, trained: TrainedCopies, g: int) -> dict | None:
+        """Copy ``g``'s learning rate, steps, residual and convergence (`TrainedCopies.summary`)."""
+        return trained.summary(g, self.config.train.tolerance)
+
     def _vectorize_training(self) -> bool:
         """Whether a group trains under ``vmap`` (``compute.vectorize``)."""
         return self.compute.vectorize

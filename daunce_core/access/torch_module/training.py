@@ -46,25 +46,48 @@ class TrainedCopies:
     Attributes:
         params: trained parameters, ``name -> [G, ...]``.
         diverged: ``[G]`` bool, True where the objective became non-finite.
-        steps: optimiser steps taken.
+        steps: optimiser steps taken (by the group; a converged copy stops earlier).
         final_objective: ``[G]`` objective of each copy's last batch (NaN where diverged).
+        lr: the peak learning rate used (``TrainConfig.lr``, or its value under ``"auto"``).
+        residual: ``[G]`` each copy's last measured ``‖∇F_k(θ)‖ / ‖∇F_k(θ0)‖`` (see
+            ``TrainConfig.tolerance``), or None when no tolerance was set.
+        copy_steps: ``[G]`` steps each copy took, or None when no tolerance was set.
     """
 
     params: Stacked
     diverged: np.ndarray
     steps: int
     final_objective: np.ndarray
+    lr: float | None = None
+    residual: np.ndarray | None = None
+    copy_steps: np.ndarray | None = None
+
+    def converged(self, tolerance: float | None) -> np.ndarray | None:
+        """``[G]`` whether each copy's residual reached ``tolerance`` (None if not measured)."""
+        if tolerance is None or self.residual is None:
+            return None
+        return self.residual <= tolerance
+
+    def summary(self, g: int, tolerance: float | None) -> dict:
+        """What copy ``g``'s training did, for its record: lr, steps, residual, converged."""
+        out: dict = {"lr": self.lr, "steps": self.steps}
+        if self.residual is not None:
+            residual = float(self.residual[g])
+            out |= {
+                "steps": int(self.copy_steps[g]),
+                "residual": residual if math.isfinite(residual) else None,
+                "converged": bool(residual <= tolerance) if tolerance is not None else None,
+            }
+        return out
 
 
-def _optimizer(params: list[torch.Tensor], config: TrainConfig, total: int):
+def _optimizer(params: list[torch.Tensor], config: TrainConfig, total: int, lr: float):
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
     else:
-        opt = torch.optim.AdamW(
-            params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
-        )
+        opt = torch.optim.AdamW(params, lr=lr, betas=config.betas, weight_decay=config.weight_decay)
     if config.schedule == "constant":
         return opt, None
 
@@ -147,38 +170,224 @@ def train_copies(
     params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     plan = _BatchPlan(draws, config.batch_size, seed)
     total = config.total_steps(plan.size)
-    opt, schedule = _optimizer(list(params.values()), config, total)
+    step_fn = _copy_objective_fn(model, task, objective)
+    lr = config.lr
+    if lr == "auto":
+        curvature = largest_curvature(
+            step_fn, model, data, draws[0], names, side=side, l2=l2, anchor=anchor, seed=seed
+        )
+        lr = (1.0 - config.momentum) / curvature
+    opt, schedule = _optimizer(list(params.values()), config, total, lr)
     device = next(iter(params.values())).device  # the draws follow the parameters (a GPU)
     xi_all = torch.from_numpy(np.stack([d.xi for d in draws])).to(device)
     copies = torch.arange(len(draws), device=device).unsqueeze(1)
-    step_fn = _copy_objective_fn(model, task, objective)
-    diverged = torch.zeros(len(draws), dtype=torch.bool, device=device)
-    last = torch.full((len(draws),), float("nan"), dtype=torch.float64, device=device)
-    for step in range(total):
+
+    def objective_values(step: int) -> torch.Tensor:
         rows = plan.rows(step)
-        batch = take(data, rows)
         extra = {k: v[rows] for k, v in (side or {}).items()}
         extra["xi"] = xi_all[copies, rows.to(device)]  # [G, B] or [G, B, tokens]
-        values = map_copies(step_fn, (params, batch, extra), vectorize)
-        values = values + _penalty(params, l2, anchor) if l2 else values
+        values = map_copies(step_fn, (params, take(data, rows), extra), vectorize)
+        return values + _penalty(params, l2, anchor) if l2 else values
+
+    watch = _Convergence(params, plan, config.tolerance, objective_values)
+    diverged = torch.zeros(len(draws), dtype=torch.bool, device=device)
+    last = torch.full((len(draws),), float("nan"), dtype=torch.float64, device=device)
+    steps = 0
+    for step in range(total):
+        values = objective_values(step)
         diverged |= ~torch.isfinite(values.detach())
         opt.zero_grad(set_to_none=False)
         torch.where(diverged, torch.zeros_like(values), values).sum().backward()
-        _freeze(params, diverged)
-        lr = opt.param_groups[0]["lr"]
+        _freeze(params, diverged | watch.stopped)
+        watch.add(params)
+        lr_used = opt.param_groups[0]["lr"]
         opt.step()
         if schedule is not None:
             schedule.step()
-        last = values.detach().double()
+        watch.hold(params)
+        last = torch.where(watch.stopped, last, values.detach().double())
+        steps = step + 1
         if on_step is not None:
-            on_step(step + 1, params, lr)
+            on_step(steps, params, lr_used)
+        if watch.check(steps, params, diverged):
+            break
+    watch.finish(steps)
     diverged |= ~_finite_copies(params)
     return TrainedCopies(
         params={k: v.detach() for k, v in params.items()},
         diverged=diverged.cpu().numpy(),
-        steps=total,
+        steps=steps,
         final_objective=torch.where(diverged, float("nan"), last).cpu().numpy(),
+        lr=float(lr),
+        residual=watch.residual_array(),
+        copy_steps=watch.steps_array(),
     )
+
+
+def largest_curvature(
+    step_fn: Callable,
+    model: nn.Module,
+    data: ExampleSet,
+    draw: PerturbationDraw,
+    names: list[str],
+    *,
+    side: dict[str, torch.Tensor] | None = None,
+    l2: float = 0.0,
+    anchor: dict[str, torch.Tensor] | None = None,
+    examples: int = 512,
+    iterations: int = 50,
+    rtol: float = 1e-3,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> float:
+    """``L``, the largest curvature (absolute eigenvalue) of one copy's objective at ``θ0``.
+
+    Power iteration on Hessian-vector products of ``mean objective + ½·l2·‖θ − anchor‖²`` over
+    ``examples`` training examples drawn with ``seed`` (the same for every copy and group),
+    until the Rayleigh quotient changes by less than ``rtol`` (at most ``iterations``), with
+    every ``ξ`` at 1: the perturbation's terms are linear in the logits and add no curvature at
+    ``θ0``. A product is a central difference of gradients, ``(∇F(θ0 + εv) − ∇F(θ0 − εv)) /
+    2ε`` with ``ε‖v‖ = 1e-3·max(‖θ0‖, 1)``: first derivatives only, so any model the trainer
+    can train works (also attention kernels without double backward). ``draw`` gives the shape
+    of ``ξ`` (per example or per token).
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    n = num_examples(data)
+    rows = torch.randperm(n, generator=generator)[: min(examples, n)].to(device)
+    xi = torch.ones_like(torch.from_numpy(np.asarray(draw.xi[0]))).to(device)
+    current = dict(model.named_parameters())
+    theta0 = {name: current[name].detach() for name in names}
+
+    def gradient(point: Stacked) -> list[torch.Tensor]:
+        point = {k: v.detach().requires_grad_(True) for k, v in point.items()}
+        total = [torch.zeros_like(v) for v in point.values()]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            extra = {k: v[chunk] for k, v in (side or {}).items()}
+            extra["xi"] = xi.expand(len(chunk), *xi.shape)
+            value = step_fn(point, take(data, chunk), extra) * (len(chunk) / len(rows))
+            for acc, grad in zip(
+                total, torch.autograd.grad(value, list(point.values())), strict=True
+            ):
+                acc += grad
+        if l2:
+            for acc, (k, v) in zip(total, point.items(), strict=True):
+                acc += l2 * (v.detach() - (0 if anchor is None else anchor[k]))
+        return total
+
+    scale = 1e-3 * max(math.sqrt(sum(float(v.pow(2).sum()) for v in theta0.values())), 1.0)
+    vector = [torch.randn(v.shape, generator=generator).to(v) for v in theta0.values()]
+    estimate = float("nan")
+    for _ in range(iterations):
+        norm = math.sqrt(sum(float(v.pow(2).sum()) for v in vector))
+        vector = [v / norm for v in vector]
+        plus = gradient(
+            {k: t + scale * v for (k, t), v in zip(theta0.items(), vector, strict=True)}
+        )
+        minus = gradient(
+            {k: t - scale * v for (k, t), v in zip(theta0.items(), vector, strict=True)}
+        )
+        product = [(a - b) / (2 * scale) for a, b in zip(plus, minus, strict=True)]
+        previous = estimate
+        estimate = sum(float((v * w).sum()) for v, w in zip(vector, product, strict=True))
+        vector = product
+        if abs(estimate - previous) <= rtol * abs(estimate):
+            break
+    if not (math.isfinite(estimate) and abs(estimate) > 0):
+        raise DaunceError(
+            f"lr 'auto' found no usable curvature of the copies' objective at θ0 (largest "
+            f"eigenvalue estimate {estimate}); give train.lr as a number."
+        )
+    return abs(estimate)
+
+
+class _Convergence:
+    """Each copy's relative gradient residual, checked after every epoch (``tolerance``).
+
+    The reference ``‖∇F_k(θ0)‖`` comes from one pass over the copy's first-epoch batches at
+    ``θ0`` before training; during training each copy's mini-batch gradients are summed over
+    the epoch (its subset visited once). A copy whose residual reaches ``tolerance`` stops: its
+    gradients are zeroed and its parameters held where they were (momentum and decay cannot
+    move it), so a copy's result never depends on the copies sharing its group.
+    """
+
+    def __init__(self, params: Stacked, plan: _BatchPlan, tolerance, objective_values) -> None:
+        self.tolerance, self.per_epoch = tolerance, plan.per_epoch
+        first = next(iter(params.values()))
+        self.stopped = torch.zeros(first.shape[0], dtype=torch.bool, device=first.device)
+        if tolerance is None:
+            return
+        self.sums = {k: torch.zeros_like(v) for k, v in params.items()}
+        self.held = {k: v.detach().clone() for k, v in params.items()}
+        self.count = 0
+        for step in range(self.per_epoch):
+            grads = torch.autograd.grad(objective_values(step).sum(), list(params.values()))
+            for acc, grad in zip(self.sums.values(), grads, strict=True):
+                acc += grad
+        self.reference = self._norms(self.per_epoch)
+        self._reset()
+        self.residual = torch.full_like(self.reference, float("nan"))
+        self.copy_steps = torch.zeros_like(self.reference, dtype=torch.long)
+
+    def _norms(self, count: int) -> torch.Tensor:
+        squares = sum(
+            (s / count).pow(2).reshape(s.shape[0], -1).sum(dim=1) for s in self.sums.values()
+        )
+        return squares.double().sqrt()
+
+    def _reset(self) -> None:
+        for s in self.sums.values():
+            s.zero_()
+        self.count = 0
+
+    def add(self, params: Stacked) -> None:
+        """Add this step's gradients (after diverged and stopped copies' were zeroed)."""
+        if self.tolerance is not None:
+            for acc, p in zip(self.sums.values(), params.values(), strict=True):
+                acc += p.grad
+            self.count += 1
+
+    def hold(self, params: Stacked) -> None:
+        """Put stopped copies back where they stopped."""
+        if self.tolerance is not None and bool(self.stopped.any()):
+            with torch.no_grad():
+                mask = self.stopped
+                for name, p in params.items():
+                    shape = (-1,) + (1,) * (p.dim() - 1)
+                    p.copy_(torch.where(mask.view(shape), self.held[name], p))
+
+    def _measure(self, steps: int) -> None:
+        active = ~self.stopped
+        ratio = self._norms(self.count) / self.reference
+        self.residual = torch.where(active, ratio, self.residual)
+        done = torch.full_like(self.copy_steps, steps)
+        self.copy_steps = torch.where(active, done, self.copy_steps)
+
+    def check(self, steps: int, params: Stacked, diverged: torch.Tensor) -> bool:
+        """After ``steps``: at an epoch's end, stop the copies that converged; True if all did."""
+        if self.tolerance is None or steps % self.per_epoch:
+            return False
+        self._measure(steps)
+        newly = (self.residual <= self.tolerance) & ~self.stopped & ~diverged
+        if bool(newly.any()):
+            with torch.no_grad():
+                for name, held in self.held.items():
+                    held[newly] = params[name][newly]
+            self.stopped |= newly
+        self._reset()
+        return bool((self.stopped | diverged).all())
+
+    def finish(self, steps: int) -> None:
+        """Measure what the last, partial epoch's gradients say."""
+        if self.tolerance is not None and self.count:
+            self._measure(steps)
+
+    def residual_array(self) -> np.ndarray | None:
+        return None if self.tolerance is None else self.residual.cpu().numpy()
+
+    def steps_array(self) -> np.ndarray | None:
+        return None if self.tolerance is None else self.copy_steps.cpu().numpy()
 
 
 def _copy_objective_fn(model: nn.Module, task, objective: ExampleObjective) -> Callable:
