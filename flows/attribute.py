@@ -35,11 +35,13 @@ from daunce_core.storage.manifest import (
     write_manifest,
 )
 from daunce_core.storage.records import CopyRecords
+from daunce_core.storage.reflections import RunReflections
 from daunce_core.storage.zarr_store import RunStore
 from flows.config import RunConfig
 from flows.fanout import groups_of, map_groups
 from flows.lock import workspace_lock
-from tasks.copies import train_copies
+from tasks.common import copy_access
+from tasks.copies import reflect_copies, train_copies
 from tasks.data import prepare_data
 from tasks.model import base_model, base_quality, base_signals
 from tasks.scoring import compute_scores, export_tables
@@ -369,6 +371,39 @@ def _run_copies(config: RunConfig, run_dir: Path, spec: dict, query_digests: lis
     ]
 
 
+def _run_reflections(
+    config: RunConfig, run_dir: Path, spec: dict, query_digests: list, n: int, m: int
+) -> list[dict]:
+    """Measure every finished copy's reflection ``θ0 − Δ_k`` (``score: subspace``), in groups.
+
+    The arrays are made here, once, before the groups' tasks write their rows; each copy's
+    marker (`daunce_core.storage.reflections`) says whether it is measured already.
+    """
+    total = config.daunce.num_models
+    access = copy_access(spec)
+    if not hasattr(access, "changes_shape"):
+        raise DaunceError(
+            f"score: subspace needs copies that can be reflected and measured in process; "
+            f"model.access {config.model.access!r} cannot. Use score: covariance or correlation."
+        )
+    store = RunStore(RunLayout(run_dir).store)
+    store.ensure_reflections(total, n, m, access.changes_shape(), config.daunce.dtype)
+    groups = groups_of(list(range(total)), config.compute.group_size)
+    task = reflect_copies.with_options(retries=config.execution.retries)
+    shared = {"run_dir": str(run_dir), "spec": spec, "query_digests": query_digests}
+    mapped = map_groups(task, groups, "reflections", 0, total, **shared)
+    return [
+        {
+            "task": "reflect-copies",
+            "key": _span(group),
+            "status": state if result["measured"] else "Cached",
+            "cache_key": None,
+            "seconds": result["seconds"],
+        }
+        for group, result, state in mapped
+    ]
+
+
 def _worked(report: dict) -> bool:
     """Whether a copy task trained or measured anything (else it was served from disk)."""
     return any(report[key] for key in ("trained", "remeasured", "queries_added_to"))
@@ -451,7 +486,7 @@ def _copy_states(copies: list[dict]) -> list[dict]:
     ]
 
 
-def _outputs(run: RunConfig, run_dir: Path, records: dict, states: list, rows: str):
+def _outputs(run: RunConfig, run_dir: Path, records: dict, states: list, rows: str, spec: dict):
     """Scores, then the Parquet exports; return the exports' records."""
     scores = _call(
         records,
@@ -465,6 +500,7 @@ def _outputs(run: RunConfig, run_dir: Path, records: dict, states: list, rows: s
         artefact=RunLayout(run_dir).scores,
         root=RunLayout(run_dir).workspace.root,
         queries=records["queries"]["uri"],
+        spec=spec,
     )
     splits = {"train": records["train"], "queries": records["queries"]}
     return _call(
@@ -502,7 +538,10 @@ def _rows_digest(run: RunConfig, run_dir: Path, spec: dict, workspace: Path) -> 
     records = CopyRecords(RunLayout(run_dir).copies).read_many(range(run.daunce.num_models))
     rows = [(r.status, r.rows_digest, r.queries_key) for r in records]
     spec = portable({k: v for k, v in spec.items() if k != "compute"}, workspace)
-    return digest_json({"rows": rows, "spec": spec})
+    if run.daunce.score != "subspace":
+        return digest_json({"rows": rows, "spec": spec})
+    markers = RunReflections.marker_digest_of(RunLayout(run_dir), run.daunce.num_models)
+    return digest_json({"rows": rows, "spec": spec, "reflections": markers})
 
 
 def _prompt_plan(run: RunConfig, n: int, m: int) -> str:
@@ -543,8 +582,10 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
     index = pl.read_parquet(Path(records["queries"]["uri"]) / "index.parquet")
     copies = _run_copies(run, run_dir, spec, index["digest"].to_list())
     states += _copy_states(copies)
+    if run.daunce.score == "subspace":
+        states += _run_reflections(run, run_dir, spec, index["digest"].to_list(), n, m)
     rows = _rows_digest(run, run_dir, spec, workspace)
-    exports = _outputs(run, run_dir, records, states, rows)
+    exports = _outputs(run, run_dir, records, states, rows, spec)
     _record(lineage, run.run_id(), records, exports, states)
     copy_records = _record_copies(lineage, run, run_dir)
     quality = records["quality"]

@@ -361,11 +361,18 @@ class RunConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def __post_init__(self) -> None:
-        if self.daunce.score == "subspace":
+        if self.daunce.score == "subspace" and self.model.access != "torch":
+            why = {
+                "hf_lora": "a language model's output changes are tokens × vocabulary per "
+                "example, too many to store per copy (not supported yet)",
+            }.get(
+                self.model.access,
+                "its copies cannot be reflected (θ0 − Δ_k): they are "
+                "jobs or prompts, not parameters",
+            )
             raise DaunceError(
-                "daunce.score: subspace is available in the library (daunce_core.attribute) so "
-                "far, not in the pipeline, which streams covariance and correlation scores; use "
-                "one of those here."
+                f"daunce.score: subspace needs model.access: torch; with model.access: "
+                f"{self.model.access}, {why}. Use score: correlation or covariance."
             )
         access = KINDS[self.model.access]
         check_objective(access.kind, access.capabilities, self.daunce.objective)

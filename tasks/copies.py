@@ -1,4 +1,7 @@
-"""Perturbed copies: bring a group to done, its loss rows in the run's Zarr store."""
+"""Perturbed copies: a group brought to done (loss rows in the run's Zarr store), then reflected.
+
+With ``score: subspace`` a second mapped task measures each finished copy's reflection.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from daunce_core.storage.copies import RunCopies
 from daunce_core.storage.layout import RunLayout
+from daunce_core.storage.reflections import RunReflections
 from tasks.common import copy_access, retry_transient
 
 
@@ -40,6 +44,37 @@ def train_copies(ks: list[int], run_dir: str, spec: dict, query_digests: list[st
     started = time.perf_counter()
     access = copy_access(spec)
     report = RunCopies(access, RunLayout(run_dir), query_digests).complete(ks)
+    return dataclasses.asdict(report) | {
+        "process": os.getpid(),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _reflections_name() -> str:
+    from prefect.runtime import task_run
+
+    ks = task_run.parameters["ks"]
+    return f"reflect-copies-{ks[0]}-{ks[-1]}"
+
+
+@task(
+    name="reflect-copies",
+    task_run_name=_reflections_name,
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_transient,
+)
+def reflect_copies(ks: list[int], run_dir: str, spec: dict, query_digests: list[str]) -> dict:
+    """Measure the reflections ``θ0 − Δ_k`` of finished copies ``ks`` (``score: subspace``).
+
+    Not cached by Prefect: each copy's marker (`daunce_core.storage.reflections`) is its done
+    signal, so intact copies cost a few reads; the others are measured from their saved
+    parameters (no training).
+    """
+    started = time.perf_counter()
+    layout = RunLayout(run_dir)
+    report = RunReflections(copy_access(spec), layout, query_digests).complete(ks)
     return dataclasses.asdict(report) | {
         "process": os.getpid(),
         "seconds": time.perf_counter() - started,

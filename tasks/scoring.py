@@ -10,7 +10,7 @@ import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from daunce_core.errors import DaunceWarning
+from daunce_core.errors import DaunceError, DaunceWarning
 from daunce_core.method.scores import (
     collect_statistics,
     constant_columns,
@@ -18,18 +18,25 @@ from daunce_core.method.scores import (
     warn_constant,
     write_scores,
 )
+from daunce_core.method.subspace import valid_copies, write_subspace_scores
 from daunce_core.storage.digest import digest_json
 from daunce_core.storage.exports import example_influence_table, top_table, write_parquet
 from daunce_core.storage.layout import RunLayout
-from daunce_core.storage.zarr_store import RunStore
-from tasks.common import artifact
+from daunce_core.storage.reflections import subspace_curvature
+from daunce_core.storage.zarr_store import CHANGES, LOSSES, REFLECTED, RunStore
+from tasks.common import artifact, copy_access
 
 ROW_CHUNK, COL_CHUNK = 8192, 1024
 
 
 @task(name="scores", cache_policy=NO_CACHE)
 def compute_scores(
-    run_dir: str, kind: str, rows_digest: str, num_models: int, queries: str | None = None
+    run_dir: str,
+    kind: str,
+    rows_digest: str,
+    num_models: int,
+    queries: str | None = None,
+    spec: dict | None = None,
 ) -> dict:
     """Scores ``[n_train, m_query]`` from the valid loss rows; self-influence ``[n_train]``.
 
@@ -39,8 +46,11 @@ def compute_scores(
     query ids the warnings name. The record's ``warnings`` hold the `DaunceWarning`s raised:
     copies left out, and measurements that do not vary across the copies
     (``constant``: `daunce_core.method.scores.constant_message`), counted in ``constant_queries``
-    and ``constant_train``.
+    and ``constant_train``. ``kind`` ``subspace`` reads the copies' reflections too and needs the
+    copy ``spec`` (`_subspace_scores`).
     """
+    if kind == "subspace":
+        return _subspace_scores(run_dir, rows_digest, num_models, spec)
     store = RunStore(RunLayout(run_dir).store)
     a, b = store.losses("losses_train", num_models), store.losses("losses_query", num_models)
     ids = None
@@ -75,6 +85,58 @@ def compute_scores(
         "constant": constant,
         "constant_queries": len(constant_queries),
         "constant_train": len(constant_train),
+    }
+
+
+def _subspace_scores(run_dir: str, rows_digest: str, num_models: int, spec: dict) -> dict:
+    """``S = (1/n) Aᵀ Q⁺ B`` out of core from the copies, their reflections and ``Q``.
+
+    Copies with a non-finite value in any of their rows (diverged, or a reflection whose loss
+    overflowed) are left out with a warning; ``Q`` is formed over the others
+    (`daunce_core.storage.reflections.subspace_curvature`).
+    """
+    layout = RunLayout(run_dir)
+    store = RunStore(layout.store)
+    arrays = [store.losses(name, num_models) for name in (*LOSSES, *REFLECTED)]
+    changes = [store.open(name) for name in CHANGES]
+    valid = valid_copies(*arrays, *changes, count=num_models)
+    excluded = np.flatnonzero(~valid)
+    caught = []
+    if len(excluded):
+        caught.append(
+            f"perturbed copies {excluded.tolist()} have non-finite losses (theirs or their "
+            "reflection's) and are left out of the scores."
+        )
+        warnings.warn(caught[-1], DaunceWarning, stacklevel=2)
+    if not valid.any():
+        raise DaunceError(
+            "no copy has finite losses and reflections to score; lower the learning rate or "
+            "rho and run again."
+        )
+    curvature = subspace_curvature(copy_access(spec), layout, valid)
+    train, query = (arrays[0], arrays[2]), (arrays[1], arrays[3])
+    n, m = train[0].shape[1], query[0].shape[1]
+    out = store.create_scores(n, m, ROW_CHUNK, COL_CHUNK)
+    _, own = write_subspace_scores(
+        train, query, curvature, valid, out, row_chunk=ROW_CHUNK, col_chunk=COL_CHUNK
+    )
+    store.write_self_influence(own)
+    record = artifact(
+        store.root / "scores",
+        "scores",
+        digest_json({"rows": rows_digest, "kind": "subspace"}),
+        "scores",
+        inputs=[store.root / name for name in (*LOSSES, *REFLECTED, *CHANGES)],
+        shape=[n, m],
+    )
+    return record | {
+        "companions": [str(store.root / "self_influence")],
+        "valid": int(valid.sum()),
+        "excluded": excluded.tolist(),
+        "warnings": caught,
+        "constant": None,
+        "constant_queries": 0,
+        "constant_train": 0,
     }
 
 

@@ -116,6 +116,7 @@ LONG_MODULES = (
     "test_api_server.py",
     "test_access_hf.py",
     "test_lm_pipeline.py",
+    "test_subspace_pipeline.py",
 )
 
 

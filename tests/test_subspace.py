@@ -193,16 +193,3 @@ def test_bad_inputs_raise_with_the_fix():
         subspace_scores(np.ones((2, 3)), np.ones((3, 1)), np.eye(2))
     with pytest.raises(DaunceError, match="diverged"):
         subspace_scores(np.full((2, 3), np.nan), np.ones((2, 1)), np.eye(2))
-
-
-def test_the_pipeline_refuses_subspace_scores_at_config_load(tmp_path):
-    from flows.config import load_config
-
-    path = tmp_path / "run.yaml"
-    path.write_text(
-        "data: {train: {path: t.parquet}, queries: {path: q.parquet}}\n"
-        "model: {recipe: {kind: linear, inputs: 4, outputs: 3}}\n"
-        "daunce: {score: subspace}\n"
-    )
-    with pytest.raises(DaunceError, match=r"daunce_core\.attribute"):
-        load_config(path, check_data=False)

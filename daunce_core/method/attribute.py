@@ -6,7 +6,7 @@ scores (the influence function in the copies' span, `daunce_core.method.subspace
 an `Attribution`. Scores are oriented ``[n_train, m_query]``: ``scores[i, j]`` is the influence of
 training example ``i`` on query ``j``; positive means training on ``i`` lowers the query's loss
 (a proponent), negative raises it (an opponent). The pipeline (``flows/``) runs the same steps
-out of core, with every intermediate result kept (the subspace scores are in-memory only so far).
+out of core, with every intermediate result kept (the subspace scores for torch models).
 """
 
 from __future__ import annotations

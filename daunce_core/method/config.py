@@ -17,8 +17,8 @@ from daunce_core.errors import DaunceError
 from daunce_core.method.objectives import Objective
 
 SCORE_KINDS = ("correlation", "covariance", "subspace")
-"""Score kinds of `DaunceConfig.score`; ``subspace`` is computed by the in-memory `attribute` only
-(the pipeline streams ``correlation`` and ``covariance``)."""
+"""Score kinds of `DaunceConfig.score`; ``subspace`` needs copies that can be reflected (torch
+models: `daunce_core.attribute` and the pipeline's ``model.access: torch``)."""
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -113,8 +113,8 @@ class DaunceConfig:
         measurement: query measurement, ``"loss"`` or ``"margin"`` (stored negated).
         score: ``"correlation"`` (the paper's default), ``"covariance"``, or ``"subspace"``: the
             influence function in the copies' span, from the copies, their reflections
-            ``θ0 − Δ_k`` and the curvature in their span (`daunce_core.method.subspace`; in
-            `daunce_core.attribute` only, for torch models).
+            ``θ0 − Δ_k`` and the curvature in their span (`daunce_core.method.subspace`; torch
+            models, in `daunce_core.attribute` and the pipeline).
         dtype: ``"float32"`` or ``"float64"`` for the copies' training and losses.
         antithetic: pair copies ``(2p, 2p+1)`` with ``ξ`` and ``1 − ξ`` on the same subset.
         seed: the run's seed; copy k's draws depend only on ``(seed, k)``.

@@ -32,6 +32,7 @@ by a near-zero curvature.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,39 @@ benchmarks (``bench/bench_subspace.py``, float32 copies; ``bench/results/subspac
 passes the effective dimension (softmax regression, K = 800 > P = 650: LDS 0.961 against 0.860
 at 1e-8 and 0.251 untruncated); 1e-2 cut real directions on the convex model (0.934 against
 0.957 at K = 400) but helped the MLP at K = 800 (0.704 against 0.670)."""
+
+
+CURVATURE_VALUES = 65536
+"""The output-space part of ``Q`` is averaged over at most this many output values per copy
+(examples × outputs per example): every training example when ``n × outputs`` fits, else a
+sample of them (`curvature_rows`). The pipeline stores each copy's output changes on those
+examples (``2 × CURVATURE_VALUES`` float32 per copy) so that ``Q`` can be formed across copies
+trained by different tasks."""
+
+
+def curvature_rows(n: int, outputs_per_example: int, seed: int = 0) -> np.ndarray:
+    """The training examples ``Q``'s output part averages over, sorted ``[n_c]`` int64.
+
+    All ``n`` when ``n × outputs_per_example ≤ CURVATURE_VALUES``; else a uniform sample of
+    ``max(1, CURVATURE_VALUES // outputs_per_example)`` drawn with ``seed`` (the same for every
+    copy, group and process).
+    """
+    count = max(1, CURVATURE_VALUES // max(1, outputs_per_example))
+    if n <= count:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, n, count]))
+    return np.sort(rng.choice(n, size=count, replace=False)).astype(np.int64)
+
+
+def output_gram(changes: np.ndarray, curved: np.ndarray) -> np.ndarray:
+    """``(1/n_c) Σ_i dz_ikᵀ H_i dz_il``, ``[K, K]`` float64, from the copies' output changes.
+
+    ``changes``: ``dz``, ``[K, n_c, ...]``; ``curved``: ``H dz``, same shape
+    (`daunce_core.access.torch_module.subspace.output_changes`).
+    """
+    count = changes.shape[0]
+    flat = np.asarray(changes, dtype=np.float64).reshape(count, -1)
+    return flat @ np.asarray(curved, dtype=np.float64).reshape(count, -1).T / changes.shape[1]
 
 
 @dataclass
@@ -80,7 +114,8 @@ class SubspaceLosses:
     Attributes:
         train: measurements of the training set (losses), rows = copies.
         query: measurements of the queries (the run's measurement), rows = copies.
-        curvature: ``Q``, ``[K, K]``: ``(1/n) Σ_i dz_ikᵀ H_i dz_il + λ Δ_kᵀ Δ_l``.
+        curvature: ``Q``, ``[K, K]``: ``(1/n_c) Σ_i dz_ikᵀ H_i dz_il + λ Δ_kᵀ Δ_l`` over the
+            examples of `curvature_rows`.
     """
 
     train: ReflectedLosses
@@ -94,6 +129,23 @@ class SubspaceLosses:
             & self.query.finite_rows()
             & np.isfinite(self.curvature).all(axis=1)
         )
+
+
+@dataclass
+class Reflections:
+    """What the pipeline keeps of some copies for the subspace scores, beside their loss rows.
+
+    Attributes:
+        train: ``[G, n]`` losses of the reflected copies ``θ0 − Δ_k``, float64.
+        query: ``[G, m]`` their measurements on the queries, float64.
+        changes: ``[G, n_c, ...]`` output changes ``dz`` on the curvature examples, float32.
+        curved: ``[G, n_c, ...]`` ``H dz``, float32.
+    """
+
+    train: np.ndarray
+    query: np.ndarray
+    changes: np.ndarray
+    curved: np.ndarray
 
 
 def curvature_pinv(curvature: np.ndarray, rtol: float = DEFAULT_RTOL) -> tuple[np.ndarray, int]:
@@ -161,3 +213,74 @@ def _check_changes(a: np.ndarray, b: np.ndarray, q_shape: tuple) -> None:
             "the subspace scores need at least one copy and finite loss changes; leave diverged "
             "copies out (their rows and Q's rows and columns)."
         )
+
+
+def valid_copies(*arrays: Any, count: int, values: int = 1 << 22) -> np.ndarray:
+    """``[count]`` bool: the leading copies whose rows are finite in every array.
+
+    ``arrays``: ``[K, ...]`` array-likes (K ≥ ``count``), read about ``values`` values at a time
+    so that out-of-core arrays are never loaded whole.
+    """
+    valid = np.ones(count, dtype=bool)
+    for array in arrays:
+        inner = int(np.prod(array.shape[2:], dtype=np.int64))
+        step = max(1, values // max(1, count * inner))
+        for c0 in range(0, array.shape[1], step):
+            block = np.asarray(array[:count, c0 : c0 + step])
+            valid &= np.isfinite(block.reshape(count, -1)).all(axis=1)
+    return valid
+
+
+def write_subspace_scores(
+    train: tuple[Any, Any],
+    query: tuple[Any, Any],
+    curvature: np.ndarray,
+    valid: np.ndarray,
+    out: Any = None,
+    *,
+    rtol: float = DEFAULT_RTOL,
+    row_chunk: int = 8192,
+    col_chunk: int = 1024,
+) -> tuple[Any, np.ndarray]:
+    """`subspace_scores` out of core: ``S = (1/n) Aᵀ Q⁺ B`` tile by tile, and self-influence.
+
+    Args:
+        train: ``(plus, minus)``, ``[K, n]`` array-likes (the loss rows of the copies and of their
+            reflections, e.g. Zarr arrays); ``A = (plus − minus) / 2``.
+        query: the same for the queries, ``[K, m]``.
+        curvature: ``Q`` of the ``valid`` copies, ``[K_valid, K_valid]``.
+        valid: ``[K]`` bool, the copies to use (rows of ``train`` and ``query``).
+        out: array-like ``[n, m]`` written tile by tile (default: a new float32 array).
+        rtol: `curvature_pinv`'s truncation.
+        row_chunk: training examples per tile.
+        col_chunk: queries per tile.
+
+    Returns:
+        ``out`` and the self-influence ``(1/n) A_iᵀ Q⁺ A_i`` of every training example
+        (``[n]`` float64: the diagonal ``S`` would have if the queries were the training set).
+    """
+    rows = np.flatnonzero(valid)
+    n, m = train[0].shape[1], query[0].shape[1]
+    if not len(rows) or curvature.shape != (len(rows), len(rows)):
+        raise DaunceError(
+            f"the subspace scores need at least one valid copy and a Q of the valid copies; "
+            f"got {len(rows)} valid and Q {curvature.shape}."
+        )
+    pinv, _ = curvature_pinv(curvature, rtol)
+    out = np.full((n, m), np.nan, dtype=np.float32) if out is None else out
+    own = np.zeros(n)
+
+    def central(pair, c0: int, c1: int) -> np.ndarray:
+        plus, minus = (np.asarray(a[: len(valid), c0:c1], dtype=np.float64)[rows] for a in pair)
+        return (plus - minus) / 2.0
+
+    for c0 in range(0, m, col_chunk):
+        c1 = min(c0 + col_chunk, m)
+        weights = pinv @ central(query, c0, c1) / n  # [K_valid, block of queries]
+        for r0 in range(0, n, row_chunk):
+            r1 = min(r0 + row_chunk, n)
+            a = central(train, r0, r1)
+            out[r0:r1, c0:c1] = (a.T @ weights).astype(np.float32)
+            if c0 == 0:
+                own[r0:r1] = np.einsum("ki,ki->i", a, pinv @ a) / n
+    return out, own

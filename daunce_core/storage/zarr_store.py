@@ -9,6 +9,12 @@ array               shape          chunks / meaning
 ``losses_query``    ``(K, m)``     ``(1, 65536)``: row k = copy k's measurement on every query
 ``scores``          ``(n, m)``     ``scores[i, j]`` = influence of train i on query j
 ``self_influence``  ``(n,)``       variance of each training loss over the valid copies
+                                   (subspace scores: ``(1/n) A_iᵀ Q⁺ A_i``)
+``reflected_train`` ``(K, n)``     subspace scores only: losses of the reflection ``θ0 − Δ_k``
+``reflected_query`` ``(K, m)``     its measurements on the queries
+``output_changes``  ``(K, n_c, D)`` ``(1, n_c, D)``: copy k's output change ``dz`` on the
+                                   curvature examples (`daunce_core.storage.reflections`)
+``curved_changes``  ``(K, n_c, D)`` ``H dz``, the loss's output Hessian applied to it
 ==================  =============  ===========================================================
 
 Losses are stored in the run's dtype (float32 or float64), scores in float32. Each copy owns
@@ -30,6 +36,8 @@ from daunce_core.errors import DaunceError
 
 PENDING, DONE = 0, 1
 LOSSES = ("losses_train", "losses_query")
+REFLECTED = ("reflected_train", "reflected_query")
+CHANGES = ("output_changes", "curved_changes")
 ROW_CHUNK = 65536
 
 
@@ -115,6 +123,41 @@ class RunStore:
             shape = (max(num_models, stored_k), width)  # K never shrinks: copies are kept
             if array.shape != shape:
                 array.resize(shape)
+
+    def ensure_reflections(
+        self, num_models: int, n: int, m: int, changes: tuple[int, ...], dtype: str = "float32"
+    ) -> None:
+        """Create (or grow) the subspace scores' arrays beside the loss arrays.
+
+        ``changes``: the shape ``(n_c, D...)`` of one copy's output changes. An array that
+        cannot be read, or whose shape no longer fits (other curvature examples), is made
+        again: the copies' markers then send them to be measured again.
+        """
+        widths = {"reflected_train": (n,), "reflected_query": (m,)}
+        widths |= {name: tuple(changes) for name in CHANGES}
+        for name, tail in widths.items():
+            kind = "float32" if name in CHANGES else dtype
+            self._ensure_rows(name, num_models, tail, kind, resizable=name == "reflected_query")
+
+    def _ensure_rows(
+        self, name: str, num_models: int, tail: tuple, dtype: str, resizable: bool
+    ) -> None:
+        array = None
+        if (self.root / name).exists():
+            try:
+                array = self.open(name, "r+")
+            except Exception:
+                shutil.rmtree(self.root / name)
+        if array is not None and array.shape[1:] != tail and not resizable:
+            shutil.rmtree(self.root / name)
+            array = None
+        if array is None:
+            chunks = (1, *(max(1, min(w, ROW_CHUNK)) for w in tail[:1]), *tail[1:])
+            self._create(name, (num_models, *tail), chunks, dtype, np.nan)
+            return
+        shape = (max(num_models, array.shape[0]), *tail)
+        if array.shape != shape:
+            array.resize(shape)
 
     def _repair(self) -> list[str]:
         """Remove loss arrays whose metadata cannot be read; return their names.

@@ -22,15 +22,30 @@ from daunce_core.access.base import Capabilities, CopyJournal, CopyLosses, Model
 from daunce_core.access.task import Task, check_per_example
 from daunce_core.access.torch_module.evaluation import evaluate_copies
 from daunce_core.access.torch_module.stacked import trainable_names
-from daunce_core.access.torch_module.subspace import merge_trained, parameter_gram, reflected_losses
+from daunce_core.access.torch_module.subspace import (
+    merge_trained,
+    output_changes,
+    output_gram_of,
+    outputs_per_example,
+    parameter_gram,
+    reflect,
+    reflected_losses,
+)
 from daunce_core.access.torch_module.training import TrainedCopies, train_copies
-from daunce_core.data import as_example_set, cast_floating, check_compatible, num_examples, take
+from daunce_core.data import (
+    as_example_set,
+    batch_slices,
+    cast_floating,
+    check_compatible,
+    num_examples,
+    take,
+)
 from daunce_core.errors import DaunceWarning, TaskError
 from daunce_core.method.config import ComputeConfig, DaunceConfig
 from daunce_core.method.draws import draw_perturbation
 from daunce_core.method.objectives import per_example_objective
 from daunce_core.method.signals import BaseSignals, compute_base_signals
-from daunce_core.method.subspace import SubspaceLosses
+from daunce_core.method.subspace import Reflections, SubspaceLosses, curvature_rows
 
 
 class TorchModuleAccess(ModelAccess):
@@ -174,24 +189,70 @@ class TorchModuleAccess(ModelAccess):
     def measure_reflected(self, trained: TrainedCopies) -> SubspaceLosses:
         """Measurements of ``trained``, of their reflections and of ``θ0``, and ``Q``."""
         c = self.compute
+        options = {"batch_size": c.eval_batch_size, "group_size": c.group_size}
+        options["vectorize"] = c.vectorize
+        params = trained.params
+        train = reflected_losses(
+            self.model, self.task, params, self.anchor, self.train_set, **options
+        )
+        query = reflected_losses(
+            self.model,
+            self.task,
+            params,
+            self.anchor,
+            self.query_set,
+            measurement=self.config.measurement,
+            **options,
+        )
+        sample = take(self.train_set, torch.from_numpy(self.curvature_rows()).to(self._device))
+        gram = output_gram_of(self.model, self.task, params, self.anchor, sample, **options)
+        curvature = gram + self.prox * parameter_gram(params, self.anchor)
+        return SubspaceLosses(train=train, query=query, curvature=curvature)
 
-        def measure(data, **options):
-            return reflected_losses(
+    def measure_reflections(self, trained: TrainedCopies) -> Reflections:
+        """What the pipeline stores per copy for the subspace scores (no training).
+
+        The reflected copies' measurements on the training set and the queries, and each
+        copy's output changes ``dz`` and ``H dz`` on the curvature examples (`curvature_rows`),
+        from which ``Q``'s output part is formed across copies measured apart.
+        """
+        params, c = trained.params, self.compute
+        mirrored = reflect(params, self.anchor)
+        rows = torch.from_numpy(self.curvature_rows()).to(self._device)
+        changes, curved = [], []
+        for batch in batch_slices(len(rows), c.eval_batch_size):
+            dz, hdz = output_changes(
                 self.model,
                 self.task,
-                trained.params,
+                params,
                 self.anchor,
-                data,
-                batch_size=c.eval_batch_size,
+                take(self.train_set, rows[batch]),
                 group_size=c.group_size,
                 vectorize=c.vectorize,
-                **options,
             )
+            changes.append(dz.float().cpu().numpy())
+            curved.append(hdz.float().cpu().numpy())
+        return Reflections(
+            train=self._measure(mirrored, self.train_set, "loss"),
+            query=self._measure(mirrored, self.query_set, self.config.measurement),
+            changes=np.concatenate(changes, axis=1),
+            curved=np.concatenate(curved, axis=1),
+        )
 
-        train, gram = measure(self.train_set)
-        query, _ = measure(self.query_set, measurement=self.config.measurement, curvature=False)
-        curvature = gram + self.prox * parameter_gram(trained.params, self.anchor)
-        return SubspaceLosses(train=train, query=query, curvature=curvature)
+    def changes_shape(self) -> tuple[int, ...]:
+        """The shape of one copy's stored output changes: ``(n_c, outputs of one example...)``."""
+        with torch.no_grad():
+            outputs = self.task.outputs(self.model, take(self.train_set, slice(0, 1)))
+        return (len(self.curvature_rows()), *outputs.shape[1:])
+
+    def curvature_rows(self) -> np.ndarray:
+        """The training examples ``Q``'s output part averages over (`curvature_rows`)."""
+        per_example = outputs_per_example(self.model, self.task, self.train_set)
+        return curvature_rows(self.num_train, per_example)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(iter(self.anchor.values())).device
 
     def train(self, ks: Sequence[int], journal: CopyJournal | None = None) -> TrainedCopies:
         """Train copies ``ks`` together (one group: ``vmap`` over all of them) from ``θ0``.

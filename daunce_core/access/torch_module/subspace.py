@@ -2,16 +2,18 @@
 
 For trained copies ``θ^k = θ0 + Δ_k`` (stacked parameters), `reflected_losses` measures each copy,
 its reflection ``θ0 − Δ_k`` (loss evaluation only, no training) and the base model on a set of
-examples and, on the training set, accumulates in the same forward passes the output-space part
-of ``Q`` (`daunce_core.method.subspace`):
+examples, and `output_changes` gives, on the curvature examples
+(`daunce_core.method.subspace.curvature_rows`), what the output-space part of ``Q`` is made of:
 
-    ``(1/n) Σ_i dz_ikᵀ H_i dz_il``  with  ``dz_ik = (g(θ0+Δ_k, x_i) − g(θ0−Δ_k, x_i)) / 2``,
+    ``(1/n_c) Σ_i dz_ikᵀ H_i dz_il``  with  ``dz_ik = (g(θ0+Δ_k, x_i) − g(θ0−Δ_k, x_i)) / 2``,
 
 ``H_i`` the loss's Hessian in the outputs at ``θ0`` (`Task.output_hessian_product`). The central
 difference of the logits is ``J_i Δ_k + O(‖Δ‖³)`` (exact for models linear in their parameters),
-the same order as the central loss changes, and free: the reflected copies' logits are computed
-for their losses anyway, where a Jacobian-vector product would cost a forward-mode pass per copy.
-`parameter_gram` adds ``Δ_kᵀ Δ_l`` for the proximal ``λ``.
+the same order as the central loss changes, and needs forward passes only, where a
+Jacobian-vector product would cost a forward-mode pass per copy. `parameter_gram` adds
+``Δ_kᵀ Δ_l`` for the proximal ``λ``. In memory (`output_gram_of`) the Gram is accumulated batch by
+batch; the pipeline stores each copy's ``dz`` and ``H dz`` so that copies trained by different
+tasks meet in one ``Q`` (`daunce_core.storage.reflections`).
 
 Memory: the outputs of all K copies (and of their reflections) on one batch of examples,
 ``2 × K × batch_size × outputs`` values, and ``K × K`` for the Gram.
@@ -27,7 +29,7 @@ from daunce_core.access.task import Task
 from daunce_core.access.torch_module.stacked import Stacked, copy_outputs_fn, map_copies
 from daunce_core.access.torch_module.training import TrainedCopies
 from daunce_core.data import ExampleSet, batch_slices, num_examples, take
-from daunce_core.method.subspace import ReflectedLosses
+from daunce_core.method.subspace import ReflectedLosses, output_gram
 
 
 def reflect(params: Stacked, anchor: dict[str, torch.Tensor]) -> Stacked:
@@ -64,9 +66,8 @@ def reflected_losses(
     batch_size: int = 1024,
     group_size: int = 32,
     vectorize: bool = True,
-    curvature: bool = True,
-) -> tuple[ReflectedLosses, np.ndarray | None]:
-    """Measurements of the copies, their reflections and ``θ0`` on ``data``, and the output Gram.
+) -> ReflectedLosses:
+    """Measurements of the copies, their reflections and ``θ0`` on ``data`` (float64).
 
     Args:
         model: the base model ``θ0`` (its trainable parameters are ``anchor``).
@@ -78,42 +79,87 @@ def reflected_losses(
         batch_size: examples per forward pass.
         group_size: copies per vectorised forward pass.
         vectorize: run a group of copies with ``vmap`` (False: one after another).
-        curvature: also accumulate the output Gram (the training set's; not the queries').
-
-    Returns:
-        `ReflectedLosses` (float64), and ``(1/n) Σ_i dz_ikᵀ H_i dz_il``, ``[K, K]`` float64
-        (None unless ``curvature``).
     """
     outputs_of = copy_outputs_fn(model, task)
     copies, mirrored = params, reflect(params, anchor)
-    count = next(iter(params.values())).shape[0]
     plus, minus, base = [], [], []
-    gram = torch.zeros(count, count, dtype=torch.float64, device=_device(anchor))
     with torch.no_grad():
         for rows in batch_slices(num_examples(data), batch_size):
             batch = take(data, rows)
-            out_plus = _all_outputs(outputs_of, copies, batch, group_size, vectorize)
-            out_minus = _all_outputs(outputs_of, mirrored, batch, group_size, vectorize)
-            out_base = task.outputs(model, batch)
-            plus.append(_measure(task, out_plus, batch, measurement, vectorize))
-            minus.append(_measure(task, out_minus, batch, measurement, vectorize))
-            base.append(task.measure(out_base, batch, measurement))
-            if curvature:
-                gram += _output_gram(task, out_plus, out_minus, out_base, batch)
-    losses = ReflectedLosses(
+            for values, stacked in ((plus, copies), (minus, mirrored)):
+                outputs = _all_outputs(outputs_of, stacked, batch, group_size, vectorize)
+                values.append(_measure(task, outputs, batch, measurement, vectorize))
+            base.append(task.measure(task.outputs(model, batch), batch, measurement))
+    return ReflectedLosses(
         plus=_numpy(torch.cat(plus, dim=1)),
         minus=_numpy(torch.cat(minus, dim=1)),
         base=_numpy(torch.cat(base)),
     )
-    return losses, (gram.cpu().numpy() / num_examples(data) if curvature else None)
 
 
-def _output_gram(task: Task, out_plus, out_minus, out_base, batch) -> torch.Tensor:
-    """``Σ_{i ∈ batch} dz_ikᵀ H_i dz_il`` with central logit changes ``dz``, ``[K, K]``."""
-    count = out_plus.shape[0]
-    dz = (out_plus - out_minus) / 2
-    curved = task.output_hessian_product(out_base, batch, dz)
-    return dz.reshape(count, -1).double() @ curved.reshape(count, -1).double().T
+def output_changes(
+    model: nn.Module,
+    task: Task,
+    params: Stacked,
+    anchor: dict[str, torch.Tensor],
+    data: ExampleSet,
+    *,
+    group_size: int = 32,
+    vectorize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each copy's central output change on ``data`` and the loss's Hessian applied to it.
+
+    ``dz_ik = (g(θ0+Δ_k, x_i) − g(θ0−Δ_k, x_i)) / 2`` and ``H_i dz_ik`` (``H_i`` at ``θ0``,
+    `Task.output_hessian_product`), both ``[K, B, ...]`` in the outputs' dtype: one batch of
+    examples. ``Σ_i dz_ikᵀ H_i dz_il`` over the examples of
+    `daunce_core.method.subspace.curvature_rows` is ``Q``'s output part
+    (`daunce_core.method.subspace.output_gram`).
+    """
+    outputs_of = copy_outputs_fn(model, task)
+    with torch.no_grad():
+        plus = _all_outputs(outputs_of, params, data, group_size, vectorize)
+        minus = _all_outputs(outputs_of, reflect(params, anchor), data, group_size, vectorize)
+        changes = (plus - minus) / 2
+        curved = task.output_hessian_product(task.outputs(model, data), data, changes)
+    return changes, curved.to(changes.dtype)
+
+
+def output_gram_of(
+    model: nn.Module,
+    task: Task,
+    params: Stacked,
+    anchor: dict[str, torch.Tensor],
+    data: ExampleSet,
+    *,
+    batch_size: int = 1024,
+    group_size: int = 32,
+    vectorize: bool = True,
+) -> np.ndarray:
+    """``(1/n_c) Σ_i dz_ikᵀ H_i dz_il`` over ``data`` (the curvature examples), ``[K, K]``.
+
+    Accumulated batch by batch (`output_changes`), so only one batch's changes are held.
+    """
+    count = next(iter(params.values())).shape[0]
+    gram = np.zeros((count, count))
+    for rows in batch_slices(num_examples(data), batch_size):
+        changes, curved = output_changes(
+            model,
+            task,
+            params,
+            anchor,
+            take(data, rows),
+            group_size=group_size,
+            vectorize=vectorize,
+        )
+        gram += output_gram(changes.cpu().numpy(), curved.cpu().numpy()) * changes.shape[1]
+    return gram / num_examples(data)
+
+
+def outputs_per_example(model: nn.Module, task: Task, data: ExampleSet) -> int:
+    """How many output values one example has (classes; tokens × vocabulary for an LM)."""
+    with torch.no_grad():
+        outputs = task.outputs(model, take(data, slice(0, 1)))
+    return int(outputs[0].numel())
 
 
 def _device(anchor: dict[str, torch.Tensor]) -> torch.device:
