@@ -276,7 +276,9 @@ def _truth_key(spec: Spec, train: dict, queries: dict, count: int, seed: int) ->
         "benchmark": spec.name,
         "architecture": str(spec.make_model(0)),
         "task": type(spec.task).__name__,
-        "recipe": to_dict(spec.recipe),
+        # Unset (None) fields left out: a field added later with a None default (the old
+        # behaviour) keeps the key.
+        "recipe": {k: v for k, v in to_dict(spec.recipe).items() if v is not None},
         "l2": spec.l2,
         "M": count,
         "seed": seed,
