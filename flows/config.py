@@ -234,18 +234,17 @@ class EvaluationConfig:
             )
 
 
-FLOW_DAUNCE = {
-    "num_models": 256,
-    "subset_ratio": 1.0,
-    "objective": {"labels": "sampled", "rho": 0.1},
-    "train": {"epochs": 10, "batch_size": 64},
-    "score": "covariance",
-}
-"""The attribute flow's DAUNCE settings where a configuration leaves them out (README,
-"Defaults from evidence"): sampled-label perturbations on the whole training set, ρ = 0.1,
-ten epochs per copy with the base model's own optimiser and learning rate (`INHERITED`),
-covariance scores. Fields given in the ``daunce`` section replace these one by one; a black-box
-objective falls back to the paper's form (it needs subsets, r < 1)."""
+FLOW_DAUNCE = to_dict(DaunceConfig())
+"""The attribute flow's DAUNCE settings where a configuration leaves them out: `DaunceConfig`'s
+own defaults (README, "Defaults from evidence"), so the library and the pipeline share one
+default: K = 256, sampled-label perturbations on the whole training set at ρ = 0.1, one epoch of
+SGD at the curvature's step (``lr: auto``, not the base model's optimiser), subspace scores.
+Fields given in the ``daunce`` section replace these one by one (``objective`` and ``train``
+field by field); a black-box objective falls back to the paper's form (`FLOW_DAUNCE_PAPER`:
+its randomness is the subsets, r < 1)."""
+
+FLOW_DAUNCE_PAPER = to_dict(DaunceConfig.paper())
+"""`DaunceConfig.paper`: what a ``daunce`` section with a black-box objective is merged over."""
 
 FLOW_DAUNCE_LM = {
     "num_models": 64,
@@ -288,8 +287,9 @@ same 8-step copies: bench/bench_prompt.py). ``labels: sampled`` (with ``subset_r
 searches on completions sampled from θ0 instead."""
 
 INHERITED = ("optimizer", "lr", "momentum", "betas")
-"""Fields of ``model.train`` the copies' ``train`` takes where the ``daunce`` section leaves them
-out: a copy fine-tunes the model with the step its own recipe found stable."""
+"""Fields of ``model.train`` a language model's copies (``access: hf_lora``) take where the
+``daunce`` section leaves them out: a LoRA copy fine-tunes with the AdamW step the base's own
+recipe found stable. Torch copies take the step from the curvature instead (``lr: auto``)."""
 
 
 def flow_daunce(
@@ -297,23 +297,24 @@ def flow_daunce(
 ) -> dict:
     """The ``daunce`` section with the flow's defaults (`FLOW_DAUNCE`) under the user's fields.
 
-    ``model_train`` is the ``model.train`` section: its `INHERITED` fields (or `ModelConfig`'s
-    default recipe's) come before `FLOW_DAUNCE`'s (`FLOW_DAUNCE_LM`'s for ``access: hf_lora``).
+    For ``access: hf_lora`` the defaults are `FLOW_DAUNCE_LM`'s, under which ``model_train``
+    (the ``model.train`` section) gives its `INHERITED` fields (or `ModelConfig`'s default
+    recipe's); a black-box objective's are `FLOW_DAUNCE_PAPER`.
     """
     section = dict(section or {})
     if access in REMOTE_KINDS:
         return _remote_daunce(section, access)
-    flow = FLOW_DAUNCE_LM if access == "hf_lora" else FLOW_DAUNCE
     objective = section.get("objective") or {}
     if isinstance(objective, dict) and objective.get("access") == "black_box":
-        return section
-    base = to_dict(ModelConfig(recipe={}).train)
-    if isinstance(model_train, dict):
-        base.update(model_train)
-    defaults = {
-        **flow,
-        "train": {**{k: base[k] for k in INHERITED if k in base}, **flow["train"]},
-    }
+        defaults = FLOW_DAUNCE_PAPER
+    elif access == "hf_lora":
+        base = to_dict(ModelConfig(recipe={}).train)
+        if isinstance(model_train, dict):
+            base.update(model_train)
+        inherited = {k: base[k] for k in INHERITED if k in base}
+        defaults = FLOW_DAUNCE_LM | {"train": inherited | FLOW_DAUNCE_LM["train"]}
+    else:
+        defaults = FLOW_DAUNCE
     merged = {**defaults, **section}
     for key in ("objective", "train"):
         if isinstance(section.get(key), dict):

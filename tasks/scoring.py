@@ -49,8 +49,6 @@ def compute_scores(
     and ``constant_train``. ``kind`` ``subspace`` reads the copies' reflections too and needs the
     copy ``spec`` (`_subspace_scores`).
     """
-    if kind == "subspace":
-        return _subspace_scores(run_dir, rows_digest, num_models, spec)
     store = RunStore(RunLayout(run_dir).store)
     a, b = store.losses("losses_train", num_models), store.losses("losses_query", num_models)
     ids = None
@@ -63,24 +61,28 @@ def compute_scores(
         stats = collect_statistics(a, b)
         if len(stats.valid_rows) >= 2:
             constant = warn_constant(stats, b.dtype, ids)
+        if kind == "subspace":
+            valid, own = _subspace_scores(run_dir, num_models, spec)
+        else:
+            valid = stats.valid_rows
     constant_train, constant_queries = constant_columns(stats)
     n, m = a.shape[1], b.shape[1]
-    out = store.create_scores(n, m, ROW_CHUNK, COL_CHUNK)
-    write_scores(a, b, stats, out, kind=kind, row_chunk=ROW_CHUNK, col_chunk=COL_CHUNK)
-    store.write_self_influence(self_influence(stats))
+    inputs = [store.root / name for name in LOSSES]
+    if kind == "subspace":
+        inputs += [store.root / name for name in (*REFLECTED, *CHANGES)]
+    else:
+        out = store.create_scores(n, m, ROW_CHUNK, COL_CHUNK)
+        write_scores(a, b, stats, out, kind=kind, row_chunk=ROW_CHUNK, col_chunk=COL_CHUNK)
+        own = self_influence(stats)
+    store.write_self_influence(own)
     digest = digest_json({"rows": rows_digest, "kind": kind})
     record = artifact(
-        store.root / "scores",
-        "scores",
-        digest,
-        "scores",
-        inputs=[store.root / "losses_train", store.root / "losses_query"],
-        shape=[n, m],
+        store.root / "scores", "scores", digest, "scores", inputs=inputs, shape=[n, m]
     )
     return record | {
         "companions": [str(store.root / "self_influence")],
-        "valid": len(stats.valid_rows),
-        "excluded": stats.excluded_rows.tolist(),
+        "valid": len(valid),
+        "excluded": sorted(set(range(a.shape[0])) - set(valid.tolist())),
         "warnings": [str(w.message) for w in caught],
         "constant": constant,
         "constant_queries": len(constant_queries),
@@ -88,8 +90,8 @@ def compute_scores(
     }
 
 
-def _subspace_scores(run_dir: str, rows_digest: str, num_models: int, spec: dict) -> dict:
-    """``S = (1/n) Aᵀ Q⁺ B`` out of core from the copies, their reflections and ``Q``.
+def _subspace_scores(run_dir: str, num_models: int, spec: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``S = (1/n) Aᵀ Q⁺ B`` out of core into the store; the valid copies and self-influence.
 
     Copies with a non-finite value in any of their rows (diverged, or a reflection whose loss
     overflowed) are left out with a warning; ``Q`` is formed over the others
@@ -101,13 +103,13 @@ def _subspace_scores(run_dir: str, rows_digest: str, num_models: int, spec: dict
     changes = [store.open(name) for name in CHANGES]
     valid = valid_copies(*arrays, *changes, count=num_models)
     excluded = np.flatnonzero(~valid)
-    caught = []
     if len(excluded):
-        caught.append(
+        warnings.warn(
             f"perturbed copies {excluded.tolist()} have non-finite losses (theirs or their "
-            "reflection's) and are left out of the scores."
+            "reflection's) and are left out of the scores.",
+            DaunceWarning,
+            stacklevel=2,
         )
-        warnings.warn(caught[-1], DaunceWarning, stacklevel=2)
     if not valid.any():
         raise DaunceError(
             "no copy has finite losses and reflections to score; lower the learning rate or "
@@ -115,29 +117,11 @@ def _subspace_scores(run_dir: str, rows_digest: str, num_models: int, spec: dict
         )
     curvature = subspace_curvature(copy_access(spec), layout, valid)
     train, query = (arrays[0], arrays[2]), (arrays[1], arrays[3])
-    n, m = train[0].shape[1], query[0].shape[1]
-    out = store.create_scores(n, m, ROW_CHUNK, COL_CHUNK)
+    out = store.create_scores(train[0].shape[1], query[0].shape[1], ROW_CHUNK, COL_CHUNK)
     _, own = write_subspace_scores(
         train, query, curvature, valid, out, row_chunk=ROW_CHUNK, col_chunk=COL_CHUNK
     )
-    store.write_self_influence(own)
-    record = artifact(
-        store.root / "scores",
-        "scores",
-        digest_json({"rows": rows_digest, "kind": "subspace"}),
-        "scores",
-        inputs=[store.root / name for name in (*LOSSES, *REFLECTED, *CHANGES)],
-        shape=[n, m],
-    )
-    return record | {
-        "companions": [str(store.root / "self_influence")],
-        "valid": int(valid.sum()),
-        "excluded": excluded.tolist(),
-        "warnings": caught,
-        "constant": None,
-        "constant_queries": 0,
-        "constant_train": 0,
-    }
+    return np.flatnonzero(valid), own
 
 
 @task(name="exports", cache_policy=NO_CACHE)

@@ -41,7 +41,7 @@ def test_auto_step_is_one_minus_momentum_over_the_largest_curvature():
     trained = copies(problem, config).train([0, 1])
     x = torch.cat([problem.train["x"], torch.ones(200, 1, dtype=torch.float64)], dim=1)
     largest = float(torch.linalg.eigvalsh(x.T @ x / 200)[-1]) + 0.05
-    assert trained.lr == pytest.approx(0.2 / largest, rel=1e-2)  # power iteration to ~1e-3
+    assert trained.lr == pytest.approx(0.2 / largest, rel=2e-3)  # Lanczos to ~1e-3
 
 
 def test_auto_step_is_the_same_for_every_group_and_keeps_copies_independent_of_grouping():
@@ -88,7 +88,7 @@ def test_an_unconverged_copy_is_recorded_as_such():
 
 def test_no_tolerance_records_the_step_only():
     problem = logistic_regression(n=60, d=3)
-    trained = copies(problem, DaunceConfig(num_models=2)).train([0, 1])
+    trained = copies(problem, DaunceConfig.paper(num_models=2)).train([0, 1])
     assert trained.residual is None
     assert trained.summary(0, None) == {"lr": 0.01, "steps": 1}
 
@@ -112,14 +112,14 @@ def test_auto_step_refuses_a_model_without_curvature():
     model = torch.nn.Linear(3, 2, bias=False)
     torch.nn.init.zeros_(model.weight)
     data = {"x": x * 0, "y": torch.zeros(20, 2)}
-    config = DaunceConfig(num_models=2, prox=0.0, train=TrainConfig(lr="auto"))
+    config = DaunceConfig.paper(num_models=2, prox=0.0, train=TrainConfig(lr="auto"))
     access = TorchModuleAccess(model, RegressionTask(), data, data, config)
     with pytest.raises(DaunceError, match=r"give train\.lr as a number"):
         access.train([0, 1])
 
 
 def test_classification_step_follows_the_gauss_newton_curvature():
-    """Softmax regression at θ0: the Hessian of the mean loss, estimated by power iteration."""
+    """Softmax regression at θ0: the Hessian of the mean loss, estimated by Lanczos."""
     problem = logistic_regression(n=150, d=4, classes=3, l2=1e-2)
     config = DaunceConfig(num_models=2, dtype="float64", train=TrainConfig(lr="auto"))
     trained = copies(problem, config).train([0, 1])
@@ -135,7 +135,7 @@ def test_classification_step_follows_the_gauss_newton_curvature():
     hessian = torch.autograd.functional.hessian(objective, flat)
     largest = float(torch.linalg.eigvalsh(hessian)[-1])
     assert isinstance(problem.task, ClassificationTask)
-    assert trained.lr == pytest.approx(0.1 / largest, rel=2e-2)
+    assert trained.lr == pytest.approx(0.1 / largest, rel=5e-3)
 
 
 def test_the_pipeline_records_each_copys_step_and_convergence(harness, tmp_path, capsys):

@@ -58,8 +58,8 @@ def losses(config, problem=None, **compute):
 def test_vectorised_copies_equal_one_at_a_time(objective, train):
     common = {"num_models": 6, "objective": objective, "train": train, "dtype": "float64"}
     problem = mlp_problem(torch.float64)
-    batched = losses(DaunceConfig(**common), problem, group_size=6)
-    alone = losses(DaunceConfig(**common), problem, group_size=1, vectorize=False)
+    batched = losses(DaunceConfig.paper(**common), problem, group_size=6)
+    alone = losses(DaunceConfig.paper(**common), problem, group_size=1, vectorize=False)
     np.testing.assert_allclose(batched.train, alone.train, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(batched.query, alone.query, rtol=1e-10, atol=1e-12)
     assert np.ptp(batched.train, axis=0).max() > 1e-6  # the copies really differ
@@ -67,13 +67,13 @@ def test_vectorised_copies_equal_one_at_a_time(objective, train):
 
 def test_float32_vectorised_copies_agree_within_float_tolerance():
     common = {"num_models": 8, "train": TrainConfig(lr=0.05, epochs=2, batch_size=8)}
-    batched = losses(DaunceConfig(**common), group_size=8)
-    alone = losses(DaunceConfig(**common), group_size=1, vectorize=False)
+    batched = losses(DaunceConfig.paper(**common), group_size=8)
+    alone = losses(DaunceConfig.paper(**common), group_size=1, vectorize=False)
     np.testing.assert_allclose(batched.train, alone.train, rtol=1e-4, atol=1e-5)
 
 
 def test_copies_do_not_depend_on_grouping_or_order():
-    config = DaunceConfig(num_models=7, train=TrainConfig(lr=0.05, epochs=1))
+    config = DaunceConfig.paper(num_models=7, train=TrainConfig(lr=0.05, epochs=1))
     grouped = losses(config, group_size=3)
     model, train, queries = mlp_problem()
     copies = TorchModuleAccess(model, ClassificationTask(), train, queries, config, base_l2=1e-3)
@@ -84,15 +84,15 @@ def test_copies_do_not_depend_on_grouping_or_order():
 def test_evaluation_does_not_depend_on_batch_size():
     common = {"num_models": 4, "train": TrainConfig(lr=0.05, epochs=1), "dtype": "float64"}
     problem = mlp_problem(torch.float64)
-    small = losses(DaunceConfig(**common), problem, eval_batch_size=7)
-    large = losses(DaunceConfig(**common), problem, eval_batch_size=4096)
+    small = losses(DaunceConfig.paper(**common), problem, eval_batch_size=7)
+    large = losses(DaunceConfig.paper(**common), problem, eval_batch_size=4096)
     np.testing.assert_allclose(small.train, large.train, rtol=1e-12)
 
 
 def test_diverged_copies_are_reported_by_index_and_left_out_of_the_scores():
     x, y = exploding_data()
     model, train, queries = torch.nn.Linear(7, 1), {"x": x, "y": y}, {"x": x[:10], "y": y[:10]}
-    config = DaunceConfig(
+    config = DaunceConfig.paper(
         num_models=8, subset_ratio=0.3, train=TrainConfig(lr=0.1, epochs=3, batch_size=6)
     )
     copies = TorchModuleAccess(model, RegressionTask(), train, queries, config)

@@ -28,7 +28,7 @@ from daunce_core.method.scores import (
     warn_constant,
     write_scores,
 )
-from daunce_core.method.subspace import SubspaceLosses, subspace_scores
+from daunce_core.method.subspace import SubspaceLosses, write_subspace_scores
 
 
 @dataclass
@@ -38,7 +38,8 @@ class Attribution:
     Attributes:
         scores: ``[n_train, m_query]`` float32; ``scores[i, j]`` = influence of train ``i`` on
             query ``j`` (correlation, covariance or subspace, per the config).
-        self_influence: ``[n_train]`` variance of each training loss across the copies
+        self_influence: ``[n_train]`` variance of each training loss across the copies (subspace
+            scores: ``(1/n) A_iᵀ Q⁺ A_i``, what ``scores`` would give the example on itself)
             (high values flag mislabelled or atypical examples).
         losses_train: ``A``, ``[K, n_train]``; row k = copy k (NaN rows: diverged copies).
         losses_query: ``B``, ``[K, m_query]``.
@@ -109,9 +110,10 @@ def attribute(
         rows = copies.run(range(config.num_models))
     stats = collect_statistics(rows.train, rows.query)
     warn_constant(stats, config.dtype)
+    scores, own = _scores(rows, stats, config, parts)
     return Attribution(
-        scores=_scores(rows, stats, config, parts),
-        self_influence=self_influence(stats),
+        scores=scores,
+        self_influence=own,
         losses_train=rows.train,
         losses_query=rows.query,
         excluded=stats.excluded_rows,
@@ -141,12 +143,17 @@ def warn_downcast(model: nn.Module, config: DaunceConfig) -> None:
 
 
 def _scores(rows: CopyLosses, stats, config: DaunceConfig, parts: SubspaceLosses | None):
-    """The config's score kind over the valid copies of ``stats``, ``[n_train, m_query]``."""
+    """The config's scores over the valid copies, ``[n_train, m_query]``, and self-influence.
+
+    Self-influence ``[n]``: the loss variance, or for subspace scores ``(1/n) A_iᵀ Q⁺ A_i``.
+    """
     if parts is None:
-        return write_scores(rows.train, rows.query, stats, kind=config.score)
-    valid = stats.valid_rows
-    return subspace_scores(
-        parts.train.central()[valid],
-        parts.query.central()[valid],
+        return write_scores(rows.train, rows.query, stats, kind=config.score), self_influence(stats)
+    valid = np.zeros(len(rows.ks), dtype=bool)
+    valid[stats.valid_rows] = True
+    return write_subspace_scores(
+        (parts.train.plus, parts.train.minus),
+        (parts.query.plus, parts.query.minus),
         parts.curvature[np.ix_(valid, valid)],
+        valid,
     )

@@ -29,7 +29,7 @@ class TrainConfig:
     Attributes:
         optimizer: ``"sgd"`` (with momentum; the paper's vision recipe) or ``"adamw"`` (LLMs).
         lr: peak learning rate (> 0), or ``"auto"`` (SGD only): ``(1 − momentum) / L``, ``L``
-            the largest curvature of the copies' objective at ``θ0`` (power iteration with
+            the largest curvature of the copies' objective at ``θ0`` (Lanczos on
             Hessian-vector products, `daunce_core.access.torch_module.training.largest_curvature`):
             heavy-ball momentum's effective step ``lr / (1 − momentum)`` is then ``1 / L``,
             gradient descent's step that cannot overshoot, whatever the model's scale or how the
@@ -102,19 +102,27 @@ class TrainConfig:
 class DaunceConfig:
     """Everything that determines a DAUNCE run's perturbed copies and scores.
 
+    The defaults are the project's, chosen by the worst case over five benchmarks (README,
+    "Defaults from evidence"; the same in the library and the pipeline): K = 256 copies on the
+    whole training set with sampled-label perturbations (ρ = 0.1), each trained for one epoch
+    of SGD with momentum at the step the objective's curvature allows (``lr: auto``), scored by
+    the influence function in the copies' span (``score: subspace``). `DaunceConfig.paper` gives
+    the paper's Algorithm 1 form.
+
     Attributes:
         num_models: K, the number of perturbed copies (≥ 2; the paper uses 200 for vision).
         subset_ratio: r, the fraction of the training set each copy trains on (paper: 0.3).
         objective: the perturbed objective (variant, access, labels, γ, ρ).
-        train: how each copy is trained (paper vision recipe: SGD momentum 0.9, cosine, 1 epoch).
+        train: how each copy is trained (default: SGD momentum 0.9, cosine, ``lr: auto``, one
+            epoch of batches of 64).
         prox: λ of the proximal term ``γ·½λ‖θ − θ0‖²``; None uses the base model's own L2
             strength (the ``base_l2`` given to the run), so the perturbed objective has the
             training objective's curvature.
         measurement: query measurement, ``"loss"`` or ``"margin"`` (stored negated).
-        score: ``"correlation"`` (the paper's default), ``"covariance"``, or ``"subspace"``: the
+        score: ``"subspace"`` (default), ``"correlation"`` (the paper's), ``"covariance"``: the
             influence function in the copies' span, from the copies, their reflections
             ``θ0 − Δ_k`` and the curvature in their span (`daunce_core.method.subspace`; torch
-            models, in `daunce_core.attribute` and the pipeline).
+            models, in `daunce_core.attribute` and the pipeline), or the paper's eq. (6).
         dtype: ``"float32"`` or ``"float64"`` for the copies' training and losses.
         antithetic: pair copies ``(2p, 2p+1)`` with ``ξ`` and ``1 − ξ`` on the same subset.
         seed: the run's seed; copy k's draws depend only on ``(seed, k)``.
@@ -123,13 +131,13 @@ class DaunceConfig:
     is `ComputeConfig`'s: it never changes which copies a run holds.
     """
 
-    num_models: int = 64
-    subset_ratio: float = 0.3
-    objective: Objective = field(default_factory=Objective)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.01, batch_size=64))
+    num_models: int = 256
+    subset_ratio: float = 1.0
+    objective: Objective = field(default_factory=lambda: Objective(labels="sampled", rho=0.1))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr="auto", batch_size=64))
     prox: float | None = None
     measurement: Measurement = "loss"
-    score: Literal["correlation", "covariance", "subspace"] = "correlation"
+    score: Literal["correlation", "covariance", "subspace"] = "subspace"
     dtype: Literal["float32", "float64"] = "float32"
     antithetic: bool = False
     seed: int = 0
@@ -160,6 +168,23 @@ class DaunceConfig:
             raise DaunceError(
                 f"antithetic copies come in pairs; num_models must be even, got {self.num_models}."
             )
+
+    @classmethod
+    def paper(cls, **changes) -> DaunceConfig:
+        """The paper's Algorithm 1 form, with ``changes`` on top.
+
+        K = 64 copies, each on a random 30% subset with the observed-label ``hessian``
+        objective at γ = ρ = 1, one epoch of SGD (momentum 0.9, cosine, lr 0.01, batch 64),
+        correlation scores (paper eq. (6)).
+        """
+        fields = {
+            "num_models": 64,
+            "subset_ratio": 0.3,
+            "objective": Objective(),
+            "train": TrainConfig(lr=0.01, batch_size=64),
+            "score": "correlation",
+        }
+        return cls(**(fields | changes))
 
     def _check_choices(self) -> None:
         for name, value, choices in (

@@ -152,6 +152,23 @@ class RunCopies:
         ]
         return report
 
+    def restore_params(self, ks: Sequence[int]) -> list[int]:
+        """Train again the done copies of ``ks`` whose parameter files are lost or damaged.
+
+        For a step that needs the copies' parameters (the subspace scores' reflections) even
+        when their loss rows are intact. A deterministic kind retrains them (the same copies);
+        for the others the lost files are named. Returns the copies retrained.
+        """
+        records = {k: self._read(k) for k in ks}
+        lost = [
+            k for k in ks if records[k].status == "done" and not self._params_intact(records[k])
+        ]
+        lost = [k for k in lost if not self._recover(records[k])]
+        self._refuse_lost(lost)
+        if lost:
+            self._train(sorted(lost), records, CopyReport(ks=sorted(lost)))
+        return lost
+
     def _read(self, k: int) -> CopyRecord:
         """Copy ``k``'s record; a damaged one means an unfinished copy, if it is reproducible."""
         try:

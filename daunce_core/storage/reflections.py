@@ -11,7 +11,9 @@ the copy's own loss row.
 Copy k's marker, ``store/reflections/copy-000007.json``, is written after its rows: the digest
 of the copy's parameters it was measured from, the queries it covers, and the digest of its rows.
 A copy retrained (other parameters), new or changed queries, or damaged rows send it to be
-measured again; a diverged copy has NaN rows. Markers are written atomically, one file per copy,
+measured again; a diverged copy has NaN rows. The scores need every done copy's parameters
+(``Q``'s parameter part), so a lost or damaged parameter file is trained again first (the kind
+is deterministic: the same copy). Markers are written atomically, one file per copy,
 by the one task that owns the copy.
 """
 
@@ -28,6 +30,7 @@ import numpy as np
 from daunce_core.access.base import ModelAccess
 from daunce_core.errors import DaunceError
 from daunce_core.method.subspace import output_gram
+from daunce_core.storage.copies import RunCopies
 from daunce_core.storage.digest import digest_json
 from daunce_core.storage.layout import RunLayout
 from daunce_core.storage.records import CopyRecords
@@ -36,11 +39,16 @@ from daunce_core.storage.zarr_store import CHANGES, REFLECTED, RunStore
 
 @dataclasses.dataclass
 class ReflectionReport:
-    """What a `RunReflections.complete` call did: copies measured, copies already intact."""
+    """What a `RunReflections.complete` call did.
+
+    Copies measured, diverged (NaN rows), and retrained because their parameter files were lost
+    (`RunCopies.restore_params`).
+    """
 
     ks: list[int]
     measured: list[int] = dataclasses.field(default_factory=list)
     diverged: list[int] = dataclasses.field(default_factory=list)
+    retrained: list[int] = dataclasses.field(default_factory=list)
 
 
 class RunReflections:
@@ -61,12 +69,15 @@ class RunReflections:
         self.access, self.run = access, run
         self.store = RunStore(run.store)
         self.records = CopyRecords(run.copies)
-        self.queries_key = digest_json(list(query_digests))
+        self.query_digests = list(query_digests)
+        self.queries_key = digest_json(self.query_digests)
         self.markers = run.store / "reflections"
 
     def complete(self, ks: Sequence[int]) -> ReflectionReport:
         """Measure the reflections of copies ``ks`` that are not measured and intact."""
         report = ReflectionReport(ks=[int(k) for k in ks])
+        copies = RunCopies(self.access, self.run, self.query_digests)
+        report.retrained = copies.restore_params(report.ks)
         todo = []
         for k in report.ks:
             record = self.records.read(k)

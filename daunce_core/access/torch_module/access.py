@@ -9,6 +9,7 @@ order, and a missing row can be recomputed alone: this is what the pipeline maps
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ from daunce_core.access.torch_module.subspace import (
     reflect,
     reflected_losses,
 )
-from daunce_core.access.torch_module.training import TrainedCopies, train_copies
+from daunce_core.access.torch_module.training import TrainedCopies, auto_lr, train_copies
 from daunce_core.data import (
     as_example_set,
     batch_slices,
@@ -41,7 +42,7 @@ from daunce_core.data import (
     take,
 )
 from daunce_core.errors import DaunceWarning, TaskError
-from daunce_core.method.config import ComputeConfig, DaunceConfig
+from daunce_core.method.config import ComputeConfig, DaunceConfig, TrainConfig
 from daunce_core.method.draws import draw_perturbation
 from daunce_core.method.objectives import per_example_objective
 from daunce_core.method.signals import BaseSignals, compute_base_signals
@@ -102,6 +103,7 @@ class TorchModuleAccess(ModelAccess):
         self.anchor = {name: params[name].detach() for name in self.names}
         self.prox = base_l2 if config.prox is None else config.prox
         self.l2 = config.objective.gamma * self.prox
+        self._auto_lr: float | None = None
 
     def _probe(self) -> None:
         """Fail early, with the fix, if the model cannot run on the data or reduces losses."""
@@ -267,7 +269,7 @@ class TorchModuleAccess(ModelAccess):
             self.train_set,
             self.draws(ks),
             self._objective,
-            c.train,
+            self.recipe(),
             names=self.names,
             side=self.signals,
             l2=self.l2,
@@ -275,6 +277,27 @@ class TorchModuleAccess(ModelAccess):
             seed=c.seed,
             vectorize=self._vectorize_training(),
         )
+
+    def recipe(self) -> TrainConfig:
+        """The copies' `TrainConfig`, with ``lr: auto`` resolved once for the whole run."""
+        train = self.config.train
+        if train.lr != "auto":
+            return train
+        if self._auto_lr is None:
+            self._auto_lr = auto_lr(
+                self.model,
+                self.task,
+                self.train_set,
+                self.draws([0])[0],
+                self._objective,
+                train,
+                self.names,
+                side=self.signals,
+                l2=self.l2,
+                anchor=self.anchor,
+                seed=self.config.seed,
+            )
+        return dataclasses.replace(train, lr=self._auto_lr)
 
     def training_summary(self, trained: TrainedCopies, g: int) -> dict | None:
         """Copy ``g``'s learning rate, steps, residual and convergence (`TrainedCopies.summary`)."""
