@@ -16,14 +16,17 @@ negated query loss), the LDS and wall-clock seconds of
 
 The worst-case table then gives, for each (candidate, score, K), the minimum over benchmarks of
 LDS / best baseline's LDS and the minimum raw LDS: a default should be chosen by it, not by one
-benchmark. Initial candidates:
+benchmark. Candidates (each stable in meaning except ``flow``, which follows the code):
 
-* ``paper`` — ``DaunceConfig()``: the paper's form (hessian, observed labels, r = 0.3,
-  γ = ρ = 1, SGD momentum 0.9, lr 0.01, 1 epoch, batch 64);
-* ``flow`` — the attribute flow's default for the benchmark's recipe
-  (`flows.config.flow_daunce`): sampled labels, r = 1, ρ = 0.1, 10 epochs, batch 64, the base
-  model's own optimiser and learning rate (AdamW lr 1e-3 on ``adam-mlp``);
-* ``sgd-fixed`` — ``flow`` with a fixed recipe: SGD momentum 0.9, lr 0.01, 20 epochs, batch 128.
+* ``paper`` — `DaunceConfig.paper` (``DaunceConfig()`` before 53b6f23): the paper's form
+  (hessian, observed labels, r = 0.3, γ = ρ = 1, SGD momentum 0.9, lr 0.01, 1 epoch, batch 64);
+* ``flow`` — the attribute flow's default for the benchmark's recipe at the code's commit
+  (`flows.config.flow_daunce`; since 53b6f23 ``DaunceConfig()``: sampled labels, r = 1,
+  ρ = 0.1, one epoch of SGD at ``lr: auto``);
+* ``inherit`` — the flow's default before 53b6f23: sampled labels, r = 1, ρ = 0.1, 10 epochs,
+  batch 64, the base model's own optimiser and learning rate (AdamW lr 1e-3 on ``adam-mlp``);
+* ``sgd-fixed`` — ``inherit`` with a fixed recipe: SGD momentum 0.9, lr 0.01, 20 epochs,
+  batch 128.
 
 A candidate is one entry of `CANDIDATES`; one whose configuration or run raises is reported and
 skipped (its error kept in the JSON), never fatal.
@@ -75,7 +78,7 @@ import torch
 from benchmarks import BENCHMARKS, Benchmark, agreement, load
 from common import RESULTS, ROOT, format_table, machine_info, machine_line, write_results
 
-from daunce_core import DaunceConfig, TrainConfig
+from daunce_core import DaunceConfig, Objective, TrainConfig
 from daunce_core.access.torch_module.access import TorchModuleAccess
 from daunce_core.access.torch_module.subspace import merge_trained
 from daunce_core.baselines.methods import baseline_scores
@@ -104,18 +107,44 @@ BASELINES = (
 # ---------------------------------------------------------------------------------------------
 
 
+def paper(bench: Benchmark) -> DaunceConfig:
+    """The paper's form: `DaunceConfig.paper` (`DaunceConfig()` before that existed)."""
+    return DaunceConfig.paper() if hasattr(DaunceConfig, "paper") else DaunceConfig()
+
+
 def flow(bench: Benchmark, **changes) -> DaunceConfig:
-    """The attribute flow's default for this benchmark's recipe (`flows.config.flow_daunce`)."""
+    """The attribute flow's default for this benchmark's recipe (`flows.config.flow_daunce`),
+    whatever it is at the code's commit."""
     config = from_dict(DaunceConfig, flow_daunce(None, to_dict(bench.recipe)), "daunce")
     return replace(config, **changes)
 
 
+def inherit(bench: Benchmark, **train) -> DaunceConfig:
+    """The flow's former default (until 53b6f23): sampled labels, r = 1, ρ = 0.1, 10 epochs of
+    batch 64 with the base recipe's optimiser, lr, momentum and betas, covariance."""
+    recipe = bench.recipe
+    inherited = {
+        "optimizer": recipe.optimizer,
+        "lr": recipe.lr,
+        "momentum": recipe.momentum,
+        "betas": recipe.betas,
+        "epochs": 10,
+        "batch_size": 64,
+    }
+    return DaunceConfig(
+        subset_ratio=1.0,
+        objective=Objective(labels="sampled", rho=0.1),
+        train=TrainConfig(**(train or inherited)),
+        score="covariance",
+    )
+
+
 CANDIDATES: dict[str, Callable[[Benchmark], DaunceConfig]] = {
-    "paper": lambda bench: DaunceConfig(),
+    "paper": paper,
     "flow": flow,
-    "sgd-fixed": lambda bench: flow(
-        bench,
-        train=TrainConfig(optimizer="sgd", lr=0.01, momentum=0.9, epochs=20, batch_size=128),
+    "inherit": inherit,
+    "sgd-fixed": lambda bench: inherit(
+        bench, optimizer="sgd", lr=0.01, momentum=0.9, epochs=20, batch_size=128
     ),
 }
 """Named DAUNCE configurations. Add one with a line; a candidate that raises is skipped."""
@@ -521,7 +550,14 @@ def plot(results: dict, path: Path) -> Path:
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             legend.setdefault(label, handle)
-    ordered = sorted(legend, key=lambda label: label.startswith(tuple(b[0] for b in BASELINES)))
+
+    def rank(label: str) -> tuple:
+        if label.startswith(tuple(b[0] for b in BASELINES)):
+            return (1, (0, ""), 0)
+        candidate, score = label.rsplit(", ", 1)
+        return (0, _order(candidate), SCORES.index(score))
+
+    ordered = sorted(legend, key=rank)
     columns = 4
     fig.legend(
         [legend[label] for label in ordered],
