@@ -26,7 +26,9 @@ benchmark. Candidates (each stable in meaning except ``flow``, which follows the
 * ``inherit`` — the flow's default before 53b6f23: sampled labels, r = 1, ρ = 0.1, 10 epochs,
   batch 64, the base model's own optimiser and learning rate (AdamW lr 1e-3 on ``adam-mlp``);
 * ``sgd-fixed`` — ``inherit`` with a fixed recipe: SGD momentum 0.9, lr 0.01, 20 epochs,
-  batch 128.
+  batch 128;
+* ``flow-2ep``, ``flow-5ep``, ``flow-10ep``, ``flow-rho0.03``, ``flow-rho1`` — ``flow`` with one
+  lever moved (its copies' epochs, or ρ); run at one K, e.g. ``--ks 100``.
 
 A candidate is one entry of `CANDIDATES`; one whose configuration or run raises is reported and
 skipped (its error kept in the JSON), never fatal.
@@ -139,6 +141,15 @@ def inherit(bench: Benchmark, **train) -> DaunceConfig:
     )
 
 
+def _lever(config: DaunceConfig, epochs: float | None = None, rho: float | None = None):
+    """``config`` with its copies' epochs or its perturbation scale ρ changed."""
+    if epochs is not None:
+        config = replace(config, train=replace(config.train, epochs=epochs))
+    if rho is not None:
+        config = replace(config, objective=replace(config.objective, rho=rho))
+    return config
+
+
 CANDIDATES: dict[str, Callable[[Benchmark], DaunceConfig]] = {
     "paper": paper,
     "flow": flow,
@@ -146,6 +157,12 @@ CANDIDATES: dict[str, Callable[[Benchmark], DaunceConfig]] = {
     "sgd-fixed": lambda bench: inherit(
         bench, optimizer="sgd", lr=0.01, momentum=0.9, epochs=20, batch_size=128
     ),
+    # One lever moved from the default at a time (run at K = 100 for the README).
+    "flow-2ep": lambda bench: _lever(flow(bench), epochs=2),
+    "flow-5ep": lambda bench: _lever(flow(bench), epochs=5),
+    "flow-10ep": lambda bench: _lever(flow(bench), epochs=10),
+    "flow-rho0.03": lambda bench: _lever(flow(bench), rho=0.03),
+    "flow-rho1": lambda bench: _lever(flow(bench), rho=1.0),
 }
 """Named DAUNCE configurations. Add one with a line; a candidate that raises is skipped."""
 
