@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -89,6 +90,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         }
     if hint is int:
         return int(value)
+    if hint is float and isinstance(value, str):
+        return float(value)  # YAML 1.1's unread exponent form, see `_YAML_EXPONENT`
     return value
 
 
@@ -155,8 +158,15 @@ def _fits_scalar(hint: Any, value: Any) -> bool:
             isinstance(value, float) and value.is_integer()
         )
     if hint is float:
+        if isinstance(value, str):
+            return _YAML_EXPONENT.fullmatch(value) is not None
         return isinstance(value, numbers.Real)
     return not isinstance(hint, type) or isinstance(value, hint)
+
+
+_YAML_EXPONENT = re.compile(r"[+-]?(?:\d+|\d+\.\d*|\.\d+)[eE][+-]?\d+")
+"""A number in exponent form that YAML 1.1 (PyYAML's ``safe_load``) leaves a string: ``1e-3``
+(it wants ``1.0e-3``). Float fields take it as the number it means."""
 
 
 _NAMES = {

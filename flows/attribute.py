@@ -373,11 +373,13 @@ def _run_copies(config: RunConfig, run_dir: Path, spec: dict, query_digests: lis
 
 def _run_reflections(
     config: RunConfig, run_dir: Path, spec: dict, query_digests: list, n: int, m: int
-) -> list[dict]:
+) -> list[tuple[dict, dict]]:
     """Measure every finished copy's reflection ``θ0 − Δ_k`` (``score: subspace``), in groups.
 
     The arrays are made here, once, before the groups' tasks write their rows; each copy's
-    marker (`daunce_core.storage.reflections`) says whether it is measured already.
+    marker (`daunce_core.storage.reflections`) says whether it is measured already. Returns each
+    group's state and its task's report (which copies it measured, and retrained because their
+    parameter files were lost).
     """
     total = config.daunce.num_models
     access = copy_access(spec)
@@ -393,13 +395,16 @@ def _run_reflections(
     shared = {"run_dir": str(run_dir), "spec": spec, "query_digests": query_digests}
     mapped = map_groups(task, groups, "reflections", 0, total, **shared)
     return [
-        {
-            "task": "reflect-copies",
-            "key": _span(group),
-            "status": state if result["measured"] else "Cached",
-            "cache_key": None,
-            "seconds": result["seconds"],
-        }
+        (
+            {
+                "task": "reflect-copies",
+                "key": _span(group),
+                "status": state if result["measured"] else "Cached",
+                "cache_key": None,
+                "seconds": result["seconds"],
+            },
+            result,
+        )
         for group, result, state in mapped
     ]
 
@@ -582,8 +587,11 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
     index = pl.read_parquet(Path(records["queries"]["uri"]) / "index.parquet")
     copies = _run_copies(run, run_dir, spec, index["digest"].to_list())
     states += _copy_states(copies)
+    restored: list[int] = []
     if run.daunce.score == "subspace":
-        states += _run_reflections(run, run_dir, spec, index["digest"].to_list(), n, m)
+        reflections = _run_reflections(run, run_dir, spec, index["digest"].to_list(), n, m)
+        states += [state for state, _ in reflections]
+        restored = sorted(k for _, result in reflections for k in result["retrained"])
     rows = _rows_digest(run, run_dir, spec, workspace)
     exports = _outputs(run, run_dir, records, states, rows, spec)
     _record(lineage, run.run_id(), records, exports, states)
@@ -599,10 +607,12 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
         "num_queries": m,
         "excluded": records["scores"]["excluded"],
         "orphans_removed": len(orphans),
-        "trained_now": sum(len(c["trained"]) for c in copies),
-        "retrained_lost": sorted(k for c in copies for k in c["retrained_lost"]),
+        "trained_now": sum(len(c["trained"]) for c in copies) + len(restored),
+        "retrained_lost": sorted({k for c in copies for k in c["retrained_lost"]} | {*restored}),
         "remeasured": sorted(k for c in copies for k in c["remeasured"]),
-        "params_missing": sorted(k for c in copies for k in c["params_missing"]),
+        "params_missing": sorted(
+            k for c in copies for k in c["params_missing"] if k not in set(restored)
+        ),
         "reproducible": KINDS[run.model.access].capabilities.deterministic,
         "flow_process": os.getpid(),
         "copy_processes": sorted({c["process"] for c in copies if c["trained"]}),

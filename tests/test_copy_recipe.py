@@ -100,11 +100,24 @@ def test_no_tolerance_records_the_step_only():
         ({"lr": "fast"}, "lr must be a number > 0 or 'auto'"),
         ({"tolerance": 0.0}, "tolerance must be in \\(0, 1\\)"),
         ({"tolerance": 1.5}, "tolerance must be in \\(0, 1\\)"),
+        ({"lr": float("inf")}, "need a finite lr > 0"),
     ],
 )
 def test_bad_recipes_are_refused_with_the_fix(fields, message):
     with pytest.raises(DaunceError, match=message):
         TrainConfig(**fields)
+
+
+def test_yaml_numbers_in_exponent_form_are_numbers():
+    import yaml
+
+    from daunce_core.conversion import from_dict
+
+    # PyYAML reads 1e-3 as a string (YAML 1.1 wants 1.0e-3): a float field takes it.
+    train = from_dict(TrainConfig, yaml.safe_load("{lr: 1e-3, optimizer: adamw}"), "train")
+    assert train.lr == 0.001
+    with pytest.raises(DaunceError, match="must be a number or one of"):
+        from_dict(TrainConfig, {"lr": "1e-3x"}, "train")
 
 
 def test_auto_step_refuses_a_model_without_curvature():

@@ -81,6 +81,17 @@ def test_a_damaged_reflection_is_measured_again(harness, data, tmp_path):
     np.testing.assert_allclose(scores_of(again["run_dir"]), scores, rtol=1e-5, atol=1e-8)
 
 
+def test_a_lost_copy_file_is_trained_again_and_said_so(harness, data, tmp_path, capsys):
+    config = config_of(tmp_path, data, num_models=4)
+    first = run_attribute(config)
+    (Path(first["run_dir"]) / "copies" / "copy-000002.safetensors").unlink()
+    again = run_attribute(config)
+    assert (again["trained_now"], again["retrained_lost"], again["params_missing"]) == (1, [2], [])
+    np.testing.assert_allclose(
+        scores_of(again["run_dir"]), scores_of(first["run_dir"]), rtol=1e-5, atol=1e-8
+    )
+
+
 def test_group_size_does_not_change_the_scores(harness, data, tmp_path):
     one = run_attribute(config_of(tmp_path, data, num_models=5, group_size=5))
     other = run_attribute(

@@ -79,11 +79,11 @@ class TrainConfig:
                 f"tolerance must be in (0, 1) (a relative gradient norm) or None; got "
                 f"{self.tolerance}."
             )
-        lr_ok = self.lr == "auto" or self.lr > 0
+        lr_ok = self.lr == "auto" or (math.isfinite(self.lr) and self.lr > 0)
         if not (lr_ok and self.batch_size >= 1 and 0 <= self.momentum < 1):
             raise DaunceError(
-                f"need lr > 0, batch_size >= 1 and 0 <= momentum < 1; got lr={self.lr}, "
-                f"batch_size={self.batch_size}, momentum={self.momentum}."
+                f"need a finite lr > 0 (or 'auto'), batch_size >= 1 and 0 <= momentum < 1; got "
+                f"lr={self.lr}, batch_size={self.batch_size}, momentum={self.momentum}."
             )
         if self.steps is None and not self.epochs > 0:
             raise DaunceError(f"epochs must be > 0 (or set steps); got {self.epochs}.")
