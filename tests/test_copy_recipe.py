@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,6 +85,26 @@ def test_an_unconverged_copy_is_recorded_as_such():
     assert (trained.copy_steps == 3).all()
     assert (trained.residual > 1e-6).all()
     assert trained.summary(1, 1e-6)["converged"] is False
+
+
+def test_convergence_is_judged_on_whole_epochs_only():
+    problem = linear_regression(n=64, d=3, l2=0.1)
+
+    def trained(steps, tolerance=0.99):
+        train = TrainConfig(
+            lr="auto", steps=steps, batch_size=16, tolerance=tolerance, schedule="constant"
+        )
+        config = DaunceConfig(num_models=2, dtype="float64", train=train)
+        return copies(problem, config).train([0, 1])
+
+    partial = trained(2)  # half an epoch: a residual from half the subset judges nothing
+    assert (partial.copy_steps == 2).all()
+    assert not partial.judged
+    assert partial.summary(0, 0.99)["converged"] is False
+    whole = trained(4, 1e-6)
+    past = trained(6, 1e-6)  # two steps past the epoch's end: the whole epoch's residual stays
+    assert (past.copy_steps == 6).all()
+    np.testing.assert_array_equal(past.residual, whole.residual)
 
 
 def test_no_tolerance_records_the_step_only():

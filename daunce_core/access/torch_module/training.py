@@ -52,6 +52,8 @@ class TrainedCopies:
         residual: ``[G]`` each copy's last measured ``‖∇F_k(θ)‖ / ‖∇F_k(θ0)‖`` (see
             ``TrainConfig.tolerance``), or None when no tolerance was set.
         copy_steps: ``[G]`` steps each copy took, or None when no tolerance was set.
+        judged: False when training ended before a whole epoch: the residual then comes from
+            part of the subset and no copy counts as converged.
     """
 
     params: Stacked
@@ -61,12 +63,13 @@ class TrainedCopies:
     lr: float | None = None
     residual: np.ndarray | None = None
     copy_steps: np.ndarray | None = None
+    judged: bool = True
 
     def converged(self, tolerance: float | None) -> np.ndarray | None:
         """``[G]`` whether each copy's residual reached ``tolerance`` (None if not measured)."""
         if tolerance is None or self.residual is None:
             return None
-        return self.residual <= tolerance
+        return (self.residual <= tolerance) & self.judged
 
     def summary(self, g: int, tolerance: float | None) -> dict:
         """What copy ``g``'s training did, for its record: lr, steps, residual, converged."""
@@ -76,7 +79,7 @@ class TrainedCopies:
             out |= {
                 "steps": int(self.copy_steps[g]),
                 "residual": residual if math.isfinite(residual) else None,
-                "converged": bool(residual <= tolerance) if tolerance is not None else None,
+                "converged": bool(self.converged(tolerance)[g]) if tolerance is not None else None,
             }
         return out
 
@@ -230,6 +233,7 @@ def train_copies(
         lr=float(lr),
         residual=watch.residual_array(),
         copy_steps=watch.steps_array(),
+        judged=watch.tolerance is None or watch.judged,
     )
 
 
@@ -392,6 +396,7 @@ class _Convergence:
         self._reset()
         self.residual = torch.full_like(self.reference, float("nan"))
         self.copy_steps = torch.zeros_like(self.reference, dtype=torch.long)
+        self.judged = True
 
     def _norms(self, count: int) -> torch.Tensor:
         squares = sum(
@@ -442,9 +447,22 @@ class _Convergence:
         return bool((self.stopped | diverged).all())
 
     def finish(self, steps: int) -> None:
-        """Measure what the last, partial epoch's gradients say."""
-        if self.tolerance is not None and self.count:
+        """After the last step: every copy's steps; a residual if no epoch ended.
+
+        Steps after the last epoch's end (a ``steps`` or ``epochs`` that is not a whole number
+        of epochs) count in each copy's steps, but its residual stays the last whole epoch's,
+        which visited the whole subset. With no whole epoch, the partial epoch's residual is
+        kept but judges nothing (`judged` False: not converged).
+        """
+        if self.tolerance is None or not self.count:
+            return
+        if bool((self.copy_steps == 0).all()):
             self._measure(steps)
+            self.judged = False
+            return
+        active = ~self.stopped
+        done = torch.full_like(self.copy_steps, steps)
+        self.copy_steps = torch.where(active, done, self.copy_steps)
 
     def residual_array(self) -> np.ndarray | None:
         return None if self.tolerance is None else self.residual.cpu().numpy()
