@@ -578,6 +578,7 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
     store.ensure(run.daunce.num_models, n, m, run.daunce.dtype)
     spec = _copy_spec(run, records)
     identity = {k: v for k, v in spec.items() if k in IDENTITY_KEYS}
+    identity["daunce"] = {k: v for k, v in spec["daunce"].items() if k != "score"}
     if run.model.access == "api":  # the limits and the key's variable name no copies
         identity["recipe"] = parse_api_recipe(run.model.recipe).identity_fields
     if run.model.access == "prompt":

@@ -29,7 +29,9 @@ evaluation:                        # `daunce lds` / `daunce removal`; not part o
 
 The run's identity (its folder name and cache keys) covers everything that determines the
 copies' losses; ``daunce.num_models`` and the query set are left out so that a run can be
-extended with more copies or new queries without starting over, and ``compute`` and
+extended with more copies or new queries without starting over, ``daunce.score`` so that the
+same copies can be scored another way (only the scores and exports are made again), and
+``compute`` and
 ``execution`` (group size, vectorisation, batch size, device, workers) are left out so that
 changing how a run is computed reuses it.
 """
@@ -399,13 +401,16 @@ class RunConfig:
         self.compute.torch_device  # noqa: B018 - refuses device: cuda without a GPU, now
 
     def identity(self) -> dict:
-        """What names the run: everything but K, the queries and how it is computed.
+        """What names the run: everything but K, the queries, how it is computed and scored.
 
-        Files enter by content, not location: the training data and the checkpoint are
-        replaced by their digests, so moving them (or the checkout) keeps the run's name.
+        ``daunce.score`` changes only the scores, not the copies: a run scored another way
+        reuses its copies (and its folder; the scores and exports are made again). Files enter
+        by content, not location: the training data and the checkpoint are replaced by their
+        digests, so moving them (or the checkout) keeps the run's name.
         """
         plain = to_dict(self)
         plain["daunce"].pop("num_models")
+        plain["daunce"].pop("score")
         plain["data"].pop("queries")
         train = plain["data"]["train"]
         train["path"] = digest_path(train["path"]) if Path(train["path"]).exists() else None

@@ -92,6 +92,25 @@ def test_a_lost_copy_file_is_trained_again_and_said_so(harness, data, tmp_path, 
     )
 
 
+def test_scoring_another_way_reuses_the_copies(harness, data, tmp_path):
+    subspace = run_attribute(config_of(tmp_path, data, num_models=4))
+    other = config_of(tmp_path, data, name="cov.yaml", num_models=4, score="covariance")
+    covariance = run_attribute(other)
+    assert covariance["run_id"] == subspace["run_id"]
+    assert covariance["trained_now"] == 0
+    fresh = run_attribute(
+        config_of(tmp_path, data, name="f.yaml", workspace="ws3", num_models=4, score="covariance")
+    )
+    np.testing.assert_allclose(
+        scores_of(covariance["run_dir"]), scores_of(fresh["run_dir"]), rtol=1e-6
+    )
+    back = run_attribute(config_of(tmp_path, data, num_models=4))  # subspace again
+    assert back["trained_now"] == 0
+    assert not any(
+        state == "Completed" for key, state in back["states"].items() if key.startswith("reflect")
+    )
+
+
 def test_group_size_does_not_change_the_scores(harness, data, tmp_path):
     one = run_attribute(config_of(tmp_path, data, num_models=5, group_size=5))
     other = run_attribute(
