@@ -143,8 +143,9 @@ class HFLoraAccess(TorchModuleAccess):
             self.signals = {"cache": self._cache(self.train_set)}
         params = dict(self.model.named_parameters())
         self.anchor = {name: params[name].detach().clone() for name in self.names}
-        lam = base_l2 if config.prox is None else config.prox
-        self.l2 = config.objective.gamma * lam
+        self.prox = base_l2 if config.prox is None else config.prox
+        self.l2 = config.objective.gamma * self.prox
+        self._auto_lr: float | None = None  # `recipe`: lr 'auto' (SGD adapters) once per run
 
     @classmethod
     def from_folder(
