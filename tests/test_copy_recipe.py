@@ -1,5 +1,6 @@
 """The copies' step from curvature (``lr: auto``) and the convergence criterion (``tolerance``)."""
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from daunce_core import (
     ComputeConfig,
     DaunceConfig,
     DaunceError,
+    DaunceWarning,
     RegressionTask,
     TorchModuleAccess,
     TrainConfig,
@@ -201,3 +203,13 @@ def test_the_pipeline_records_each_copys_step_and_convergence(harness, tmp_path,
     printed = capsys.readouterr().out
     done = sum(f["converged"] for f in fits)
     assert f"copies' learning rate: {fits[0]['lr']:.4g}; converged: {done} of 4" in printed
+
+
+def test_copies_far_above_the_base_loss_are_warned_about():
+    problem = logistic_regression(n=120, d=4)
+    wild = DaunceConfig(num_models=4, train=TrainConfig(lr=300.0, momentum=0.0, epochs=3))
+    with pytest.warns(DaunceWarning, match=r"train\.lr: auto"):
+        copies(problem, wild).run(range(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DaunceWarning)
+        copies(problem, DaunceConfig(num_models=4)).run(range(4))

@@ -317,8 +317,31 @@ class TorchModuleAccess(ModelAccess):
         query = self._measure(trained.params, self.query_set, self.config.measurement)
         finite = np.isfinite(train).all(axis=1) & np.isfinite(query).all(axis=1)
         diverged = np.asarray(trained.diverged) | ~finite
+        self._warn_far(ks, train, diverged, trained.lr)
         train[diverged], query[diverged] = np.nan, np.nan
         return CopyLosses(np.asarray(ks), train, query, diverged)
+
+    def _warn_far(self, ks, train: np.ndarray, diverged: np.ndarray, lr) -> None:
+        """Warn about copies whose mean training loss ends far above θ0's (finite, not diverged).
+
+        A perturbed copy moves about ρ/γ times the linear response: its mean loss stays near
+        θ0's. One that ends above ``2 × θ0's + 1`` took steps too large for the objective (a
+        fixed lr far above the curvature's), and its losses say little about θ0.
+        """
+        if self.signals is None or "value" not in self.signals or self.config.objective.uses_margin:
+            return
+        base = float(self.signals["value"].double().mean())
+        means = np.where(diverged, -np.inf, train.mean(axis=1))
+        far = np.flatnonzero(means > 2 * base + 1)
+        if len(far):
+            warnings.warn(
+                f"perturbed copies {np.asarray(ks)[far].tolist()} end with a mean training loss "
+                f"up to {means[far].max():.3g}, against θ0's {base:.3g} (lr {lr:.3g}): their "
+                "steps were too large for the objective, and their losses say little about θ0. "
+                "Use train.lr: auto (the step from the objective's curvature) or a smaller lr.",
+                DaunceWarning,
+                stacklevel=3,
+            )
 
     def measure_queries(self, trained: TrainedCopies, start: int) -> np.ndarray:
         """Measurements of trained copies on queries ``start:`` only, ``[G, m − start]``.
