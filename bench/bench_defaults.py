@@ -35,8 +35,8 @@ skipped (its error kept in the JSON), never fatal.
 
 How: `TorchModuleAccess` as `bench/bench_subspace.py` uses it: each candidate's copies are
 trained once up to the largest K, in groups of at most 200 ending at every K of the curve
-(`train_curve`, `bench_subspace.train_curve`'s, also keeping each group's learning rate: the
-value ``lr: "auto"`` finds), and the first K copies are scored at each K
+(`bench_subspace.train_curve`; the learning rate, the value ``lr: "auto"`` finds, is kept),
+and the first K copies are scored at each K
 (`bench_subspace.prefix`). Seconds at K (cumulative): the access's set-up (copy of θ0, base
 signals) + the training of the first K copies + for covariance and correlation their loss
 evaluation and scoring, for subspace the reflected pass (`measure_reflected`: 2K copies' losses
@@ -82,7 +82,6 @@ from common import RESULTS, ROOT, format_table, machine_info, machine_line, writ
 
 from daunce_core import DaunceConfig, Objective, TrainConfig
 from daunce_core.access.torch_module.access import TorchModuleAccess
-from daunce_core.access.torch_module.subspace import merge_trained
 from daunce_core.baselines.methods import baseline_scores
 from daunce_core.conversion import from_dict, to_dict
 from daunce_core.method.config import ComputeConfig
@@ -261,26 +260,9 @@ def subspace_point(bench, copies, trained, k, spent) -> dict:
     return _point(bench, k, "subspace", scores, seconds, valid=int(valid.sum()))
 
 
-def train_curve(copies: TorchModuleAccess, ks: tuple[int, ...]):
-    """`bench_subspace.train_curve` (copies up to ``max(ks)`` in groups ending at every K, the
-    cumulative training seconds at each K), also giving each group's learning rate (the value
-    ``lr: "auto"`` found; None where the trainer does not report it)."""
-    groups, seconds, done, total = [], {}, 0, np.zeros(2)
-    for k_target in sorted(ks):
-        while done < k_target:
-            group = list(range(done, min(k_target, done + GROUP_CAP)))
-            started = now()
-            groups.append(copies.train(group))
-            total = total + now() - started
-            done = group[-1] + 1
-        seconds[k_target] = total
-    lrs = [getattr(g, "lr", None) for g in groups]
-    return merge_trained(groups), seconds, [None if lr is None else float(lr) for lr in lrs]
-
-
 def run_candidate(bench: Benchmark, name: str, ks: tuple[int, ...]) -> dict:
     """Train candidate ``name``'s copies up to ``max(ks)`` and score them at every K."""
-    from bench_subspace import prefix
+    from bench_subspace import prefix, train_curve
 
     entry: dict = {"benchmark": bench.name, "candidate": name, "ks": list(ks)}
     try:
@@ -298,7 +280,8 @@ def run_candidate(bench: Benchmark, name: str, ks: tuple[int, ...]) -> dict:
         )
         setup = now() - started
         entry["setup_seconds"] = float(setup[0])
-        trained, train_seconds, entry["lr"] = train_curve(copies, ks)
+        trained, train_seconds = train_curve(copies, ks)
+        entry["lr"] = None if trained.lr is None else float(trained.lr)
     except Exception as exc:  # a candidate that cannot run is reported, not fatal
         print(f"  ! {name}: {_error(exc)}", flush=True)
         return {**entry, "error": traceback.format_exc()}

@@ -102,10 +102,14 @@ def _add_counts(old: dict, new: dict) -> dict:
     return {name: old.get(name, 0) + new.get(name, 0) for name in {*old, *new}}
 
 
-def rows_digest(train: np.ndarray, query: np.ndarray) -> str:
-    """Digest of one copy's loss row (its train losses and its query measurements)."""
+def rows_digest(*rows: np.ndarray) -> str:
+    """Digest of one copy's rows, in order.
+
+    Its train losses and query measurements; or its reflection's rows
+    (`daunce_core.storage.reflections`).
+    """
     hasher = hashlib.sha256()
-    for values in (train, query):
+    for values in rows:
         hasher.update(np.ascontiguousarray(values).tobytes())
     return hasher.hexdigest()
 

@@ -20,7 +20,6 @@ by the one task that owns the copy.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 from daunce_core.access.base import ModelAccess
 from daunce_core.errors import DaunceError
 from daunce_core.method.subspace import output_gram
-from daunce_core.storage.copies import RunCopies
+from daunce_core.storage.copies import RunCopies, rows_digest
 from daunce_core.storage.digest import digest_json
 from daunce_core.storage.layout import RunLayout
 from daunce_core.storage.records import CopyRecords
@@ -78,9 +77,10 @@ class RunReflections:
         report = ReflectionReport(ks=[int(k) for k in ks])
         copies = RunCopies(self.access, self.run, self.query_digests)
         report.retrained = copies.restore_params(report.ks)
-        todo = []
+        todo, digests = [], {}
         for k in report.ks:
             record = self.records.read(k)
+            digests[k] = record.params_digest
             if record.status != "done":
                 report.diverged.append(k)
                 if self._marker(k).get("status") != "diverged":
@@ -92,8 +92,7 @@ class RunReflections:
             parts = self.access.measure_reflections(self.access.load_copies(paths))
             for g, k in enumerate(todo):
                 self._write(k, parts.train[g], parts.query[g], parts.changes[g], parts.curved[g])
-                digest = self.records.read(k).params_digest
-                self._write_marker(k, {"status": "done", "params_digest": digest})
+                self._write_marker(k, {"status": "done", "params_digest": digests[k]})
             report.measured = todo
         return report
 
@@ -112,12 +111,6 @@ class RunReflections:
         names = (*REFLECTED, *CHANGES)
         return [np.asarray(self.store.open(name)[k]) for name in names]
 
-    def _rows_digest(self, rows: list[np.ndarray]) -> str:
-        hasher = hashlib.sha256()
-        for values in rows:
-            hasher.update(np.ascontiguousarray(values).tobytes())
-        return hasher.hexdigest()
-
     def _intact(self, k: int, params_digest: str | None) -> bool:
         marker = self._marker(k)
         if marker.get("params_digest") != params_digest or marker.get("queries") != (
@@ -125,7 +118,7 @@ class RunReflections:
         ):
             return False
         try:
-            return self._rows_digest(self._rows(k)) == marker.get("rows_digest")
+            return rows_digest(*self._rows(k)) == marker.get("rows_digest")
         except Exception:
             return False
 
@@ -145,7 +138,7 @@ class RunReflections:
     def _write_marker(self, k: int, fields: dict) -> None:
         marker = fields | {
             "queries": self.queries_key,
-            "rows_digest": self._rows_digest(self._rows(k)),
+            "rows_digest": rows_digest(*self._rows(k)),
         }
         self.markers.mkdir(parents=True, exist_ok=True)
         path = self._marker_path(k)

@@ -46,12 +46,26 @@ def parameter_gram(params: Stacked, anchor: dict[str, torch.Tensor]) -> np.ndarr
 
 
 def merge_trained(groups: list[TrainedCopies]) -> TrainedCopies:
-    """Groups of trained copies as one, in order (their parameters stacked)."""
+    """Groups of trained copies as one, in order (their parameters stacked).
+
+    The groups of one run share their learning rate (``lr: auto`` is resolved once per run);
+    residuals and per-copy steps are concatenated where every group measured them.
+    """
+
+    def joined(name: str):
+        parts = [getattr(g, name) for g in groups]
+        return None if any(p is None for p in parts) else np.concatenate(parts)
+
+    rates = {g.lr for g in groups}
     return TrainedCopies(
         params={name: torch.cat([g.params[name] for g in groups]) for name in groups[0].params},
         diverged=np.concatenate([g.diverged for g in groups]),
         steps=max(g.steps for g in groups),
         final_objective=np.concatenate([g.final_objective for g in groups]),
+        lr=rates.pop() if len(rates) == 1 else None,
+        residual=joined("residual"),
+        copy_steps=joined("copy_steps"),
+        judged=all(g.judged for g in groups),
     )
 
 
