@@ -364,18 +364,12 @@ class RunConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def __post_init__(self) -> None:
-        if self.daunce.score == "subspace" and self.model.access != "torch":
-            why = {
-                "hf_lora": "a language model's output changes are tokens × vocabulary per "
-                "example, too many to store per copy (not supported yet)",
-            }.get(
-                self.model.access,
-                "its copies cannot be reflected (θ0 − Δ_k): they are "
-                "jobs or prompts, not parameters",
-            )
+        if self.daunce.score == "subspace" and self.model.access in REMOTE_KINDS:
             raise DaunceError(
-                f"daunce.score: subspace needs model.access: torch; with model.access: "
-                f"{self.model.access}, {why}. Use score: correlation or covariance."
+                f"daunce.score: subspace needs copies that can be reflected (θ0 − Δ_k): "
+                f"model.access: torch or hf_lora; with model.access: {self.model.access} the "
+                "copies are jobs or prompts, not parameters. Use score: correlation or "
+                "covariance."
             )
         access = KINDS[self.model.access]
         check_objective(access.kind, access.capabilities, self.daunce.objective)

@@ -16,11 +16,13 @@ import yaml
 from pipeline_helpers import losses_of, scores_of
 from test_resume import _kill_when, _run_to_end
 
-from daunce_core.access.hf_lora.models import load_model
+from daunce_core.access.hf_lora.access import HFLoraAccess
+from daunce_core.access.hf_lora.models import LoraSpec, load_model
 from daunce_core.errors import DaunceError
 from daunce_core.evaluation.instructions import corpus, instructions
+from daunce_core.method.subspace import subspace_scores
 from daunce_core.storage.lineage import Lineage
-from daunce_core.storage.zarr_store import OutcomeStore
+from daunce_core.storage.zarr_store import OutcomeStore, RunStore
 from flows.attribute import run_attribute
 from flows.config import load_config
 from flows.evaluate import run_lds, run_removal
@@ -221,3 +223,36 @@ def test_subset_removal_counts_greedy_answers_that_turn_wrong(harness, data, tmp
     path.write_text(yaml.safe_dump(raw))
     removal = run_removal(load_config(path))
     assert removal["groups"]  # some queries are answered correctly (greedy completion)
+
+
+def test_subspace_scores_of_lora_copies_equal_the_library(harness, data, tmp_path):
+    daunce = {
+        "num_models": K,
+        "score": "subspace",
+        "objective": {"labels": "sampled", "rho": 0.1},
+        "train": {"optimizer": "sgd", "lr": "auto", "epochs": 1, "batch_size": 16},
+    }
+    config = load_config(lm_config(tmp_path, data, daunce=daunce))
+    result = run_attribute(config)
+    assert any(k.startswith("reflect-copies") for k in result["states"])
+    scores = scores_of(result["run_dir"])
+    theta0 = next((tmp_path / "ws").glob("models/*/theta0"))
+    columns = {
+        split: pl.read_parquet(data[split]).to_dict(as_series=False)
+        for split in ("train", "queries")
+    }
+    access = HFLoraAccess.from_folder(
+        theta0,
+        config.task,
+        columns["train"],
+        columns["queries"],
+        config.daunce,
+        lora=LoraSpec(rank=4, alpha=8),
+        compute=config.compute,
+    )
+    _, parts = access.run_subspace(range(K))
+    expected = subspace_scores(parts.train.central(), parts.query.central(), parts.curvature)
+    np.testing.assert_allclose(scores, expected, rtol=1e-3, atol=1e-5 * np.abs(expected).max())
+    # The stored curvature factors are the hidden width per completion token, not the vocabulary.
+    changes = RunStore(Path(result["run_dir"]) / "store").open("output_changes")
+    assert (changes.shape[1], changes.shape[-1]) == (N, 32)

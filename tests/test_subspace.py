@@ -193,3 +193,59 @@ def test_bad_inputs_raise_with_the_fix():
         subspace_scores(np.ones((2, 3)), np.ones((3, 1)), np.eye(2))
     with pytest.raises(DaunceError, match="diverged"):
         subspace_scores(np.full((2, 3), np.nan), np.ones((2, 1)), np.eye(2))
+
+
+def test_lora_copies_of_a_causal_lm_give_the_gauss_newton_influence_of_the_adapter():
+    """K ≥ P LoRA copies: the scores are ``(1/n) ∇L_iᵀ (G + λ)⁻¹ ∇M_j`` in the adapter's weights.
+
+    G the Gauss-Newton curvature of the mean completion NLL (every token × the whole vocabulary,
+    from autograd Jacobians), against which the stored factors (hidden width per token) are exact.
+    """
+    from test_access_hf import base, split
+    from torch.func import jacrev
+
+    from daunce_core.access.hf_lora.access import HFLoraAccess, make_task
+    from daunce_core.access.hf_lora.models import LoraSpec
+    from daunce_core.access.torch_module.stacked import copy_outputs_fn
+
+    torch.set_num_threads(1)
+    train, queries = split("causal_lm")
+    lora = LoraSpec(rank=1, alpha=1, target_modules=["c_attn"])  # P = 128
+    settings = DaunceConfig(
+        num_models=160, prox=1e-5, train=TrainConfig(lr="auto", epochs=1, batch_size=16)
+    )
+    access = HFLoraAccess(
+        base("causal_lm")[0], make_task("causal_lm"), train, queries, settings, lora,
+        compute=ComputeConfig(device="cpu", group_size=32),
+    )  # fmt: skip
+    _, parts = access.run_subspace(range(160))
+    scores = subspace_scores(parts.train.central(), parts.query.central(), parts.curvature)
+
+    names, anchor, task = access.names, access.anchor, access.task
+    sizes = [anchor[name].numel() for name in names]
+    outputs_of = copy_outputs_fn(access.model, task)
+
+    def logits(flat, batch):
+        pieces = torch.split(flat, sizes)
+        params = {n: p.reshape(anchor[n].shape) for n, p in zip(names, pieces, strict=True)}
+        return outputs_of(params, batch)
+
+    theta0 = torch.cat([anchor[name].reshape(-1) for name in names])
+    n = train["input_ids"].shape[0]
+    jacobian = torch.cat(
+        [jacrev(logits, chunk_size=512)(theta0, {k: v[i : i + 1] for k, v in train.items()})
+         for i in range(n)]
+    ).double()  # fmt: skip  # [n, C, V, P]
+    probs = logits(theta0, train).double().softmax(dim=-1)
+    weights = task._weights(train, probs)[..., None, None]
+    centred = (jacobian - (probs[..., None] * jacobian).sum(dim=2, keepdim=True)) * (
+        probs[..., None] * weights
+    ).sqrt()
+    curvature = torch.einsum("ictp,ictq->pq", centred, centred) / n + 1e-5 * torch.eye(128)
+
+    def gradients(data):
+        return jacrev(lambda f: task.loss_from_outputs(logits(f, data), data))(theta0).double()
+
+    exact = gradients(train) @ torch.linalg.solve(curvature, gradients(queries).T) / n
+    assert np.corrcoef(scores.ravel(), exact.numpy().ravel())[0, 1] > 0.995
+    np.testing.assert_allclose(scores, exact.numpy(), atol=0.05 * np.abs(exact.numpy()).max())

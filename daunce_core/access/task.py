@@ -13,8 +13,9 @@ touches the model in exactly four ways (paper §3.1, eq. (5) and Table 1):
 
 A `Task` names these with two required methods (`outputs`, `loss_from_outputs`) and optional
 hooks with safe defaults: `margin_from_outputs` (needed by the ``trak`` variant and the margin
-measurement), `logit_noise` (needed by sampled-label perturbations), `output_hessian_product`
-(the subspace-curvature scores; autograd by default) and `trainable_parameters`.
+measurement), `logit_noise` (needed by sampled-label perturbations), `output_hessian_product` and
+`curvature_factors` (the subspace-curvature scores; autograd by default) and
+`trainable_parameters`.
 
 A Hugging Face causal LM with LoRA meets the same protocol: ``outputs`` returns the
 answer-token logits ``[B, T, V]``; ``loss_from_outputs`` the mean token NLL over the answer
@@ -123,6 +124,22 @@ class Task(ABC):
             return torch.func.jvp(gradient, (outputs,), (vector.to(outputs.dtype),))[1]
 
         return torch.stack([product(vector) for vector in vectors])
+
+    def curvature_factors(
+        self, outputs: torch.Tensor, batch: ExampleSet, changes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two factors of output changes whose inner product is ``dz_kᵀ H_i dz_l``.
+
+        The subspace-curvature scores' ``Q`` has the output part ``(1/n) Σ_i dz_ikᵀ H_i dz_il``
+        (DESIGN §1). ``outputs``: the base model's logits ``[B, ...]``; ``changes``: ``dz``,
+        ``[G, B, ...]``. Returns ``(left, right)``, both ``[G, B, ...]`` of one shape (not
+        necessarily the outputs'), such that the sum over the trailing dimensions of
+        ``left[k, i] * right[l, i]`` is ``dz_ikᵀ H_i dz_il``: what the pipeline stores per copy.
+
+        Default: ``(dz, H dz)`` (`output_hessian_product`). A task with many outputs per example
+        may compress (`daunce_core.access.hf_lora.tasks.CausalLMTask`: tokens × vocabulary).
+        """
+        return changes, self.output_hessian_product(outputs, batch, changes).to(changes.dtype)
 
     def trainable_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Parameters the perturbed copies train, keyed by ``model.named_parameters()`` name."""

@@ -48,21 +48,24 @@ at 1e-8 and 0.251 untruncated); 1e-2 cut real directions on the convex model (0.
 
 
 CURVATURE_VALUES = 65536
-"""The output-space part of ``Q`` is averaged over at most this many output values per copy
-(examples × outputs per example): every training example when ``n × outputs`` fits, else a
-sample of them (`curvature_rows`). The pipeline stores each copy's output changes on those
-examples (``2 × CURVATURE_VALUES`` float32 per copy) so that ``Q`` can be formed across copies
-trained by different tasks."""
+"""The output-space part of ``Q`` is averaged over at most this many curvature-factor values per
+copy (examples × factor values per example, `Task.curvature_factors`), or over as many as the
+copy has parameters where that is more (a copy's factors never take more room than twice the
+copy): every training example when they fit, else a sample of them (`curvature_rows`). The
+pipeline stores each copy's two factors on those examples, so that ``Q`` can be formed across
+copies trained by different tasks."""
 
 
-def curvature_rows(n: int, outputs_per_example: int, seed: int = 0) -> np.ndarray:
+def curvature_rows(
+    n: int, values_per_example: int, seed: int = 0, budget: int = CURVATURE_VALUES
+) -> np.ndarray:
     """The training examples ``Q``'s output part averages over, sorted ``[n_c]`` int64.
 
-    All ``n`` when ``n × outputs_per_example ≤ CURVATURE_VALUES``; else a uniform sample of
-    ``max(1, CURVATURE_VALUES // outputs_per_example)`` drawn with ``seed`` (the same for every
-    copy, group and process).
+    All ``n`` when ``n × values_per_example ≤ budget``; else a uniform sample of
+    ``max(1, budget // values_per_example)`` drawn with ``seed`` (the same for every copy, group
+    and process). ``budget``: `CURVATURE_VALUES`, or a copy's parameter count where larger.
     """
-    count = max(1, CURVATURE_VALUES // max(1, outputs_per_example))
+    count = max(1, max(budget, CURVATURE_VALUES) // max(1, values_per_example))
     if n <= count:
         return np.arange(n, dtype=np.int64)
     rng = np.random.default_rng(np.random.SeedSequence([seed, n, count]))
@@ -72,8 +75,8 @@ def curvature_rows(n: int, outputs_per_example: int, seed: int = 0) -> np.ndarra
 def output_gram(changes: np.ndarray, curved: np.ndarray) -> np.ndarray:
     """``(1/n_c) Σ_i dz_ikᵀ H_i dz_il``, ``[K, K]`` float64, from the copies' output changes.
 
-    ``changes``: ``dz``, ``[K, n_c, ...]``; ``curved``: ``H dz``, same shape
-    (`daunce_core.access.torch_module.subspace.output_changes`).
+    ``changes``, ``curved``: the two curvature factors (``dz`` and ``H dz`` for most tasks),
+    ``[K, n_c, ...]`` (`daunce_core.access.torch_module.subspace.output_changes`).
     """
     count = changes.shape[0]
     flat = np.asarray(changes, dtype=np.float64).reshape(count, -1)

@@ -25,7 +25,6 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -37,10 +36,9 @@ from daunce_core.access.hf_lora.models import (
     context_window,
     load_model,
 )
-from daunce_core.access.hf_lora.tasks import CausalLMTask, SequenceClassifierTask
+from daunce_core.access.hf_lora.tasks import CausalLMTask, SequenceClassifierTask, head_basis
 from daunce_core.access.hf_lora.text import encode_completions, encode_texts
 from daunce_core.access.torch_module.access import TorchModuleAccess, _on
-from daunce_core.access.torch_module.evaluation import evaluate_copies
 from daunce_core.access.torch_module.stacked import trainable_names
 from daunce_core.data import batch_slices, num_examples, take
 from daunce_core.errors import DaunceError
@@ -132,11 +130,12 @@ class HFLoraAccess(TorchModuleAccess):
         for name, p in self.model.named_parameters():
             if "lora_" in name:
                 p.data = p.data.to(dtype)
-        if isinstance(task, CausalLMTask):
-            task.head_dtype = dtype
         self.train_set = _on(dict(train), device)
         self.query_set = _on(dict(queries), device)
         self.names = trainable_names(self.model, task)
+        if isinstance(task, CausalLMTask):
+            task.head_dtype = dtype
+            task.basis = head_basis(self.model, self.names)
         self._probe()
         self.signals = None
         if config.objective.needs_base_signals:
@@ -246,20 +245,13 @@ class HFLoraAccess(TorchModuleAccess):
             self.task, self.config.objective, outputs, batch, base, side["xi"]
         )
 
-    def _measure(self, params, data, measurement) -> np.ndarray:
-        # On a CPU, vmap evaluates 2.5x slower than a loop over the copies (its activations
-        # fall out of cache; bench/bench_lm.py: 7.9k against 22k tokens/s at G = 8).
-        vectorize = self.compute.vectorize and self.compute.torch_device.type == "cuda"
-        values = evaluate_copies(
-            self.model,
-            self.task,
-            params,
-            data,
-            measurement=measurement,
-            batch_size=self._rows_per_pass(),
-            vectorize=vectorize,
-        )
-        return values.double().cpu().numpy()
+    def _vectorize_evaluation(self) -> bool:
+        """Copies are evaluated together under ``vmap`` on a GPU only.
+
+        On a CPU, vmap evaluates 2.5x slower than a loop over the copies (its activations fall
+        out of cache; bench/bench_lm.py: 7.9k against 22k tokens/s at G = 8).
+        """
+        return self.compute.vectorize and self.compute.torch_device.type == "cuda"
 
     def copy_key(self, name: str) -> str:
         """A saved copy is a peft adapter state dict: ``base_model.model.…``, no ``.default``."""

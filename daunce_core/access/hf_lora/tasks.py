@@ -45,6 +45,9 @@ class CausalLMTask(Task):
 
     def __init__(self, head_dtype: torch.dtype = torch.float32) -> None:
         self.head_dtype = head_dtype
+        self.basis: torch.Tensor | None = None
+        """An orthonormal basis ``[V, H]`` of the output head's columns (`head_basis`): set by
+        the access when the copies leave the head alone (`curvature_factors`)."""
 
     def hidden(self, model: nn.Module, batch: ExampleSet) -> torch.Tensor:
         """Last hidden states at the completion positions, ``[B, C, H]``.
@@ -133,6 +136,33 @@ class CausalLMTask(Task):
             grad = (logits.softmax(dim=-1) - onehot) * weights
         return {"outputs": logits, "grad": grad, "value": value}
 
+    def output_hessian_product(
+        self, outputs: torch.Tensor, batch: ExampleSet, vectors: torch.Tensor
+    ) -> torch.Tensor:
+        """``w_t (diag(p_t) − p_t p_tᵀ) v_t`` per completion token: the mean NLL's Hessian."""
+        probs = outputs.softmax(dim=-1)
+        weighted = probs * vectors.to(probs.dtype)
+        product = weighted - probs * weighted.sum(dim=-1, keepdim=True)
+        return product * self._weights(batch, probs).unsqueeze(-1)
+
+    def curvature_factors(
+        self, outputs: torch.Tensor, batch: ExampleSet, changes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Uᵀ dz, Uᵀ H dz)`` per completion token: vocabulary-sized changes in hidden width.
+
+        When the copies leave the output head alone (LoRA on the blocks), a logit change is the
+        head applied to a hidden-state change, ``dz = W dh``, so it lies in the span of the
+        head's columns; with ``U`` an orthonormal basis of that span (`basis`, ``[V, H]``),
+        ``dz_kᵀ H dz_l = (Uᵀ dz_k)ᵀ (Uᵀ H dz_l)`` exactly. Each token's factor is ``H`` values
+        (the model's width) instead of ``V``. Without a basis (the copies adapt the head):
+        ``(dz, H dz)`` in full.
+        """
+        curved = self.output_hessian_product(outputs, batch, changes).to(changes.dtype)
+        if self.basis is None:
+            return changes, curved
+        basis = self.basis.to(device=changes.device, dtype=changes.dtype)
+        return changes @ basis, curved @ basis
+
     def cache(self, model: nn.Module, batch: ExampleSet) -> torch.Tensor:
         """What the base model's logits are recomputed from: the hidden states, ``[B, C, H]``."""
         return self.hidden(model, batch)
@@ -187,3 +217,17 @@ class SequenceClassifierTask(ClassificationTask):
     def from_cache(self, model: nn.Module, cached: torch.Tensor) -> torch.Tensor:
         """The cached base logits."""
         return cached
+
+
+def head_basis(model: nn.Module, trainable: list[str]) -> torch.Tensor | None:
+    """An orthonormal basis ``[V, H]`` of a causal LM's output-head columns, float32.
+
+    None when a ``trainable`` parameter is in the head (its logit changes then leave the span).
+    """
+    head = model.get_output_embeddings()
+    owned = {id(p) for p in head.parameters()}
+    params = dict(model.named_parameters())
+    if any(id(params[name]) in owned for name in trainable):
+        return None
+    basis, _ = torch.linalg.qr(head.weight.detach().double())
+    return basis.float()

@@ -24,13 +24,12 @@ from daunce_core.access.task import Task, check_per_example
 from daunce_core.access.torch_module.evaluation import evaluate_copies
 from daunce_core.access.torch_module.stacked import trainable_names
 from daunce_core.access.torch_module.subspace import (
+    factor_shape,
     merge_trained,
     output_changes,
     output_gram_of,
-    outputs_per_example,
     parameter_gram,
     reflect,
-    reflected_losses,
 )
 from daunce_core.access.torch_module.training import TrainedCopies, auto_lr, train_copies
 from daunce_core.data import (
@@ -46,7 +45,12 @@ from daunce_core.method.config import ComputeConfig, DaunceConfig, TrainConfig
 from daunce_core.method.draws import draw_perturbation
 from daunce_core.method.objectives import per_example_objective
 from daunce_core.method.signals import BaseSignals, compute_base_signals
-from daunce_core.method.subspace import Reflections, SubspaceLosses, curvature_rows
+from daunce_core.method.subspace import (
+    ReflectedLosses,
+    Reflections,
+    SubspaceLosses,
+    curvature_rows,
+)
 
 
 class TorchModuleAccess(ModelAccess):
@@ -190,50 +194,57 @@ class TorchModuleAccess(ModelAccess):
 
     def measure_reflected(self, trained: TrainedCopies) -> SubspaceLosses:
         """Measurements of ``trained``, of their reflections and of ``θ0``, and ``Q``."""
-        c = self.compute
-        options = {"batch_size": c.eval_batch_size, "group_size": c.group_size}
-        options["vectorize"] = c.vectorize
         params = trained.params
-        train = reflected_losses(
-            self.model, self.task, params, self.anchor, self.train_set, **options
-        )
-        query = reflected_losses(
+        mirrored = reflect(params, self.anchor)
+        base = {name: value[None] for name, value in self.anchor.items()}
+
+        def measured(data, measurement: str) -> ReflectedLosses:
+            return ReflectedLosses(
+                plus=self._measure(params, data, measurement),
+                minus=self._measure(mirrored, data, measurement),
+                base=self._measure(base, data, measurement)[0],
+            )
+
+        gram = output_gram_of(
             self.model,
             self.task,
             params,
             self.anchor,
-            self.query_set,
-            measurement=self.config.measurement,
-            **options,
+            take(self.train_set, torch.from_numpy(self.curvature_rows()).to(self._device)),
+            batch_size=self._rows_per_pass(),
+            group_size=self.compute.group_size,
+            vectorize=self._vectorize_evaluation(),
         )
-        sample = take(self.train_set, torch.from_numpy(self.curvature_rows()).to(self._device))
-        gram = output_gram_of(self.model, self.task, params, self.anchor, sample, **options)
-        curvature = gram + self.prox * parameter_gram(params, self.anchor)
-        return SubspaceLosses(train=train, query=query, curvature=curvature)
+        return SubspaceLosses(
+            train=measured(self.train_set, "loss"),
+            query=measured(self.query_set, self.config.measurement),
+            curvature=gram + self.prox * parameter_gram(params, self.anchor),
+        )
 
     def measure_reflections(self, trained: TrainedCopies) -> Reflections:
         """What the pipeline stores per copy for the subspace scores (no training).
 
         The reflected copies' measurements on the training set and the queries, and each
-        copy's output changes ``dz`` and ``H dz`` on the curvature examples (`curvature_rows`),
-        from which ``Q``'s output part is formed across copies measured apart.
+        copy's curvature factors on the curvature examples (`curvature_rows`,
+        `daunce_core.access.torch_module.subspace.output_changes`), from which ``Q``'s output
+        part is formed across copies measured apart.
         """
-        params, c = trained.params, self.compute
-        mirrored = reflect(params, self.anchor)
+        params = trained.params
         rows = torch.from_numpy(self.curvature_rows()).to(self._device)
         changes, curved = [], []
-        for batch in batch_slices(len(rows), c.eval_batch_size):
-            dz, hdz = output_changes(
+        for batch in batch_slices(len(rows), self._rows_per_pass()):
+            left, right = output_changes(
                 self.model,
                 self.task,
                 params,
                 self.anchor,
                 take(self.train_set, rows[batch]),
-                group_size=c.group_size,
-                vectorize=c.vectorize,
+                group_size=self.compute.group_size,
+                vectorize=self._vectorize_evaluation(),
             )
-            changes.append(dz.float().cpu().numpy())
-            curved.append(hdz.float().cpu().numpy())
+            changes.append(left.float().cpu().numpy())
+            curved.append(right.float().cpu().numpy())
+        mirrored = reflect(params, self.anchor)
         return Reflections(
             train=self._measure(mirrored, self.train_set, "loss"),
             query=self._measure(mirrored, self.query_set, self.config.measurement),
@@ -242,15 +253,26 @@ class TorchModuleAccess(ModelAccess):
         )
 
     def changes_shape(self) -> tuple[int, ...]:
-        """The shape of one copy's stored output changes: ``(n_c, outputs of one example...)``."""
-        with torch.no_grad():
-            outputs = self.task.outputs(self.model, take(self.train_set, slice(0, 1)))
-        return (len(self.curvature_rows()), *outputs.shape[1:])
+        """The shape of one copy's stored curvature factors: ``(n_c, factor of one example...)``."""
+        return (len(self.curvature_rows()), *self._factor_shape())
 
     def curvature_rows(self) -> np.ndarray:
         """The training examples ``Q``'s output part averages over (`curvature_rows`)."""
-        per_example = outputs_per_example(self.model, self.task, self.train_set)
-        return curvature_rows(self.num_train, per_example)
+        size = sum(value.numel() for value in self.anchor.values())
+        return curvature_rows(self.num_train, int(np.prod(self._factor_shape())), budget=size)
+
+    def _factor_shape(self) -> tuple[int, ...]:
+        if getattr(self, "_factors", None) is None:
+            self._factors = factor_shape(self.model, self.task, self.train_set)
+        return self._factors
+
+    def _rows_per_pass(self) -> int:
+        """Examples per evaluation forward pass (``compute.eval_batch_size``)."""
+        return self.compute.eval_batch_size
+
+    def _vectorize_evaluation(self) -> bool:
+        """Whether copies are evaluated together under ``vmap`` (``compute.vectorize``)."""
+        return self.compute.vectorize
 
     @property
     def _device(self) -> torch.device:
@@ -385,8 +407,8 @@ class TorchModuleAccess(ModelAccess):
             params,
             data,
             measurement=measurement,
-            batch_size=self.compute.eval_batch_size,
-            vectorize=self.compute.vectorize,
+            batch_size=self._rows_per_pass(),
+            vectorize=self._vectorize_evaluation(),
         )
         return values.double().cpu().numpy()
 

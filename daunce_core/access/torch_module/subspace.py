@@ -1,22 +1,24 @@
 """Reflected copies and the curvature in their span, for the subspace-curvature scores (DESIGN §1).
 
-For trained copies ``θ^k = θ0 + Δ_k`` (stacked parameters), `reflected_losses` measures each copy,
-its reflection ``θ0 − Δ_k`` (loss evaluation only, no training) and the base model on a set of
-examples, and `output_changes` gives, on the curvature examples
-(`daunce_core.method.subspace.curvature_rows`), what the output-space part of ``Q`` is made of:
+For trained copies ``θ^k = θ0 + Δ_k`` (stacked parameters), the reflection ``θ0 − Δ_k`` (`reflect`)
+is measured like any copy (loss evaluation only, no training), and `output_changes` gives, on
+the curvature examples (`daunce_core.method.subspace.curvature_rows`), what the output-space part
+of ``Q`` is made of:
 
     ``(1/n_c) Σ_i dz_ikᵀ H_i dz_il``  with  ``dz_ik = (g(θ0+Δ_k, x_i) − g(θ0−Δ_k, x_i)) / 2``,
 
 ``H_i`` the loss's Hessian in the outputs at ``θ0`` (`Task.output_hessian_product`). The central
 difference of the logits is ``J_i Δ_k + O(‖Δ‖³)`` (exact for models linear in their parameters),
 the same order as the central loss changes, and needs forward passes only, where a
-Jacobian-vector product would cost a forward-mode pass per copy. `parameter_gram` adds
+Jacobian-vector product would cost a forward-mode pass per copy. The task factors each ``dz``
+(`Task.curvature_factors`: ``(dz, H dz)``, or for a causal LM a compressed factor of its tokens ×
+vocabulary) so that ``Q``'s output part is a sum of inner products. `parameter_gram` adds
 ``Δ_kᵀ Δ_l`` for the proximal ``λ``. In memory (`output_gram_of`) the Gram is accumulated batch by
-batch; the pipeline stores each copy's ``dz`` and ``H dz`` so that copies trained by different
-tasks meet in one ``Q`` (`daunce_core.storage.reflections`).
+batch; the pipeline stores each copy's factors so that copies trained by different tasks meet in
+one ``Q`` (`daunce_core.storage.reflections`).
 
-Memory: the outputs of all K copies (and of their reflections) on one batch of examples,
-``2 × K × batch_size × outputs`` values, and ``K × K`` for the Gram.
+Memory: the outputs of ``group_size`` copies (and of their reflections) on one batch of
+examples, and ``K × K`` for the Gram.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from daunce_core.access.task import Task
 from daunce_core.access.torch_module.stacked import Stacked, copy_outputs_fn, map_copies
 from daunce_core.access.torch_module.training import TrainedCopies
 from daunce_core.data import ExampleSet, batch_slices, num_examples, take
-from daunce_core.method.subspace import ReflectedLosses, output_gram
+from daunce_core.method.subspace import output_gram
 
 
 def reflect(params: Stacked, anchor: dict[str, torch.Tensor]) -> Stacked:
@@ -69,48 +71,6 @@ def merge_trained(groups: list[TrainedCopies]) -> TrainedCopies:
     )
 
 
-def reflected_losses(
-    model: nn.Module,
-    task: Task,
-    params: Stacked,
-    anchor: dict[str, torch.Tensor],
-    data: ExampleSet,
-    *,
-    measurement: str = "loss",
-    batch_size: int = 1024,
-    group_size: int = 32,
-    vectorize: bool = True,
-) -> ReflectedLosses:
-    """Measurements of the copies, their reflections and ``θ0`` on ``data`` (float64).
-
-    Args:
-        model: the base model ``θ0`` (its trainable parameters are ``anchor``).
-        task: the model protocol.
-        params: the trained copies, ``name -> [K, ...]``.
-        anchor: ``θ0``'s trainable parameters, ``name -> [...]``.
-        data: the examples, ``n`` rows.
-        measurement: ``"loss"`` or ``"margin"`` (`Task.measure`).
-        batch_size: examples per forward pass.
-        group_size: copies per vectorised forward pass.
-        vectorize: run a group of copies with ``vmap`` (False: one after another).
-    """
-    outputs_of = copy_outputs_fn(model, task)
-    copies, mirrored = params, reflect(params, anchor)
-    plus, minus, base = [], [], []
-    with torch.no_grad():
-        for rows in batch_slices(num_examples(data), batch_size):
-            batch = take(data, rows)
-            for values, stacked in ((plus, copies), (minus, mirrored)):
-                outputs = _all_outputs(outputs_of, stacked, batch, group_size, vectorize)
-                values.append(_measure(task, outputs, batch, measurement, vectorize))
-            base.append(task.measure(task.outputs(model, batch), batch, measurement))
-    return ReflectedLosses(
-        plus=_numpy(torch.cat(plus, dim=1)),
-        minus=_numpy(torch.cat(minus, dim=1)),
-        base=_numpy(torch.cat(base)),
-    )
-
-
 def output_changes(
     model: nn.Module,
     task: Task,
@@ -121,21 +81,36 @@ def output_changes(
     group_size: int = 32,
     vectorize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each copy's central output change on ``data`` and the loss's Hessian applied to it.
+    """The curvature factors of each copy's central output change on ``data`` (one batch).
 
-    ``dz_ik = (g(θ0+Δ_k, x_i) − g(θ0−Δ_k, x_i)) / 2`` and ``H_i dz_ik`` (``H_i`` at ``θ0``,
-    `Task.output_hessian_product`), both ``[K, B, ...]`` in the outputs' dtype: one batch of
-    examples. ``Σ_i dz_ikᵀ H_i dz_il`` over the examples of
+    ``dz_ik = (g(θ0+Δ_k, x_i) − g(θ0−Δ_k, x_i)) / 2``, then `Task.curvature_factors` at θ0's
+    outputs: ``(dz, H dz)`` for most tasks, a compressed factor for a causal LM's tokens ×
+    vocabulary. Both ``[K, B, ...]``; the sum of ``left_k · right_l`` over the examples of
     `daunce_core.method.subspace.curvature_rows` is ``Q``'s output part
-    (`daunce_core.method.subspace.output_gram`).
+    (`daunce_core.method.subspace.output_gram`). Copies are run ``group_size`` at a time, so at
+    most ``3 × group_size × B`` outputs are held.
     """
     outputs_of = copy_outputs_fn(model, task)
+    mirrored = reflect(params, anchor)
+    count = next(iter(params.values())).shape[0]
+    lefts, rights = [], []
     with torch.no_grad():
-        plus = _all_outputs(outputs_of, params, data, group_size, vectorize)
-        minus = _all_outputs(outputs_of, reflect(params, anchor), data, group_size, vectorize)
-        changes = (plus - minus) / 2
-        curved = task.output_hessian_product(task.outputs(model, data), data, changes)
-    return changes, curved.to(changes.dtype)
+        base = task.outputs(model, data)
+        for start in range(0, count, group_size):
+            group = slice(start, start + group_size)
+            plus, minus = (
+                map_copies(
+                    outputs_of,
+                    ({n: p[group] for n, p in stacked.items()},),
+                    vectorize,
+                    shared=(data,),
+                )
+                for stacked in (params, mirrored)
+            )
+            left, right = task.curvature_factors(base, data, (plus - minus) / 2)
+            lefts.append(left)
+            rights.append(right.to(left.dtype))
+    return torch.cat(lefts), torch.cat(rights)
 
 
 def output_gram_of(
@@ -151,12 +126,12 @@ def output_gram_of(
 ) -> np.ndarray:
     """``(1/n_c) Σ_i dz_ikᵀ H_i dz_il`` over ``data`` (the curvature examples), ``[K, K]``.
 
-    Accumulated batch by batch (`output_changes`), so only one batch's changes are held.
+    Accumulated batch by batch (`output_changes`), so only one batch's factors are held.
     """
     count = next(iter(params.values())).shape[0]
     gram = np.zeros((count, count))
     for rows in batch_slices(num_examples(data), batch_size):
-        changes, curved = output_changes(
+        left, right = output_changes(
             model,
             task,
             params,
@@ -165,43 +140,18 @@ def output_gram_of(
             group_size=group_size,
             vectorize=vectorize,
         )
-        gram += output_gram(changes.cpu().numpy(), curved.cpu().numpy()) * changes.shape[1]
+        gram += output_gram(left.cpu().numpy(), right.cpu().numpy()) * left.shape[1]
     return gram / num_examples(data)
 
 
-def outputs_per_example(model: nn.Module, task: Task, data: ExampleSet) -> int:
-    """How many output values one example has (classes; tokens × vocabulary for an LM)."""
+def factor_shape(model: nn.Module, task: Task, data: ExampleSet) -> tuple[int, ...]:
+    """The shape of one example's curvature factor (`Task.curvature_factors`).
+
+    The outputs' own shape for most tasks (classes); tokens × a few vocabulary columns for a
+    causal LM.
+    """
+    probe = take(data, slice(0, 1))
     with torch.no_grad():
-        outputs = task.outputs(model, take(data, slice(0, 1)))
-    return int(outputs[0].numel())
-
-
-def _device(anchor: dict[str, torch.Tensor]) -> torch.device:
-    return next(iter(anchor.values())).device
-
-
-def _all_outputs(outputs_of, params: Stacked, batch, group_size: int, vectorize: bool):
-    """Outputs of every copy on ``batch``, ``[K, B, ...]``, ``group_size`` copies at a time."""
-    count = next(iter(params.values())).shape[0]
-    return torch.cat(
-        [
-            map_copies(
-                outputs_of,
-                ({n: p[start : start + group_size] for n, p in params.items()},),
-                vectorize,
-                shared=(batch,),
-            )
-            for start in range(0, count, group_size)
-        ]
-    )
-
-
-def _measure(task: Task, outputs: torch.Tensor, batch, measurement: str, vectorize: bool):
-    """``[K, B]`` measurement of each copy's outputs ``[K, B, ...]``."""
-    return map_copies(
-        lambda out, b: task.measure(out, b, measurement), (outputs,), vectorize, shared=(batch,)
-    )
-
-
-def _numpy(values: torch.Tensor) -> np.ndarray:
-    return values.double().cpu().numpy()
+        outputs = task.outputs(model, probe)
+        left, _ = task.curvature_factors(outputs, probe, torch.zeros_like(outputs)[None])
+    return tuple(left.shape[2:])
