@@ -41,7 +41,7 @@ from flows.config import RunConfig
 from flows.fanout import groups_of, map_groups
 from flows.lock import workspace_lock
 from tasks.common import copy_access
-from tasks.copies import reflect_copies, train_copies
+from tasks.copies import prepare_reflections, reflect_copies, train_copies
 from tasks.data import prepare_data
 from tasks.model import base_model, base_quality, base_signals
 from tasks.scoring import compute_scores, export_tables
@@ -376,6 +376,9 @@ def _run_reflections(
 ) -> list[tuple[dict, dict]]:
     """Measure every finished copy's reflection ``θ0 − Δ_k`` (``score: subspace``), in groups.
 
+    (For an API run: the one-sided stand-ins and the factors on curvature probes, which are
+    sampled first, once.)
+
     The arrays are made here, once, before the groups' tasks write their rows; each copy's
     marker (`daunce_core.storage.reflections`) says whether it is measured already. Returns each
     group's state and its task's report (which copies it measured, and retrained because their
@@ -393,6 +396,8 @@ def _run_reflections(
     groups = groups_of(list(range(total)), config.compute.group_size)
     task = reflect_copies.with_options(retries=config.execution.retries)
     shared = {"run_dir": str(run_dir), "spec": spec, "query_digests": query_digests}
+    if config.model.access in REMOTE_KINDS:  # curvature probes, sampled once for all groups
+        prepare_reflections.with_options(retries=config.execution.retries)(**shared)
     mapped = map_groups(task, groups, "reflections", 0, total, **shared)
     return [
         (

@@ -364,11 +364,11 @@ class RunConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def __post_init__(self) -> None:
-        if self.daunce.score == "subspace" and self.model.access in REMOTE_KINDS:
+        if self.daunce.score == "subspace" and self.model.access == "prompt":
             raise DaunceError(
-                f"daunce.score: subspace needs copies that can be reflected (θ0 − Δ_k): "
-                f"model.access: torch or hf_lora; with model.access: {self.model.access} the "
-                "copies are jobs or prompts, not parameters. Use score: correlation or "
+                "daunce.score: subspace needs copies that are parameters (model.access: torch "
+                "or hf_lora, reflected) or fine-tuned models (api, one-sided); with "
+                "model.access: prompt the copies are prompts. Use score: correlation or "
                 "covariance."
             )
         access = KINDS[self.model.access]

@@ -1,6 +1,7 @@
 """Perturbed copies: a group brought to done (loss rows in the run's Zarr store), then reflected.
 
-With ``score: subspace`` a second mapped task measures each finished copy's reflection.
+With ``score: subspace`` a second mapped task measures each finished copy's reflection (an API
+run first samples its curvature probes, once).
 """
 
 from __future__ import annotations
@@ -79,3 +80,19 @@ def reflect_copies(ks: list[int], run_dir: str, spec: dict, query_digests: list[
         "process": os.getpid(),
         "seconds": time.perf_counter() - started,
     }
+
+
+@task(
+    name="prepare-reflections",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_transient,
+)
+def prepare_reflections(run_dir: str, spec: dict, query_digests: list[str]) -> None:
+    """What every copy's reflection is measured against, made once before the groups run.
+
+    An API run's curvature probes (completions sampled from θ0) and θ0's losses, kept in the
+    run's store (`daunce_core.storage.reflections.RunReflections.prepare`); kept ones are read.
+    """
+    RunReflections(copy_access(spec), RunLayout(run_dir), query_digests).prepare()

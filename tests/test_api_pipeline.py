@@ -33,8 +33,11 @@ from test_resume import _env
 
 from daunce_core.access.api.client import APIClient, APIUnavailable
 from daunce_core.access.api.config import parse_api_recipe
+from daunce_core.access.api.probes import ProbeSet
 from daunce_core.errors import DaunceError
+from daunce_core.method.subspace import subspace_scores
 from daunce_core.storage.lineage import Lineage
+from daunce_core.storage.zarr_store import RunStore
 from flows.attribute import _api_label, run_attribute
 from flows.config import load_config
 
@@ -430,3 +433,41 @@ def test_limits_and_the_key_variable_do_not_change_the_run(data, server, tmp_pat
     assert load_config(other).run_id() == one.run_id()
     epochs = api_config(tmp_path, data, server, "api", recipe={"fine_tune": {"n_epochs": 2}})
     assert load_config(epochs).run_id() != one.run_id()
+
+
+def test_one_sided_subspace_scores_of_api_copies(harness, data, server, tmp_path):
+    """API copies cannot be reflected: A = L(θ^k) − L(θ0), Q from probes sampled from θ0.
+
+    The scores equal ``(1/n) Aᵀ Q⁺ B`` formed here from the stored loss rows, θ0's losses and
+    each copy's factors on the probes (``Q = F Fᵀ / n_c``); a rerun samples and measures nothing
+    again.
+    """
+    daunce = {
+        "num_models": 4,
+        "subset_ratio": 0.5,
+        "objective": {"access": "black_box"},
+        "score": "subspace",
+    }
+    recipe = {"sample_max_tokens": 6}  # prompt and sample fit the tiny model's 64 tokens
+    config = load_config(api_config(tmp_path, data, server, daunce=daunce, recipe=recipe))
+    first = run_attribute(config)
+    run_dir = Path(first["run_dir"])
+    probes = ProbeSet.read(run_dir / "store" / "probes.json")
+    assert len(probes.rows) == N
+    assert probes.used.sum() > N / 2  # most samples have tokens
+    train, query = losses_of(run_dir)
+    factors = np.asarray(RunStore(run_dir / "store").open("output_changes"))
+    assert factors.shape == (4, N)
+    expected = subspace_scores(
+        train - np.asarray(probes.train),
+        query - np.asarray(probes.query),
+        factors.astype(np.float64) @ factors.T.astype(np.float64) / N,
+    )
+    scores = scores_of(run_dir)
+    # float32 rows: the stand-ins 2 L(θ0) − L(θ^k) round at about 1e-7 of the losses (~5)
+    np.testing.assert_allclose(scores, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+    kept = (run_dir / "store" / "probes.json").read_bytes()
+    again = run_attribute(config)
+    assert all(state == "Cached" for key, state in again["states"].items() if "reflect" in key)
+    assert (run_dir / "store" / "probes.json").read_bytes() == kept
+    np.testing.assert_array_equal(scores_of(run_dir), scores)

@@ -38,6 +38,7 @@ class Stream(IntEnum):
     REMOVAL_RANDOM = 11  # subset removal: the random examples removed
     REMOVAL_ORDER = 12  # subset removal: a retraining's visiting order
     REMOVAL_GROUP = 13  # subset removal: which queries a label group keeps
+    CURVATURE_PROBES = 14  # the seed of the completions θ0 samples for an API run's probes
 
 
 _XI_EPS = 1e-12

@@ -3,18 +3,22 @@
 With ``score: subspace`` (DESIGN §1, `daunce_core.method.subspace`), every copy that is done
 also has, in the run's store (`daunce_core.storage.zarr_store`): the losses and query
 measurements of its reflection ``θ0 − Δ_k`` (``reflected_train``, ``reflected_query``: rows of
-``A⁻`` and ``B⁻``), and its output changes ``dz`` and ``H dz`` on the curvature examples
-(``output_changes``, ``curved_changes``), from which ``Q`` is formed across copies that different
-tasks measured. They are measured from the saved copy (loss evaluation only, no training), after
-the copy's own loss row.
+``A⁻`` and ``B⁻``), and its two curvature factors on the curvature examples (``output_changes``,
+``curved_changes``: ``dz`` and ``H dz``, `Task.curvature_factors`), from which ``Q`` is formed
+across copies that different tasks measured. They are measured from the saved copy (loss
+evaluation only, no training), after the copy's own loss row. An API run's copies cannot be
+reflected: their rows hold the one-sided stand-ins and their factors on curvature probes sampled
+from θ0 once per run (`RunReflections.prepare`, ``store/probes.json``,
+`daunce_core.access.api.probes`).
 
 Copy k's marker, ``store/reflections/copy-000007.json``, is written after its rows: the digest
-of the copy's parameters it was measured from, the queries it covers, and the digest of its rows.
-A copy retrained (other parameters), new or changed queries, or damaged rows send it to be
-measured again; a diverged copy has NaN rows. The scores need every done copy's parameters
-(``Q``'s parameter part), so a lost or damaged parameter file is trained again first (the kind
-is deterministic: the same copy). Markers are written atomically, one file per copy,
-by the one task that owns the copy.
+of the copy's parameters it was measured from, the queries it covers, the digest of the probes
+(if any) and the digest of its rows. A copy retrained (other parameters), new or changed
+queries, other probes, or damaged rows send it to be measured again; a diverged copy has NaN
+rows. The scores need every done copy's parameters (``Q``'s parameter part), so a lost or
+damaged parameter file is trained again first (a deterministic kind: the same copy; an API copy
+is found again from its recorded job). Markers are written atomically, one file per copy, by
+the one task that owns the copy.
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from daunce_core.access.base import ModelAccess
+from daunce_core.access.base import CopyLosses, ModelAccess
 from daunce_core.errors import DaunceError
 from daunce_core.method.subspace import output_gram
 from daunce_core.storage.copies import RunCopies, rows_digest
-from daunce_core.storage.digest import digest_json
+from daunce_core.storage.digest import digest_file, digest_json
 from daunce_core.storage.layout import RunLayout
 from daunce_core.storage.records import CopyRecords
 from daunce_core.storage.zarr_store import CHANGES, REFLECTED, RunStore
@@ -71,12 +75,27 @@ class RunReflections:
         self.query_digests = list(query_digests)
         self.queries_key = digest_json(self.query_digests)
         self.markers = run.store / "reflections"
+        self.probes = run.store / "probes.json"
+
+    def prepare(self) -> None:
+        """Make what every copy's reflection is measured against, once per run.
+
+        Nothing for copies that are reflected; an API run's curvature probes, sampled from θ0
+        and kept in ``store/probes.json`` (`daunce_core.access.api.probes`). Run once before
+        the groups are measured, so that they all use the same probes.
+        """
+        self.access.prepare_reflections(self.probes, self.queries_key)
+
+    def _probes_key(self) -> str | None:
+        return digest_file(self.probes) if self.probes.is_file() else None
 
     def complete(self, ks: Sequence[int]) -> ReflectionReport:
         """Measure the reflections of copies ``ks`` that are not measured and intact."""
         report = ReflectionReport(ks=[int(k) for k in ks])
         copies = RunCopies(self.access, self.run, self.query_digests)
         report.retrained = copies.restore_params(report.ks)
+        self.prepare()  # reads what the run made (`prepare`)
+        probes = self._probes_key()
         todo, digests = [], {}
         for k in report.ks:
             record = self.records.read(k)
@@ -85,14 +104,22 @@ class RunReflections:
                 report.diverged.append(k)
                 if self._marker(k).get("status") != "diverged":
                     self._write_diverged(k)
-            elif not self._intact(k, record.params_digest):
+            elif not self._intact(k, record.params_digest, probes):
                 todo.append(k)
         if todo:
             paths = [self.run.copy(k, self.access.copy_suffix) for k in todo]
-            parts = self.access.measure_reflections(self.access.load_copies(paths))
+            rows = [self.store.read_row(k, len(self.query_digests)) for k in todo]
+            losses = CopyLosses(
+                np.asarray(todo),
+                np.stack([train for train, _ in rows]),
+                np.stack([query for _, query in rows]),
+                np.zeros(len(todo), dtype=bool),
+            )
+            parts = self.access.measure_reflections(self.access.load_copies(paths), losses)
             for g, k in enumerate(todo):
                 self._write(k, parts.train[g], parts.query[g], parts.changes[g], parts.curved[g])
-                self._write_marker(k, {"status": "done", "params_digest": digests[k]})
+                fields = {"status": "done", "params_digest": digests[k], "probes": probes}
+                self._write_marker(k, fields)
             report.measured = todo
         return report
 
@@ -111,10 +138,12 @@ class RunReflections:
         names = (*REFLECTED, *CHANGES)
         return [np.asarray(self.store.open(name)[k]) for name in names]
 
-    def _intact(self, k: int, params_digest: str | None) -> bool:
+    def _intact(self, k: int, params_digest: str | None, probes: str | None) -> bool:
         marker = self._marker(k)
-        if marker.get("params_digest") != params_digest or marker.get("queries") != (
-            self.queries_key
+        if (
+            marker.get("params_digest") != params_digest
+            or marker.get("queries") != self.queries_key
+            or marker.get("probes") != probes
         ):
             return False
         try:

@@ -38,6 +38,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from daunce_core.access.api.client import APIClient, Usage
+from daunce_core.access.api.probes import (
+    ProbeSet,
+    check_probes,
+    probe_factors,
+    probe_rows,
+    stand_in,
+)
 from daunce_core.access.base import (
     Capabilities,
     CopiesFailed,
@@ -48,6 +55,7 @@ from daunce_core.access.base import (
 from daunce_core.errors import DaunceError
 from daunce_core.method.config import DaunceConfig
 from daunce_core.method.draws import Stream, draw_perturbation, epoch_order, stream_rng
+from daunce_core.method.subspace import Reflections
 
 FIND_JOB_PAGES = 20
 """Pages of 100 jobs searched for a job of a copy's suffix (the newest 2,000 jobs)."""
@@ -251,6 +259,7 @@ class APIAccess(ServerAccess):
         super().__init__(client, base_model, loss_method, train_set, query_set, config)
         self.label = label
         self._counted: set[str] = set()
+        self._probes: ProbeSet | None = None
 
     def _note_usage(self, k: int, journal: CopyJournal) -> None:
         """Write what copy ``k`` has cost so far into its record (a kill loses none of it)."""
@@ -466,6 +475,84 @@ class APIAccess(ServerAccess):
             self.base_model, self.query_set
         )
 
+    # One-sided subspace scores (`daunce_core.access.api.probes`) ----------------------------
+
+    prox: ClassVar[float] = 0.0
+    """No parameter part in ``Q``: the copies' parameters are the server's."""
+
+    def prepare_reflections(self, path: Path, queries_key: str) -> ProbeSet:
+        """The run's curvature probes and θ0's losses: read from ``path``, else made and kept.
+
+        Made once per run, before any copy is measured on them: `PROBES` training prompts with
+        a completion sampled from θ0 (temperature 1, seeded; one token where losses are read
+        from ``top_logprobs``), θ0's losses on them, on the training set and on the queries.
+        Queries that changed since (``queries_key``) are measured under θ0 again; the probes
+        stay.
+        """
+        probes = ProbeSet.read(path)
+        if probes is None:
+            rows = probe_rows(self.num_train, self.config.seed)
+            prompts = [self.train_set.prompts[i] for i in rows]
+            one_token = self.loss_method != "echo"
+            seed = int(stream_rng(self.config.seed, 0, Stream.CURVATURE_PROBES).integers(2**31))
+            completions = self.client.sample(
+                self.base_model, prompts, seed, max_tokens=1 if one_token else None
+            )
+            used = [i for i, text in enumerate(completions) if text]
+            tokens, probe = np.zeros(len(rows), dtype=np.int64), np.full(len(rows), np.nan)
+            if used:
+                chosen = TextExamples([prompts[i] for i in used], [completions[i] for i in used])
+                losses, counts = example_losses(
+                    self.client, self.loss_method, self.base_model, chosen, with_tokens=True
+                )
+                probe[used], tokens[used] = losses, counts
+            probes = ProbeSet(
+                rows=rows.tolist(),
+                completions=completions,
+                tokens=tokens.tolist(),
+                probe=probe.tolist(),
+                train=self.losses(self.base_model, self.train_set).tolist(),
+                query=[],
+                queries_key="",
+            )
+            check_probes(probes)
+            probes.write(path)
+        if probes.queries_key != queries_key:
+            probes.query = self.losses(self.base_model, self.query_set).tolist()
+            probes.queries_key = queries_key
+            probes.write(path)
+        self._probes = probes
+        return probes
+
+    def changes_shape(self) -> tuple[int, ...]:
+        """One copy's curvature factors: a value per probe, ``(n_c,)``."""
+        return (len(probe_rows(self.num_train, self.config.seed)),)
+
+    def measure_reflections(self, trained: APICopies, losses: CopyLosses) -> Reflections:
+        """The one-sided stand-ins of ``trained``'s reflections and their factors on the probes.
+
+        ``losses``: the copies' own loss rows (as stored). Needs `prepare_reflections` first.
+        """
+        probes = self._probes
+        if probes is None:
+            raise DaunceError("prepare_reflections must run before the copies are measured.")
+        used = np.flatnonzero(probes.used)
+        examples = TextExamples(
+            [self.train_set.prompts[probes.rows[i]] for i in used],
+            [probes.completions[i] for i in used],
+        )
+        on_probes = np.zeros((len(trained.models), len(probes.rows)))
+        for g, (model, prefix) in enumerate(self.readers(trained)):
+            usage = self.usage_of(trained.ks[g])
+            on_probes[g, used] = self.losses(model, examples, usage, prefix)
+        factors = probe_factors(on_probes, probes)
+        return Reflections(
+            train=stand_in(losses.train, probes.train),
+            query=stand_in(losses.query, probes.query[: losses.query.shape[1]]),
+            changes=factors,
+            curved=factors,
+        )
+
     # Saved copies ------------------------------------------------------------------------
 
     def save_copy(self, trained: APICopies, g: int, path: Path) -> None:
@@ -510,10 +597,16 @@ def example_losses(
     model: str,
     examples: TextExamples,
     usage: Usage | None = None,
-) -> np.ndarray:
-    """The loss of every example under ``model`` by ``method`` (``echo``/``top_logprobs``)."""
+    *,
+    with_tokens: bool = False,
+):
+    """The loss of every example under ``model`` by ``method`` (``echo``/``top_logprobs``).
+
+    With ``with_tokens``: ``(losses, completion tokens)`` (one token per ``top_logprobs``
+    answer).
+    """
     if len(examples) == 0:
-        return np.zeros(0)
+        return (np.zeros(0), np.zeros(0, dtype=np.int64)) if with_tokens else np.zeros(0)
     if method != "echo" and client.recipe.end_text:
         raise DaunceError(
             "model.recipe.end_text needs losses read by echo, and this server answers "
@@ -522,8 +615,11 @@ def example_losses(
     if method == "echo":
         end = client.recipe.end_text or ""
         completions = [completion + end for completion in examples.completions]
-        return client.echo_losses(model, examples.prompts, completions, usage)[0]
-    return client.answer_losses(model, examples.prompts, examples.completions, usage)[0]
+        losses, tokens = client.echo_losses(model, examples.prompts, completions, usage)
+    else:
+        losses = client.answer_losses(model, examples.prompts, examples.completions, usage)[0]
+        tokens = np.ones(len(losses), dtype=np.int64)
+    return (losses, tokens) if with_tokens else losses
 
 
 def _suffix_of(job) -> str | None:

@@ -559,8 +559,12 @@ class APIClient:
         prompts: Sequence[str],
         seed: int,
         usage: Usage | None = None,
+        max_tokens: int | None = None,
     ) -> list[str]:
-        """One completion per prompt sampled from ``model`` at temperature 1 (seeded)."""
+        """One completion per prompt sampled from ``model`` at temperature 1 (seeded).
+
+        At most ``max_tokens`` tokens each (default ``recipe.sample_max_tokens``).
+        """
         out: list[str] = []
         step = self.limits.prompts_per_request
         for start in range(0, len(prompts), step):
@@ -570,7 +574,7 @@ class APIClient:
                 self.openai.completions.create,
                 model=model,
                 prompt=batch,
-                max_tokens=self.recipe.sample_max_tokens,
+                max_tokens=max_tokens or self.recipe.sample_max_tokens,
                 temperature=1.0,
                 seed=int(seed + start) % 2**31,
                 usage=usage,

@@ -221,13 +221,24 @@ class TorchModuleAccess(ModelAccess):
             curvature=gram + self.prox * parameter_gram(params, self.anchor),
         )
 
-    def measure_reflections(self, trained: TrainedCopies) -> Reflections:
+    def prepare_reflections(self, path: Path, queries_key: str) -> None:
+        """Nothing to make once per run: the reflections are measured from each copy alone.
+
+        (The kinds whose copies cannot be reflected make their curvature probes here:
+        `daunce_core.access.api.access.APIAccess.prepare_reflections`.)
+        """
+        return None
+
+    def measure_reflections(
+        self, trained: TrainedCopies, losses: CopyLosses | None = None
+    ) -> Reflections:
         """What the pipeline stores per copy for the subspace scores (no training).
 
         The reflected copies' measurements on the training set and the queries, and each
         copy's curvature factors on the curvature examples (`curvature_rows`,
         `daunce_core.access.torch_module.subspace.output_changes`), from which ``Q``'s output
-        part is formed across copies measured apart.
+        part is formed across copies measured apart. ``losses`` (the copies' own rows) are not
+        needed: the reflections are evaluated.
         """
         params = trained.params
         rows = torch.from_numpy(self.curvature_rows()).to(self._device)
