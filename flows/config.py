@@ -374,6 +374,14 @@ class RunConfig:
         access = KINDS[self.model.access]
         check_objective(access.kind, access.capabilities, self.daunce.objective)
         kind = self.task.get("kind", "classification")
+        if kind == "regression" and (
+            self.daunce.measurement == "margin" or self.daunce.objective.variant == "trak"
+        ):
+            raise DaunceError(
+                "task.kind: regression has no margin (a margin is a classifier's log-odds of "
+                "its label): set daunce.measurement: loss and an objective.variant other than "
+                "trak."
+            )
         if self.model.access in REMOTE_KINDS:
             _check_api_settings(self)
             if self.model.access == "prompt":

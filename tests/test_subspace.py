@@ -249,3 +249,44 @@ def test_lora_copies_of_a_causal_lm_give_the_gauss_newton_influence_of_the_adapt
     exact = gradients(train) @ torch.linalg.solve(curvature, gradients(queries).T) / n
     assert np.corrcoef(scores.ravel(), exact.numpy().ravel())[0, 1] > 0.995
     np.testing.assert_allclose(scores, exact.numpy(), atol=0.05 * np.abs(exact.numpy()).max())
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_probe_factors_estimate_the_gauss_newton_curvature_by_the_fisher_identity(tokens):
+    """API copies' ``Q`` from completions sampled from θ0 (`daunce_core.access.api.probes`).
+
+    A model of ``tokens`` independent softmax positions (loss: the mean NLL over them) and three
+    small displacements of its logits: ``(1/n_c) Σ_p C_p d_kp d_lp`` over many sampled probes
+    approaches ``(1/n) Σ_i dz_ikᵀ H_i dz_il`` with ``H_i = (1/C) Σ_t (diag p_t − p_t p_tᵀ)``.
+    """
+    from daunce_core.access.api.probes import ProbeSet, probe_factors
+
+    rng = np.random.default_rng(0)
+    n, classes, samples = 50, 4, 400
+    logits = rng.normal(size=(n, tokens, classes))
+    moves = 1e-3 * rng.normal(size=(3, n, tokens, classes))  # dz of three copies
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    centred = moves - (probs * moves).sum(-1, keepdims=True)
+    exact = np.einsum("kitc,litc,itc->kl", centred, centred, probs) / (n * tokens)
+
+    def mean_nll(z, drawn):  # [..., n, tokens, classes], [S, n, tokens] -> [..., S, n]
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        onehot = np.eye(classes)[drawn]  # [S, n, tokens, classes]
+        return -(logp[..., None, :, :, :] * onehot).sum(-1).mean(-1)
+
+    cdf = probs.cumsum(-1)
+    drawn = (rng.random((samples, n, tokens, 1)) > cdf).sum(-1).clip(max=classes - 1)
+    base = mean_nll(logits, drawn).reshape(-1)
+    probes = ProbeSet(
+        rows=list(range(samples * n)),
+        completions=["x"] * (samples * n),
+        tokens=[tokens] * (samples * n),
+        probe=base.tolist(),
+        train=[],
+        query=[],
+        queries_key="",
+    )
+    copies = mean_nll(logits + moves, drawn).reshape(3, -1)
+    factors = probe_factors(copies, probes).astype(np.float64)
+    estimate = factors @ factors.T / (samples * n)
+    np.testing.assert_allclose(estimate, exact, rtol=0.1, atol=0.05 * np.abs(exact).max())

@@ -193,6 +193,10 @@ AT_LOAD = {
         lambda tmp_path: config(tmp_path, _text(tmp_path / "train.parquet", "not parquet")),
         r"data\.train: cannot read '.*train\.parquet' as parquet .* valid parquet file",
     ),
+    "margin of a regression": (
+        _with(frame(), task={"kind": "regression"}, daunce={"measurement": "margin"}),
+        r"task\.kind: regression has no margin .* set daunce\.measurement: loss",
+    ),
     "mapped column absent": (
         lambda tmp_path: _mapped(tmp_path, {"x": "pixels", "y": "y"}),
         r"data\.train: '.*' has no column\(s\) \['pixels'\]; it has \['x', 'y'\]",

@@ -18,7 +18,9 @@ from daunce_core.method.objectives import Objective
 
 SCORE_KINDS = ("correlation", "covariance", "subspace")
 """Score kinds of `DaunceConfig.score`; ``subspace`` needs copies that can be reflected (torch
-models: `daunce_core.attribute` and the pipeline's ``model.access: torch``)."""
+models and LoRA copies: `daunce_core.attribute`, `TorchModuleAccess.run_subspace`,
+`HFLoraAccess.run_subspace`, the pipeline's ``model.access: torch`` and ``hf_lora``) or fine-tuned
+API models (one-sided, pipeline only); not prompt copies."""
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -121,8 +123,8 @@ class DaunceConfig:
         measurement: query measurement, ``"loss"`` or ``"margin"`` (stored negated).
         score: ``"subspace"`` (default), ``"correlation"`` (the paper's), ``"covariance"``: the
             influence function in the copies' span, from the copies, their reflections
-            ``θ0 − Δ_k`` and the curvature in their span (`daunce_core.method.subspace`; torch
-            models, in `daunce_core.attribute` and the pipeline), or the paper's eq. (6).
+            ``θ0 − Δ_k`` and the curvature in their span (`daunce_core.method.subspace`; see
+            `SCORE_KINDS` for the kinds of copies), or the paper's eq. (6).
         dtype: ``"float32"`` or ``"float64"`` for the copies' training and losses.
         antithetic: pair copies ``(2p, 2p+1)`` with ``ξ`` and ``1 − ξ`` on the same subset.
         seed: the run's seed; copy k's draws depend only on ``(seed, k)``.
