@@ -121,14 +121,14 @@ def test_group_size_does_not_change_the_scores(harness, data, tmp_path):
     )
 
 
-def test_subspace_is_refused_where_copies_cannot_be_reflected(tmp_path):
+def test_subspace_is_refused_for_prompt_copies(tmp_path):
     path = tmp_path / "run.yaml"
-    recipe = "{kind: api, base_url: 'http://127.0.0.1:9/v1', model: m}"
+    recipe = "{kind: prompt, base_url: 'http://127.0.0.1:9/v1', model: m}"
     path.write_text(
         "data: {train: {path: t.parquet}, queries: {path: q.parquet}}\n"
-        f"model: {{access: api, recipe: {recipe}}}\n"
+        f"model: {{access: prompt, recipe: {recipe}}}\n"
         "task: {kind: causal_lm}\n"
         "daunce: {score: subspace, objective: {access: black_box}, subset_ratio: 0.5}\n"
     )
-    with pytest.raises(DaunceError, match="jobs or prompts, not parameters"):
+    with pytest.raises(DaunceError, match="with model.access: prompt the copies are prompts"):
         load_config(path, check_data=False)

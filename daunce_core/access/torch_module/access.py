@@ -27,9 +27,9 @@ from daunce_core.access.torch_module.subspace import (
     factor_shape,
     merge_trained,
     output_changes,
-    output_gram_of,
     parameter_gram,
     reflect,
+    reflected_pass,
 )
 from daunce_core.access.torch_module.training import TrainedCopies, auto_lr, train_copies
 from daunce_core.data import (
@@ -46,7 +46,6 @@ from daunce_core.method.draws import draw_perturbation
 from daunce_core.method.objectives import per_example_objective
 from daunce_core.method.signals import BaseSignals, compute_base_signals
 from daunce_core.method.subspace import (
-    ReflectedLosses,
     Reflections,
     SubspaceLosses,
     curvature_rows,
@@ -193,31 +192,28 @@ class TorchModuleAccess(ModelAccess):
         return rows, parts
 
     def measure_reflected(self, trained: TrainedCopies) -> SubspaceLosses:
-        """Measurements of ``trained``, of their reflections and of ``θ0``, and ``Q``."""
-        params = trained.params
-        mirrored = reflect(params, self.anchor)
-        base = {name: value[None] for name, value in self.anchor.items()}
+        """Measurements of ``trained``, of their reflections and of ``θ0``, and ``Q``.
 
-        def measured(data, measurement: str) -> ReflectedLosses:
-            return ReflectedLosses(
-                plus=self._measure(params, data, measurement),
-                minus=self._measure(mirrored, data, measurement),
-                base=self._measure(base, data, measurement)[0],
-            )
-
-        gram = output_gram_of(
-            self.model,
-            self.task,
-            params,
-            self.anchor,
-            take(self.train_set, torch.from_numpy(self.curvature_rows()).to(self._device)),
-            batch_size=self._rows_per_pass(),
-            group_size=self.compute.group_size,
-            vectorize=self._vectorize_evaluation(),
-        )
+        One pass over each split (`reflected_pass`): the training set's also gives ``Q``'s
+        output part on the curvature examples (`curvature_rows`).
+        """
+        options = {
+            "batch_size": self._rows_per_pass(),
+            "group_size": self.compute.group_size,
+            "vectorize": self._vectorize_evaluation(),
+        }
+        params, model, task = trained.params, self.model, self.task
+        train, gram = reflected_pass(
+            model, task, params, self.anchor, self.train_set, curvature=self.curvature_rows(),
+            **options,
+        )  # fmt: skip
+        query, _ = reflected_pass(
+            model, task, params, self.anchor, self.query_set,
+            measurement=self.config.measurement, **options,
+        )  # fmt: skip
         return SubspaceLosses(
-            train=measured(self.train_set, "loss"),
-            query=measured(self.query_set, self.config.measurement),
+            train=train,
+            query=query,
             curvature=gram + self.prox * parameter_gram(params, self.anchor),
         )
 

@@ -13,9 +13,10 @@ the same order as the central loss changes, and needs forward passes only, where
 Jacobian-vector product would cost a forward-mode pass per copy. The task factors each ``dz``
 (`Task.curvature_factors`: ``(dz, H dz)``, or for a causal LM a compressed factor of its tokens ×
 vocabulary) so that ``Q``'s output part is a sum of inner products. `parameter_gram` adds
-``Δ_kᵀ Δ_l`` for the proximal ``λ``. In memory (`output_gram_of`) the Gram is accumulated batch by
-batch; the pipeline stores each copy's factors so that copies trained by different tasks meet in
-one ``Q`` (`daunce_core.storage.reflections`).
+``Δ_kᵀ Δ_l`` for the proximal ``λ``. In memory (`reflected_pass`) the Gram is accumulated batch by
+batch from the same forward passes that measure the copies and their reflections; the pipeline
+stores each copy's factors so that copies trained by different tasks meet in one ``Q``
+(`daunce_core.storage.reflections`).
 
 Memory: the outputs of ``group_size`` copies (and of their reflections) on one batch of
 examples, and ``K × K`` for the Gram.
@@ -31,7 +32,7 @@ from daunce_core.access.task import Task
 from daunce_core.access.torch_module.stacked import Stacked, copy_outputs_fn, map_copies
 from daunce_core.access.torch_module.training import TrainedCopies
 from daunce_core.data import ExampleSet, batch_slices, num_examples, take
-from daunce_core.method.subspace import output_gram
+from daunce_core.method.subspace import ReflectedLosses, output_gram
 
 
 def reflect(params: Stacked, anchor: dict[str, torch.Tensor]) -> Stacked:
@@ -113,35 +114,87 @@ def output_changes(
     return torch.cat(lefts), torch.cat(rights)
 
 
-def output_gram_of(
+def reflected_pass(
     model: nn.Module,
     task: Task,
     params: Stacked,
     anchor: dict[str, torch.Tensor],
     data: ExampleSet,
     *,
+    measurement: str = "loss",
+    curvature: np.ndarray | None = None,
     batch_size: int = 1024,
     group_size: int = 32,
     vectorize: bool = True,
-) -> np.ndarray:
-    """``(1/n_c) Σ_i dz_ikᵀ H_i dz_il`` over ``data`` (the curvature examples), ``[K, K]``.
+) -> tuple[ReflectedLosses, np.ndarray | None]:
+    """One pass over ``data``: the copies', their reflections' and θ0's measurements, and ``Q``.
 
-    Accumulated batch by batch (`output_changes`), so only one batch's factors are held.
+    Each batch's outputs of a group of copies and of their reflections give both their
+    measurements and, on the rows ``curvature`` names (indices into ``data``, e.g.
+    `daunce_core.method.subspace.curvature_rows`), the factors of ``dz`` (`output_changes`'
+    formula), accumulated into ``(1/n_c) Σ_i dz_ikᵀ H_i dz_il``: the forward passes are shared.
+
+    Returns:
+        The measurements (float64, `ReflectedLosses`) and the ``[K, K]`` output Gram (None
+        without ``curvature``).
     """
+    outputs_of = copy_outputs_fn(model, task)
+    mirrored = reflect(params, anchor)
     count = next(iter(params.values())).shape[0]
+    marked = np.zeros(num_examples(data), dtype=bool)
+    if curvature is not None:
+        marked[curvature] = True
+    plus, minus, base = [], [], []
     gram = np.zeros((count, count))
-    for rows in batch_slices(num_examples(data), batch_size):
-        left, right = output_changes(
-            model,
-            task,
-            params,
-            anchor,
-            take(data, rows),
-            group_size=group_size,
-            vectorize=vectorize,
-        )
-        gram += output_gram(left.cpu().numpy(), right.cpu().numpy()) * left.shape[1]
-    return gram / num_examples(data)
+    with torch.no_grad():
+        for rows in batch_slices(num_examples(data), batch_size):
+            batch = take(data, rows)
+            outputs = task.outputs(model, batch)
+            base.append(task.measure(outputs, batch, measurement))
+            keep = torch.from_numpy(np.flatnonzero(marked[rows])).to(outputs.device)
+            ups, downs, lefts, rights = [], [], [], []
+            for start in range(0, count, group_size):
+                group = slice(start, start + group_size)
+                up, down = (
+                    map_copies(
+                        outputs_of,
+                        ({n: p[group] for n, p in stacked.items()},),
+                        vectorize,
+                        shared=(batch,),
+                    )
+                    for stacked in (params, mirrored)
+                )
+                ups.append(_measure(task, up, batch, measurement, vectorize))
+                downs.append(_measure(task, down, batch, measurement, vectorize))
+                if len(keep):
+                    change = (up.index_select(1, keep) - down.index_select(1, keep)) / 2
+                    left, right = task.curvature_factors(
+                        outputs.index_select(0, keep), take(batch, keep), change
+                    )
+                    lefts.append(left)
+                    rights.append(right.to(left.dtype))
+            plus.append(torch.cat(ups))
+            minus.append(torch.cat(downs))
+            if lefts:
+                left, right = torch.cat(lefts), torch.cat(rights)
+                gram += output_gram(left.cpu().numpy(), right.cpu().numpy()) * len(keep)
+    losses = ReflectedLosses(
+        plus=_numpy(torch.cat(plus, dim=1)),
+        minus=_numpy(torch.cat(minus, dim=1)),
+        base=_numpy(torch.cat(base)),
+    )
+    return losses, None if curvature is None else gram / max(1, int(marked.sum()))
+
+
+def _measure(task: Task, outputs: torch.Tensor, batch, measurement: str, vectorize: bool):
+    """``[G, B]`` measurement of each copy's outputs ``[G, B, ...]``."""
+    return map_copies(
+        lambda out, b: task.measure(out, b, measurement), (outputs,), vectorize, shared=(batch,)
+    )
+
+
+def _numpy(values: torch.Tensor) -> np.ndarray:
+    return values.double().cpu().numpy()
 
 
 def factor_shape(model: nn.Module, task: Task, data: ExampleSet) -> tuple[int, ...]:
