@@ -130,5 +130,5 @@ def test_subspace_is_refused_for_prompt_copies(tmp_path):
         "task: {kind: causal_lm}\n"
         "daunce: {score: subspace, objective: {access: black_box}, subset_ratio: 0.5}\n"
     )
-    with pytest.raises(DaunceError, match="with model.access: prompt the copies are prompts"):
+    with pytest.raises(DaunceError, match=r"with model\.access: prompt the copies are prompts"):
         load_config(path, check_data=False)

@@ -99,15 +99,7 @@ def output_changes(
         base = task.outputs(model, data)
         for start in range(0, count, group_size):
             group = slice(start, start + group_size)
-            plus, minus = (
-                map_copies(
-                    outputs_of,
-                    ({n: p[group] for n, p in stacked.items()},),
-                    vectorize,
-                    shared=(data,),
-                )
-                for stacked in (params, mirrored)
-            )
+            plus, minus = _both(outputs_of, (params, mirrored), group, data, vectorize)
             left, right = task.curvature_factors(base, data, (plus - minus) / 2)
             lefts.append(left)
             rights.append(right.to(left.dtype))
@@ -155,15 +147,7 @@ def reflected_pass(
             ups, downs, lefts, rights = [], [], [], []
             for start in range(0, count, group_size):
                 group = slice(start, start + group_size)
-                up, down = (
-                    map_copies(
-                        outputs_of,
-                        ({n: p[group] for n, p in stacked.items()},),
-                        vectorize,
-                        shared=(batch,),
-                    )
-                    for stacked in (params, mirrored)
-                )
+                up, down = _both(outputs_of, (params, mirrored), group, batch, vectorize)
                 ups.append(_measure(task, up, batch, measurement, vectorize))
                 downs.append(_measure(task, down, batch, measurement, vectorize))
                 if len(keep):
@@ -184,6 +168,16 @@ def reflected_pass(
         base=_numpy(torch.cat(base)),
     )
     return losses, None if curvature is None else gram / max(1, int(marked.sum()))
+
+
+def _both(outputs_of, pair: tuple[Stacked, Stacked], group: slice, batch, vectorize: bool):
+    """Outputs of copies ``group`` of both stacks of ``pair`` (copies, reflections) on ``batch``."""
+    return tuple(
+        map_copies(
+            outputs_of, ({n: p[group] for n, p in stacked.items()},), vectorize, shared=(batch,)
+        )
+        for stacked in pair
+    )
 
 
 def _measure(task: Task, outputs: torch.Tensor, batch, measurement: str, vectorize: bool):
