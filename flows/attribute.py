@@ -594,10 +594,12 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
     copies = _run_copies(run, run_dir, spec, index["digest"].to_list())
     states += _copy_states(copies)
     restored: list[int] = []
+    reflected: list[int] = []
     if run.daunce.score == "subspace":
         reflections = _run_reflections(run, run_dir, spec, index["digest"].to_list(), n, m)
         states += [state for state, _ in reflections]
         restored = sorted(k for _, result in reflections for k in result["retrained"])
+        reflected = sorted(k for _, result in reflections for k in result["measured"])
     rows = _rows_digest(run, run_dir, spec, workspace)
     exports = _outputs(run, run_dir, records, states, rows, spec)
     _record(lineage, run.run_id(), records, exports, states)
@@ -616,8 +618,13 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
         "trained_now": sum(len(c["trained"]) for c in copies) + len(restored),
         "retrained_lost": sorted({k for c in copies for k in c["retrained_lost"]} | {*restored}),
         "remeasured": sorted(k for c in copies for k in c["remeasured"]),
-        "params_missing": sorted(
-            k for c in copies for k in c["params_missing"] if k not in set(restored)
+        "reflected_now": reflected,
+        "params_missing": sorted(  # still missing now (reflections may have restored them)
+            k
+            for c in copies
+            for k in c["params_missing"]
+            if k not in set(restored)
+            and not RunLayout(run_dir).copy(k, KINDS[run.model.access].copy_suffix).exists()
         ),
         "reproducible": KINDS[run.model.access].capabilities.deterministic,
         "flow_process": os.getpid(),

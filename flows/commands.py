@@ -160,12 +160,19 @@ def _print_summary(summary: dict) -> None:
     if summary.get("params_missing"):
         missing, later = summary["params_missing"], "are trained again from their seeds"
         if not summary.get("reproducible", True):
-            later = "cannot be reproduced: restore them before adding queries"
+            later = (
+                "are found again from their recorded fine-tuning jobs when needed (a copy "
+                "without a recorded job cannot be: restore its file before adding queries)"
+            )
         print(
             f"daunce: warning: copies {missing} have no saved parameters (their loss rows are "
             f"intact); they are needed only to measure new queries, and {later}",
             file=sys.stderr,
         )
+    if summary.get("reflected_now"):
+        ks = summary["reflected_now"]
+        shown = ks if len(ks) <= 8 else f"[{ks[0]} … {ks[-1]}]"
+        print(f"copies {shown}: reflections measured now ({len(ks)}; score: subspace)")
     if summary.get("remeasured"):
         print(
             f"copies {summary['remeasured']}: their loss rows were missing or damaged; measured "

@@ -374,14 +374,19 @@ class RunConfig:
         access = KINDS[self.model.access]
         check_objective(access.kind, access.capabilities, self.daunce.objective)
         kind = self.task.get("kind", "classification")
-        if kind == "regression" and (
-            self.daunce.measurement == "margin" or self.daunce.objective.variant == "trak"
-        ):
-            raise DaunceError(
-                "task.kind: regression has no margin (a margin is a classifier's log-odds of "
-                "its label): set daunce.measurement: loss and an objective.variant other than "
-                "trak."
-            )
+        if kind == "regression":
+            margins = {
+                "daunce.measurement: margin": self.daunce.measurement == "margin",
+                "daunce.objective.variant: trak": self.daunce.objective.variant == "trak",
+                "evaluation.lds.outcome: margin": self.evaluation.lds.outcome == "margin",
+            }
+            asked = [name for name, used in margins.items() if used]
+            if asked:
+                raise DaunceError(
+                    f"task.kind: regression has no margin (a margin is a classifier's log-odds "
+                    f"of its label), but {', '.join(asked)} asks for one: use loss there "
+                    "(variant: hessian or efim)."
+                )
         if self.model.access in REMOTE_KINDS:
             _check_api_settings(self)
             if self.model.access == "prompt":

@@ -451,8 +451,9 @@ def test_one_sided_subspace_scores_of_api_copies(harness, data, server, tmp_path
     recipe = {"sample_max_tokens": 6}  # prompt and sample fit the tiny model's 64 tokens
     config = load_config(api_config(tmp_path, data, server, daunce=daunce, recipe=recipe))
     first = run_attribute(config)
+    assert first["reflected_now"] == [0, 1, 2, 3]
     run_dir = Path(first["run_dir"])
-    probes = ProbeSet.read(run_dir / "store" / "probes.json")
+    probes = ProbeSet.read(run_dir / "store" / "probes.json", N)
     assert len(probes.rows) == N
     assert probes.used.sum() > N / 2  # most samples have tokens
     train, query = losses_of(run_dir)
@@ -471,3 +472,13 @@ def test_one_sided_subspace_scores_of_api_copies(harness, data, server, tmp_path
     assert all(state == "Cached" for key, state in again["states"].items() if "reflect" in key)
     assert (run_dir / "store" / "probes.json").read_bytes() == kept
     np.testing.assert_array_equal(scores_of(run_dir), scores)
+    # Probes altered by hand (valid JSON, other values) are not used: they are made again (the
+    # local server samples the same completions from the same seed, so no copy needs measuring
+    # again); probes that came out otherwise would send every copy to be measured again.
+    altered = json.loads(kept)
+    altered["probe"][0] += 0.5
+    (run_dir / "store" / "probes.json").write_text(json.dumps(altered))
+    third = run_attribute(config)
+    assert (run_dir / "store" / "probes.json").read_bytes() == kept
+    assert third["reflected_now"] == []
+    np.testing.assert_allclose(scores_of(run_dir), scores, rtol=1e-5, atol=1e-7)

@@ -84,7 +84,7 @@ def test_queries_shaped_unlike_train_are_refused():
 
 @pytest.mark.parametrize("k", [0, 1])
 def test_fewer_than_two_models_is_refused(k):
-    with pytest.raises(DaunceError, match="at least 2 to estimate a covariance"):
+    with pytest.raises(DaunceError, match=r"at least 2 \(the scores compare copies\)"):
         DaunceConfig(num_models=k)
 
 

@@ -195,7 +195,11 @@ AT_LOAD = {
     ),
     "margin of a regression": (
         _with(frame(), task={"kind": "regression"}, daunce={"measurement": "margin"}),
-        r"task\.kind: regression has no margin .* set daunce\.measurement: loss",
+        r"task\.kind: regression has no margin .* daunce\.measurement: margin asks for one",
+    ),
+    "margin outcome of a regression": (
+        _with(frame(), task={"kind": "regression"}, evaluation={"lds": {"outcome": "margin"}}),
+        r"regression has no margin .* evaluation\.lds\.outcome: margin asks for one",
     ),
     "mapped column absent": (
         lambda tmp_path: _mapped(tmp_path, {"x": "pixels", "y": "y"}),

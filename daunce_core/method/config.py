@@ -147,8 +147,8 @@ class DaunceConfig:
     def __post_init__(self) -> None:
         if self.num_models < 2:
             raise DaunceError(
-                f"num_models (K) must be at least 2 to estimate a covariance; got "
-                f"{self.num_models}. The paper uses K = 200."
+                f"num_models (K) must be at least 2 (the scores compare copies); got "
+                f"{self.num_models}. The default is K = 256, the paper's 64 to 200."
             )
         if not 0 < self.subset_ratio <= 1:
             raise DaunceError(f"subset_ratio must be in (0, 1]; got {self.subset_ratio}.")

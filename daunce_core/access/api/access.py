@@ -60,6 +60,9 @@ from daunce_core.method.subspace import Reflections
 FIND_JOB_PAGES = 20
 """Pages of 100 jobs searched for a job of a copy's suffix (the newest 2,000 jobs)."""
 
+UNREADABLE = "\ufffd"
+"""What a server answers for bytes that do not decode (a sample cut inside a character)."""
+
 REFUSED_FILE_CODES = ("invalid_training_file", "invalid_file", "invalid_n_examples")
 """Job error codes that a new job on the same data would meet again: not retried."""
 
@@ -489,7 +492,7 @@ class APIAccess(ServerAccess):
         Queries that changed since (``queries_key``) are measured under θ0 again; the probes
         stay.
         """
-        probes = ProbeSet.read(path)
+        probes = ProbeSet.read(path, self.num_train)
         if probes is None:
             rows = probe_rows(self.num_train, self.config.seed)
             prompts = [self.train_set.prompts[i] for i in rows]
@@ -498,6 +501,9 @@ class APIAccess(ServerAccess):
             completions = self.client.sample(
                 self.base_model, prompts, seed, max_tokens=1 if one_token else None
             )
+            # A sample cut inside a character comes back with U+FFFD, a text θ0 never sampled:
+            # keep what precedes it (a prefix of a sample is a sample of that prefix's length).
+            completions = [text.split(UNREADABLE, 1)[0] for text in completions]
             used = [i for i, text in enumerate(completions) if text]
             tokens, probe = np.zeros(len(rows), dtype=np.int64), np.full(len(rows), np.nan)
             if used:
@@ -517,7 +523,7 @@ class APIAccess(ServerAccess):
             )
             check_probes(probes)
             probes.write(path)
-        if probes.queries_key != queries_key:
+        if probes.queries_key != queries_key or len(probes.query) != self.num_queries:
             probes.query = self.losses(self.base_model, self.query_set).tolist()
             probes.queries_key = queries_key
             probes.write(path)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from daunce_core.errors import DaunceError
+from daunce_core.storage.digest import digest_json
 
 PROBES = 512
 """Training prompts (at most) whose sampled completions estimate ``Q``: each copy is measured on
@@ -44,8 +45,10 @@ class ProbeSet:
 
     Attributes:
         rows: the training examples whose prompts are probed, ``[n_c]``.
-        completions: one completion per probe, sampled from θ0 (``""`` if the sample was empty:
-            such a probe has no tokens and no weight).
+        completions: one completion per probe, sampled from θ0, up to the first character the
+            server could not decode (U+FFFD: a sample cut inside a character, whose text θ0
+            never sampled); ``""`` if nothing is left: such a probe has no tokens and no
+            weight.
         tokens: completion tokens of each probe, ``[n_c]`` (0 for an empty sample).
         probe: θ0's mean NLL of each probe's completion, ``[n_c]`` (NaN where empty).
         train: θ0's losses on the training set, ``[n]``.
@@ -61,23 +64,35 @@ class ProbeSet:
     query: list[float]
     queries_key: str
 
+    def _digest(self) -> str:
+        return digest_json(dataclasses.asdict(self))
+
     def write(self, path: Path) -> None:
-        """Write to ``path`` atomically (JSON)."""
+        """Write to ``path`` atomically (JSON, with the digest of its fields)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(dataclasses.asdict(self), allow_nan=True))
+        fields = dataclasses.asdict(self) | {"digest": self._digest()}
+        partial.write_text(json.dumps(fields, allow_nan=True))
         partial.replace(path)
 
     @classmethod
-    def read(cls, path: Path) -> ProbeSet | None:
-        """The probes kept at ``path``; None if there are none or the file is damaged."""
+    def read(cls, path: Path, num_train: int) -> ProbeSet | None:
+        """The probes kept at ``path`` for ``num_train`` training examples.
+
+        None if there are none or the file is damaged: unreadable, fields that do not fit each
+        other or the training set, or values that are not the ones written (its digest).
+        """
         try:
             fields = json.loads(Path(path).read_text())
+            digest = fields.pop("digest")
             probes = cls(**fields)
-        except (OSError, ValueError, TypeError):
+            if digest != probes._digest():
+                return None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return None
         lengths = {len(probes.rows), len(probes.completions), len(probes.tokens), len(probes.probe)}
-        return probes if len(lengths) == 1 else None
+        fits = all(0 <= row < num_train for row in probes.rows) and len(probes.train) == num_train
+        return probes if len(lengths) == 1 and fits else None
 
     @property
     def used(self) -> np.ndarray:
