@@ -135,7 +135,6 @@ class HFLoraAccess(TorchModuleAccess):
         self.names = trainable_names(self.model, task)
         if isinstance(task, CausalLMTask):
             task.head_dtype = dtype
-            task.basis = head_basis(self.model, self.names)
         self._probe()
         self.signals = None
         if config.objective.needs_base_signals:
@@ -244,6 +243,16 @@ class HFLoraAccess(TorchModuleAccess):
         return per_example_objective(
             self.task, self.config.objective, outputs, batch, base, side["xi"]
         )
+
+    def _factor_shape(self) -> tuple[int, ...]:
+        """The torch kind's, once a causal LM's head basis is set (`CausalLMTask.basis`).
+
+        Every subspace path asks this first; the basis (a QR of the ``V × H`` head) is made only
+        for subspace scores.
+        """
+        if isinstance(self.task, CausalLMTask) and getattr(self, "_factors", None) is None:
+            self.task.basis = head_basis(self.model, self.names)
+        return super()._factor_shape()
 
     def _vectorize_evaluation(self) -> bool:
         """Copies are evaluated together under ``vmap`` on a GPU only.

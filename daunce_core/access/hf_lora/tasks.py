@@ -220,7 +220,7 @@ class SequenceClassifierTask(ClassificationTask):
 
 
 def head_basis(model: nn.Module, trainable: list[str]) -> torch.Tensor | None:
-    """An orthonormal basis ``[V, H]`` of a causal LM's output-head columns, float32.
+    """An orthonormal basis ``[V, H]`` of a causal LM's output-head columns (float32 QR).
 
     None when a ``trainable`` parameter is in the head (its logit changes then leave the span).
     """
@@ -229,5 +229,5 @@ def head_basis(model: nn.Module, trainable: list[str]) -> torch.Tensor | None:
     params = dict(model.named_parameters())
     if any(id(params[name]) in owned for name in trainable):
         return None
-    basis, _ = torch.linalg.qr(head.weight.detach().double())
-    return basis.float()
+    basis, _ = torch.linalg.qr(head.weight.detach().float())
+    return basis
