@@ -8,7 +8,6 @@ from pathlib import Path
 import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from safetensors.torch import save_file
 
 from daunce_core.access import REMOTE_KINDS
 from daunce_core.access.hf_lora.access import encode, make_task
@@ -24,6 +23,7 @@ from daunce_core.method.objectives import Objective
 from daunce_core.method.signals import compute_base_signals
 from daunce_core.storage.digest import digest_arrays, digest_json, digest_model, digest_path
 from daunce_core.storage.exports import write_parquet
+from daunce_core.storage.files import save_tensors
 from daunce_core.storage.sources import read_canonical
 from tasks.common import (
     api_client,
@@ -143,7 +143,7 @@ def base_signals(
     objective = Objective(variant=signal_spec["variant"])
     signals = compute_base_signals(network, task_from_spec(task_spec), data, objective, batch_size)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in signals.items()}, path)
+    save_tensors({k: v.contiguous() for k, v in signals.items()}, path)
     return artifact(
         path,
         "model/signals",

@@ -198,3 +198,21 @@ def test_copies_on_cuda_match_the_cpu():
         for device in ("cpu", "cuda")
     }
     np.testing.assert_allclose(rows["cuda"].train, rows["cpu"].train, rtol=1e-3, atol=1e-4)
+
+
+def test_saved_tensors_get_the_mode_of_every_other_workspace_file(tmp_path):
+    """safetensors writes 0600; a shared workspace's copies and models must be readable alike."""
+    import os
+
+    from daunce_core.storage.files import save_tensors, share
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    save_tensors({"w": torch.zeros(3)}, tmp_path / "copy.safetensors")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "model.bin").write_bytes(b"x")
+    os.chmod(tmp_path / "folder" / "model.bin", 0o600)
+    share(tmp_path / "folder")
+    for path in (tmp_path / "copy.safetensors", tmp_path / "folder" / "model.bin"):
+        assert os.stat(path).st_mode & 0o777 == expected

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from daunce_core.errors import DaunceError
+from daunce_core.storage.files import share
 
 TASK_KINDS = ("causal_lm", "sequence_classification")
 DEFAULT_TARGETS = {
@@ -283,6 +284,7 @@ def save_model(model: nn.Module, tokenizer, folder: str | Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
+    share(partial)
     shutil.rmtree(folder, ignore_errors=True)
     partial.replace(folder)
     return folder

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from daunce_core.access.base import Capabilities, CopyJournal, CopyLosses, ModelAccess
@@ -50,6 +50,7 @@ from daunce_core.method.subspace import (
     SubspaceLosses,
     curvature_rows,
 )
+from daunce_core.storage.files import save_tensors
 
 
 class TorchModuleAccess(ModelAccess):
@@ -388,7 +389,7 @@ class TorchModuleAccess(ModelAccess):
             self.copy_key(name): p[g].detach().cpu().contiguous()
             for name, p in trained.params.items()
         }
-        save_file(tensors, str(partial))
+        save_tensors(tensors, partial)
         partial.replace(path)
 
     def load_copies(self, paths: Sequence[Path]) -> TrainedCopies:

@@ -16,10 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from daunce_core.errors import DaunceError
+from daunce_core.storage.files import save_tensors
 
 KINDS = ("mlp", "linear", "factory")
 
@@ -88,7 +89,7 @@ _BUILDERS = {"mlp": _mlp, "linear": _linear, "factory": _factory}
 def save_parameters(model: nn.Module, path: str | Path) -> None:
     """Write the model's state (parameters and buffers) to a safetensors file."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
+    save_tensors(state, path)
 
 
 def load_parameters(model: nn.Module, path: str | Path) -> nn.Module:
