@@ -57,7 +57,9 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
     try:
         return cls(**values)
     except DaunceError as error:
-        raise DaunceError(f"config field {where or '(top)'}: {error}") from error
+        if not where or str(error).startswith(("config field", f"{where}.")):
+            raise  # the message names its field already (a nested section, the whole config)
+        raise DaunceError(f"config field {where}: {error}") from error
     except TypeError as error:
         raise DaunceError(f"config field {where or '(top)'} is incomplete: {error}.") from error
 
