@@ -608,6 +608,7 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
     lineage.record_metrics(
         run.run_id(), quality["metrics"], "base_model", {"predictions": quality["uri"]}
     )
+    suffix = KINDS[run.model.access].copy_suffix
     return {
         "run_id": run.run_id(),
         "run_dir": str(run_dir),
@@ -623,8 +624,7 @@ def _attribute(run: RunConfig, run_dir: Path, workspace: Path, lineage: Lineage)
             k
             for c in copies
             for k in c["params_missing"]
-            if k not in set(restored)
-            and not RunLayout(run_dir).copy(k, KINDS[run.model.access].copy_suffix).exists()
+            if k not in restored and not RunLayout(run_dir).copy(k, suffix).exists()
         ),
         "reproducible": KINDS[run.model.access].capabilities.deterministic,
         "flow_process": os.getpid(),

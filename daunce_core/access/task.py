@@ -137,7 +137,8 @@ class Task(ABC):
         ``left[k, i] * right[l, i]`` is ``dz_ikᵀ H_i dz_il``: what the pipeline stores per copy.
 
         Default: ``(dz, H dz)`` (`output_hessian_product`). A task with many outputs per example
-        may compress (`daunce_core.access.hf_lora.tasks.CausalLMTask`: tokens × vocabulary).
+        may store less (`daunce_core.access.hf_lora.tasks.CausalLMTask`: the model's width per
+        token instead of the vocabulary).
         """
         return changes, self.output_hessian_product(outputs, batch, changes).to(changes.dtype)
 

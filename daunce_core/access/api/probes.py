@@ -1,8 +1,8 @@
-"""One-sided subspace scores for copies that cannot be reflected: API jobs and prompts (DESIGN §1).
+"""One-sided subspace scores for copies that cannot be reflected: API fine-tuning jobs (DESIGN §1).
 
-A model fine-tuned behind an API, or θ0 under a searched prompt, has no parameters DAUNCE can
-negate, so the reflection ``θ0 − Δ_k`` cannot be evaluated. The subspace scores
-``S = (1/n) Aᵀ Q⁺ B`` (`daunce_core.method.subspace`) then take two one-sided forms:
+A model fine-tuned behind an API has no parameters DAUNCE can negate, so the reflection
+``θ0 − Δ_k`` cannot be evaluated. The subspace scores ``S = (1/n) Aᵀ Q⁺ B``
+(`daunce_core.method.subspace`) then take two one-sided forms:
 
 * **Loss changes** ``A = L(θ^k) − L(θ0)`` (error ``O(‖Δ‖²)`` where the reflected central
   difference has ``O(‖Δ‖³)``). They are stored as the reflected rows' first-order stand-in

@@ -45,11 +45,7 @@ from daunce_core.method.config import ComputeConfig, DaunceConfig, TrainConfig
 from daunce_core.method.draws import draw_perturbation
 from daunce_core.method.objectives import per_example_objective
 from daunce_core.method.signals import BaseSignals, compute_base_signals
-from daunce_core.method.subspace import (
-    Reflections,
-    SubspaceLosses,
-    curvature_rows,
-)
+from daunce_core.method.subspace import Reflections, SubspaceLosses, curvature_rows
 from daunce_core.storage.files import save_tensors
 
 

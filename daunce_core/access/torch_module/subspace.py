@@ -11,12 +11,12 @@ of ``Q`` is made of:
 difference of the logits is ``J_i Δ_k + O(‖Δ‖³)`` (exact for models linear in their parameters),
 the same order as the central loss changes, and needs forward passes only, where a
 Jacobian-vector product would cost a forward-mode pass per copy. The task factors each ``dz``
-(`Task.curvature_factors`: ``(dz, H dz)``, or for a causal LM a compressed factor of its tokens ×
-vocabulary) so that ``Q``'s output part is a sum of inner products. `parameter_gram` adds
-``Δ_kᵀ Δ_l`` for the proximal ``λ``. In memory (`reflected_pass`) the Gram is accumulated batch by
-batch from the same forward passes that measure the copies and their reflections; the pipeline
-stores each copy's factors so that copies trained by different tasks meet in one ``Q``
-(`daunce_core.storage.reflections`).
+(`Task.curvature_factors`: ``(dz, H dz)``, or for a causal LM its coordinates in the output
+head's column space, the model's width per token) so that ``Q``'s output part is a sum of
+inner products. `parameter_gram` adds ``Δ_kᵀ Δ_l`` for the proximal ``λ``. In memory
+(`reflected_pass`) the Gram is accumulated batch by batch from the same forward passes that
+measure the copies and their reflections; the pipeline stores each copy's factors so that copies
+trained by different tasks meet in one ``Q`` (`daunce_core.storage.reflections`).
 
 Memory: the outputs of ``group_size`` copies (and of their reflections) on one batch of
 examples, and ``K × K`` for the Gram.
@@ -85,8 +85,8 @@ def output_changes(
     """The curvature factors of each copy's central output change on ``data`` (one batch).
 
     ``dz_ik = (g(θ0+Δ_k, x_i) − g(θ0−Δ_k, x_i)) / 2``, then `Task.curvature_factors` at θ0's
-    outputs: ``(dz, H dz)`` for most tasks, a compressed factor for a causal LM's tokens ×
-    vocabulary. Both ``[K, B, ...]``; the sum of ``left_k · right_l`` over the examples of
+    outputs: ``(dz, H dz)`` for most tasks, the model's width per token for a causal LM. Both
+    ``[K, B, ...]``; the sum of ``left_k · right_l`` over the examples of
     `daunce_core.method.subspace.curvature_rows` is ``Q``'s output part
     (`daunce_core.method.subspace.output_gram`). Copies are run ``group_size`` at a time, so at
     most ``3 × group_size × B`` outputs are held.
@@ -194,8 +194,8 @@ def _numpy(values: torch.Tensor) -> np.ndarray:
 def factor_shape(model: nn.Module, task: Task, data: ExampleSet) -> tuple[int, ...]:
     """The shape of one example's curvature factor (`Task.curvature_factors`).
 
-    The outputs' own shape for most tasks (classes); tokens × a few vocabulary columns for a
-    causal LM.
+    The outputs' own shape for most tasks (classes); tokens × the model's width for a causal
+    LM whose head the copies leave alone.
     """
     probe = take(data, slice(0, 1))
     with torch.no_grad():
